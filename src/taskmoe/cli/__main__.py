@@ -1,0 +1,3 @@
+from taskmoe.cli import main
+
+main()

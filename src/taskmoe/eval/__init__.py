@@ -1,0 +1,1 @@
+"""taskmoe.eval"""

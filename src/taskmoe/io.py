@@ -1,0 +1,260 @@
+"""Safe, atomic on-disk formats: JSON and safetensors only, never pickle.
+
+A *component* (router, expert, summarizer, DOE model, ...) is a folder::
+
+    <folder>/config.json        {"format_version", "kind", "config": {...}, "meta": {...}}
+    <folder>/model.safetensors  the tensors (state dict), plus any extra named tensor files
+
+Design choices:
+
+- **Atomic files.** Every file is written to a temporary sibling, flushed and ``fsync``-ed, then
+  ``os.replace``-d over the target, and the directory is ``fsync``-ed. A crash leaves either the
+  old file or the new one, never half of one.
+- **Atomic folders.** :func:`save_component` builds the whole folder under a temporary name and
+  renames it into place; an existing folder is first moved aside and removed only after the new
+  one is in place. If a crash lands between the two renames, the next load finds the moved-aside
+  copy and restores it.
+- **Loud, specific failures.** Loading checks the format version, the kind, every tensor name
+  and shape, and names the file and the mismatch (a vocabulary-size mismatch says so).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from taskmoe.errors import CheckpointError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_ASIDE = ".aside-"
+
+
+# ---------------------------------------------------------------------------- atomic files
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then atomically move ``tmp_path`` to ``path``.
+
+    The temporary file lives in the target's directory so the final rename never crosses a
+    filesystem. If ``write`` raises, the target is untouched and the temporary file removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+# ------------------------------------------------------------------------- safetensors
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write tensors to a safetensors file (contiguous CPU copies; shared storage is split)."""
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, truncated or corrupt file raises CheckpointError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+
+
+def check_state(
+    module_state: Mapping[str, torch.Tensor],
+    loaded: Mapping[str, torch.Tensor],
+    source: str | Path,
+    *,
+    strict: bool = True,
+) -> None:
+    """Compare tensor names and shapes; raise CheckpointError naming each mismatch.
+
+    A first-dimension mismatch on an embedding or output-head tensor is reported as a
+    vocabulary-size mismatch, since that is what it almost always is.
+    """
+    problems: list[str] = []
+    missing = sorted(set(module_state) - set(loaded))
+    unexpected = sorted(set(loaded) - set(module_state))
+    if strict and missing:
+        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if strict and unexpected:
+        problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    for k in sorted(set(module_state) & set(loaded)):
+        want, got = tuple(module_state[k].shape), tuple(loaded[k].shape)
+        if want != got:
+            hint = ""
+            if any(s in k for s in ("embed", "wte", "head", "lm_head")) and want[1:] == got[1:] and want[:1] != got[:1]:
+                hint = f" (vocabulary size mismatch: checkpoint has {got[0]}, model expects {want[0]})"
+            problems.append(f"{k}: shape {got} in checkpoint vs {want} expected{hint}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+
+
+def load_state_into(module: torch.nn.Module, path: str | Path, *, strict: bool = True) -> None:
+    """Load a safetensors file into ``module`` after checking every name and shape."""
+    tensors = load_tensors(path)
+    check_state(module.state_dict(), tensors, path, strict=strict)
+    module.load_state_dict(tensors, strict=strict)
+
+
+# -------------------------------------------------------------------------- components
+@dataclass
+class Component:
+    """What :func:`load_component` returns: the parsed config.json and the folder."""
+
+    folder: Path
+    kind: str
+    config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / WEIGHTS_FILE
+
+    def tensors(self, name: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+        return load_tensors(self.folder / name)
+
+
+def _restore_aside(folder: Path) -> None:
+    """Recover from a crash between the two renames of :func:`save_component`."""
+    if folder.exists():
+        return
+    asides = sorted(folder.parent.glob(f"{folder.name}{_ASIDE}*"), key=lambda p: p.stat().st_mtime)
+    if asides:
+        os.replace(asides[-1], folder)
+
+
+def save_component(
+    folder: str | Path,
+    kind: str,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor] | None = None,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+) -> Path:
+    """Atomically write a component folder.
+
+    ``extra_files`` maps a relative file name to a writer ``f(path)`` for anything else the
+    component stores (another safetensors file, a JSON table, ``tokenizer.json``...).
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        if tensors is not None:
+            save_tensors(tmp / WEIGHTS_FILE, tensors)
+        for name, writer in (extra_files or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, writer)
+        atomic_write_json(
+            tmp / CONFIG_FILE,
+            {"format_version": FORMAT_VERSION, "kind": kind, "config": dict(config), "meta": dict(meta or {})},
+        )
+        _fsync_dir(tmp)
+        aside = None
+        if folder.exists():
+            aside = folder.parent / f"{folder.name}{_ASIDE}{uuid.uuid4().hex[:8]}"
+            os.replace(folder, aside)
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_component(folder: str | Path, kind: str | tuple[str, ...] | None = None) -> Component:
+    """Read and validate a component folder's config.json (weights are read on demand)."""
+    folder = Path(folder)
+    _restore_aside(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: component folder not found")
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing config.json (not a taskmoe component folder, or a partial copy)")
+    raw = read_json(cfg_path)
+    if not isinstance(raw, dict) or "format_version" not in raw or "kind" not in raw:
+        raise CheckpointError(f"{cfg_path}: missing 'format_version'/'kind' (not a taskmoe component config)")
+    if raw["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path}: format_version {raw['format_version']} is not supported (this taskmoe reads {FORMAT_VERSION})"
+        )
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and raw["kind"] not in kinds:
+        raise CheckpointError(f"{cfg_path}: holds a '{raw['kind']}', expected {' or '.join(repr(k) for k in kinds)}")
+    return Component(folder=folder, kind=raw["kind"], config=raw.get("config", {}), meta=raw.get("meta", {}))
