@@ -37,6 +37,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 _ASIDE = ".aside-"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 # ---------------------------------------------------------------------------- atomic files
@@ -64,6 +66,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -230,8 +233,9 @@ def save_component(
             os.replace(folder, aside)
         os.replace(tmp, folder)
         _fsync_dir(folder.parent)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        # the copy just moved aside, and any left by an earlier crash that no load recovered
+        for old in [p for p in folder.parent.iterdir() if p.name.startswith(f"{folder.name}{_ASIDE}")]:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,4 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-COMMANDS: dict[str, Callable[..., Any]] = {}
+from taskmoe.data.commands import data_build, data_stats, tokenizer_train
+
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "data stats": data_stats,
+    "data build": data_build,
+    "tokenizer train": tokenizer_train,
+}

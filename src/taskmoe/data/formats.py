@@ -1,0 +1,184 @@
+"""Instruction and preference examples, and readers for the public file formats that hold them.
+
+An :class:`SFTExample` is a chat prompt (a list of ``{"role", "content"}`` messages, ending
+with the user's turn) and the assistant response to learn. A :class:`PreferenceExample` is a
+prompt with a chosen and a rejected response. Tokenization, templating and truncation happen
+later, in :mod:`taskmoe.data.datasets` (one place); readers here only parse and validate.
+
+Readers (each error names the file, the record and the field):
+
+- :func:`read_alpaca`: Alpaca JSON, a list of ``{instruction, input, output}``; the user turn is
+  the instruction, followed by a blank line and the input when there is one.
+- :func:`read_hh_rlhf`: Anthropic HH-RLHF JSONL (optionally ``.gz``), ``{chosen, rejected}``
+  dialogues written as ``\\n\\nHuman: ...\\n\\nAssistant: ...``; the shared turns before the
+  last assistant turn become the prompt. Pairs whose earlier turns differ (a handful in the
+  public files) are skipped with a warning, since they are not one prompt with two answers.
+- :func:`read_alpaca_eval`: AlpacaEval annotations ``{instruction, output_1, output_2,
+  preference}``; preference 1 or 2 picks the chosen output, anything else (ties: 0 or 1.5,
+  missing) is skipped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from taskmoe.errors import DataError
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """A chat prompt (messages, the last one from the user) and the assistant response to learn."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    response: str = ""
+
+    @classmethod
+    def from_prompt(cls, prompt: str, response: str, system: str | None = None) -> "SFTExample":
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return cls(msgs, response)
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """A chat prompt and two assistant responses, the first preferred over the second."""
+
+    messages: list[dict[str, str]]
+    chosen: str
+    rejected: str
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+
+
+def _field(rec: Any, name: str, where: str, *, required: bool = True) -> str:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if name not in rec:
+        if not required:
+            return ""
+        raise DataError(f"{where}: missing field {name!r} (fields: {sorted(rec)[:12]})")
+    v = rec[name]
+    if v is None and not required:
+        return ""
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _list_of_records(data: Any, path: Path) -> list[Any]:
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"{path}: file holds no examples")
+    return data
+
+
+# ---------------------------------------------------------------------------------- alpaca
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The user turn of an Alpaca record: the instruction, then a blank line and the input if any."""
+    instruction, input = instruction.strip(), input.strip()
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def read_alpaca(path: str | Path) -> list[SFTExample]:
+    """Alpaca-format JSON (``[{instruction, input, output}, ...]``) as SFT examples."""
+    path = Path(path)
+    out = []
+    for i, rec in enumerate(_list_of_records(_read_json(path), path)):
+        where = f"{path}[{i}]"
+        prompt = alpaca_prompt(_field(rec, "instruction", where), _field(rec, "input", where, required=False))
+        out.append(SFTExample.from_prompt(prompt, _field(rec, "output", where).strip()))
+    return out
+
+
+# -------------------------------------------------------------------------------- hh-rlhf
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_hh_dialogue(text: str, where: str = "dialogue") -> list[dict[str, str]]:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> ``[{"role": "user", "content": "a"}, {"role": "assistant", ...}]``."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise DataError(f"{where}: text before the first 'Human:' turn: {parts[0][:60]!r}")
+    if len(parts) < 3:
+        raise DataError(f"{where}: no '\\n\\nHuman:' / '\\n\\nAssistant:' turns found")
+    return [{"role": _HH_ROLES[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+
+
+def read_hh_rlhf(path: str | Path) -> list[PreferenceExample]:
+    """HH-RLHF ``{chosen, rejected}`` JSONL(.gz) as preference examples (see module docstring)."""
+    path = Path(path)
+    out: list[PreferenceExample] = []
+    skipped = 0
+    for n, rec in _read_jsonl(path):
+        where = f"{path}:{n}"
+        chosen = parse_hh_dialogue(_field(rec, "chosen", where), f"{where} chosen")
+        rejected = parse_hh_dialogue(_field(rec, "rejected", where), f"{where} rejected")
+        if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise DataError(f"{where}: a dialogue does not end with an Assistant turn")
+        if chosen[:-1] != rejected[:-1] or chosen[-1] == rejected[-1]:
+            skipped += 1
+            continue
+        out.append(PreferenceExample(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]))
+    if not out:
+        raise DataError(f"{path}: no usable preference pairs")
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} pair(s) whose prompts differ or whose answers are equal", stacklevel=2)
+    return out
+
+
+# ---------------------------------------------------------------------------- alpaca_eval
+def read_alpaca_eval(path: str | Path) -> list[PreferenceExample]:
+    """AlpacaEval annotations as preference examples; ties and missing preferences are skipped."""
+    path = Path(path)
+    out = []
+    for i, rec in enumerate(_list_of_records(_read_json(path), path)):
+        where = f"{path}[{i}]"
+        instruction = _field(rec, "instruction", where)
+        o1, o2 = _field(rec, "output_1", where), _field(rec, "output_2", where)
+        pref = rec.get("preference")
+        if pref == 1:
+            chosen, rejected = o1, o2
+        elif pref == 2:
+            chosen, rejected = o2, o1
+        else:
+            continue
+        if chosen.strip() == rejected.strip():
+            continue
+        out.append(PreferenceExample([{"role": "user", "content": instruction.strip()}], chosen.strip(), rejected.strip()))
+    if not out:
+        raise DataError(f"{path}: no annotation with preference 1 or 2")
+    return out
