@@ -1,0 +1,116 @@
+"""``CausalLM``: token embedding -> injected blocks -> final RMSNorm -> tied output head.
+
+Design choices:
+
+- **Injection.** The embedding and the blocks are built outside (see :mod:`taskmoe.nn.builders`)
+  and passed in. Passing one ``nn.Embedding`` to several models shares it (IMoE experts share the
+  router's vocabulary and embedding); the output head is always tied to it.
+- **Explicit state.** ``forward(ids, state)`` returns the next :class:`~taskmoe.nn.state.LMState`;
+  no module remembers anything between calls, so states can be selected, concatenated and
+  cloned (batching, grouping by expert, branching). ``state=None`` is the training pass.
+- **Decode-friendly head.** The tied head multiplies by a cached ``E^T`` when decoding (see
+  :mod:`taskmoe.nn.linear`); ``logits_to_keep`` skips the head for positions nobody reads
+  (prefill needs only the last one).
+- **Init** (:func:`init_lm_weights`): every projection and the embedding ~ N(0, std); residual
+  output projections (marked ``residual_out``) ~ N(0, std / sqrt(2 n_layers)) (GPT-2); then each
+  module's own ``reset_special_parameters`` (SSM dt/A, decay biases, conv filters).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from taskmoe.nn.config import LMConfig
+from taskmoe.nn.linear import TransposedCache, tied_logits
+from taskmoe.nn.norm import RMSNorm
+from taskmoe.nn.state import LMState
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # (B, T, V), or (B, logits_to_keep, V)
+    state: LMState | None  # the state after the last input token (None in a stateless pass)
+    hidden: Tensor  # (B, T, D): final-norm hidden states (the input of the head)
+
+
+class CausalLM(nn.Module):
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        blocks: Iterable[nn.Module],
+        norm: nn.Module | None = None,
+        *,
+        config: LMConfig | None = None,
+        builder: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.blocks = nn.ModuleList(blocks)
+        d_model = embedding.embedding_dim
+        self.norm = norm if norm is not None else RMSNorm(d_model, config.norm_eps if config else 1e-5)
+        self.config = config
+        self.builder = builder  # name of the builder that can rebuild this model (for load_lm)
+        self._head_t = TransposedCache()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.num_embeddings
+
+    @property
+    def d_model(self) -> int:
+        return self.embedding.embedding_dim
+
+    def num_params(self) -> int:
+        """Parameters counted once each (the tied head is the embedding)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> LMState:
+        w = self.embedding.weight
+        device, dtype = device or w.device, dtype or w.dtype
+        return LMState([blk.init_state(batch_size, device, dtype) for blk in self.blocks])
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return tied_logits(hidden, self.embedding.weight, self._head_t)
+
+    def forward(self, input_ids: Tensor, state: LMState | None = None, *, logits_to_keep: int = 0) -> LMOutput:
+        """``input_ids`` (B, T) -> logits (B, T, V); with a state, continue decoding from it."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"CausalLM: input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+        if state is not None and len(state.layers) != len(self.blocks):
+            raise ValueError(f"CausalLM: state has {len(state.layers)} layers, model has {len(self.blocks)}")
+        x = self.embedding(input_ids)  # (B, T, D)
+        new_layers = []
+        for i, blk in enumerate(self.blocks):
+            x, s = blk(x, None if state is None else state.layers[i])
+            new_layers.append(s)
+        hidden = self.norm(x)
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        return LMOutput(self.head(kept), None if state is None else LMState(new_layers), hidden)
+
+    def train(self, mode: bool = True) -> "CausalLM":
+        if mode:
+            self._head_t.clear()
+        return super().train(mode)
+
+
+def init_lm_weights(model: nn.Module, std: float, n_layers: int) -> None:
+    """GPT-2-style init, then every module's own ``reset_special_parameters``."""
+    resid_std = std / math.sqrt(2 * max(1, n_layers))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, resid_std if getattr(m, "residual_out", False) else std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, std)
+    for m in model.modules():
+        reset = getattr(m, "reset_special_parameters", None)
+        if callable(reset):
+            reset()
