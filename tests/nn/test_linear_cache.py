@@ -58,3 +58,25 @@ def test_train_mode_drops_cache_and_head_cache_tracks_embedding() -> None:
     torch.testing.assert_close(out.logits, out.hidden @ model.embedding.weight.T)
     model.train()
     assert model._head_t.value is None and all(m._wt.value is None for m in model.modules() if isinstance(m, Linear))
+
+
+def test_model_built_under_inference_mode_decodes() -> None:
+    """Inference tensors carry no version counter: such weights bypass the cache instead of failing."""
+    with torch.inference_mode():
+        model = expert_lm(LMConfig(vocab_size=31, d_model=16, n_layers=2, n_heads=2)).eval()
+        ids = torch.randint(0, 31, (2, 3))
+        out = model(ids[:, :2], model.init_state(2))
+        step = model(ids[:, 2:], out.state).logits
+        torch.testing.assert_close(step, model(ids).logits[:, 2:], rtol=1e-4, atol=1e-5)
+    assert model._head_t.value is None
+
+
+def test_clear_decode_cache_frees_every_copy() -> None:
+    from taskmoe.nn import clear_decode_cache
+
+    model = expert_lm(LMConfig(vocab_size=31, d_model=16, n_layers=2, n_heads=2)).eval()
+    with torch.no_grad():
+        model(torch.randint(0, 31, (1, 1)))
+    n_linear = sum(isinstance(m, Linear) for m in model.modules())
+    assert clear_decode_cache(model) == n_linear + 1  # every projection + the tied head
+    assert clear_decode_cache(model) == 0

@@ -13,7 +13,7 @@ from taskmoe.nn.builders import BUILDERS, build_lm, expert_lm, summarizer_lm, tr
 from taskmoe.nn.checkpoint import load_lm, save_lm
 from taskmoe.nn.config import LMConfig
 from taskmoe.nn.conv import ConvState, TemporalConv
-from taskmoe.nn.linear import Linear, decode_weight_cache
+from taskmoe.nn.linear import Linear, clear_decode_cache, decode_weight_cache
 from taskmoe.nn.linear_attention import DataDecay, FixedDecay, LinearAttention, LinearAttentionState, elu_plus_one
 from taskmoe.nn.mlp import SwiGLU
 from taskmoe.nn.model import CausalLM, LMOutput, init_lm_weights
@@ -24,6 +24,6 @@ from taskmoe.nn.state import LMState, TensorState
 __all__ = [
     "Attention", "KVCache", "Block", "BlockState", "is_stateful", "BUILDERS", "build_lm", "expert_lm",
     "summarizer_lm", "transformer_lm", "load_lm", "save_lm", "LMConfig", "ConvState", "TemporalConv", "Linear",
-    "decode_weight_cache", "DataDecay", "FixedDecay", "LinearAttention", "LinearAttentionState", "elu_plus_one",
+    "decode_weight_cache", "clear_decode_cache", "DataDecay", "FixedDecay", "LinearAttention", "LinearAttentionState", "elu_plus_one",
     "SwiGLU", "CausalLM", "LMOutput", "init_lm_weights", "RMSNorm", "SSM", "SSMState", "LMState", "TensorState",
 ]

@@ -10,7 +10,8 @@ input has few rows, multiplies by a cached contiguous transpose.
 Cache validity: the cache is keyed on the weight's storage pointer, version counter, dtype and
 device, so an optimizer step, ``load_state_dict``, ``.to()`` or a LoRA merge (all of which bump
 the version or move the storage) invalidate it without any hook. ``train()`` drops it to free the
-memory. :func:`tied_logits` applies the same idea to a tied output head (the embedding matrix is
+memory. Weights created under ``torch.inference_mode`` have no version counter, so they are
+never cached (the plain layout is used). :func:`tied_logits` applies the same idea to a tied output head (the embedding matrix is
 ``[vocab, d]``, i.e. ``[out, in]``). :func:`decode_weight_cache` turns the fast path off or on
 (benchmarks compare both).
 """
@@ -53,6 +54,8 @@ class TransposedCache:
         self.value: Tensor | None = None
 
     def get(self, weight: Tensor) -> Tensor:
+        if weight.is_inference():  # no version counter to key on (built under inference_mode): no cache
+            return weight.t()
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
         if key != self.key or self.value is None:
             self.value = weight.detach().t().contiguous()  # (in, out)
@@ -82,6 +85,18 @@ class Linear(nn.Linear):
         if mode:
             self._wt.clear()
         return super().train(mode)
+
+
+def clear_decode_cache(module: nn.Module) -> int:
+    """Free every cached decode weight copy under ``module`` (e.g. before evicting an expert from
+    memory); returns how many were held. They are rebuilt on the next decode call."""
+    n = 0
+    for m in module.modules():
+        for cache in vars(m).values():
+            if isinstance(cache, TransposedCache) and cache.value is not None:
+                cache.clear()
+                n += 1
+    return n
 
 
 def tied_logits(hidden: Tensor, embedding_weight: Tensor, cache: TransposedCache) -> Tensor:

@@ -112,6 +112,11 @@ class LinearAttention(nn.Module):
         self.out_proj = Linear(d_model, d_model, bias=False)
         self.out_proj.residual_out = True
 
+    def extra_repr(self) -> str:
+        fm = getattr(self.feature_map, "__name__", type(self.feature_map).__name__)
+        return (f"heads={self.n_heads}, head_dim={self.head_dim}, feature_map={fm}, normalize={self.normalize}, "
+                f"chunk_size={self.chunk_size}")
+
     def init_state(self, batch_size: int, device=None, dtype=None) -> LinearAttentionState:
         w = self.proj.weight
         dv = self.head_dim + int(self.normalize)

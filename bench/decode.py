@@ -1,0 +1,113 @@
+"""Per-token decode cost vs context length: expert_lm and summarizer_lm against transformer_lm + KV cache.
+
+All three models have the same width and depth (d_model 256, 4 layers, 4 heads, vocab 8192, as in
+the issue's GPT-2 reference point). For each context length the prompt is prefilled in pieces of
+256 tokens (the recurrent models' chunked form; the transformer fills its KV cache), then the
+median time of one batched decode step (batch 8, one token per row, ``torch.inference_mode``) is
+measured. Recurrent models should stay flat; the transformer grows with its cache.
+
+A second table measures the decode weight layout in the same run: the same decode step with the
+cached ``[in, out]`` weight copy (``taskmoe.nn.linear``) on and off.
+
+Run: ``python -m bench.decode`` (``--quick`` for a short smoke run, ``--threads N`` to pin threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from bench._report import md_table, write_section
+from taskmoe.nn import LMConfig, decode_weight_cache, expert_lm, summarizer_lm, transformer_lm
+
+BUILDERS = {"expert_lm": expert_lm, "summarizer_lm": summarizer_lm, "transformer_lm": transformer_lm}
+
+
+def prefill(model, ctx: int, batch: int, piece: int = 256):
+    ids = torch.randint(0, model.vocab_size, (batch, ctx))
+    state = model.init_state(batch)
+    with torch.inference_mode():
+        for s in range(0, ctx, piece):
+            state = model(ids[:, s : s + piece], state, logits_to_keep=1).state
+    return state
+
+
+def step_ms(model, state, batch: int, steps: int, repeats: int) -> float:
+    """Median over ``repeats`` of the mean time of ``steps`` consecutive decode steps (ms/step)."""
+    tok = torch.randint(0, model.vocab_size, (batch, 1))
+    samples = []
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            st = state.clone()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                st = model(tok, st, logits_to_keep=1).state
+            if r:  # the first repeat warms up caches and the decode weight copies
+                samples.append((time.perf_counter() - t0) / steps * 1e3)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def _command(module: str, argv: list[str] | None) -> str:
+    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-write"]
+    return " ".join([f"python -m bench.{module}", *flags])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (smoke run)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave the default)")
+    ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    batch = 8
+    contexts = [32, 512, 1024, 4096]
+    steps, repeats = (16, 3) if args.quick else (32, 7)
+    cfg = LMConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4)
+    models = {name: b(cfg).eval() for name, b in BUILDERS.items()}
+    rows = []
+    for ctx in contexts:
+        row = {"context": ctx}
+        for name, model in models.items():
+            row[f"{name} ms"] = step_ms(model, prefill(model, ctx, batch), batch, steps, repeats)
+        tr = row["transformer_lm ms"]
+        row["expert speedup"] = f"{tr / row['expert_lm ms']:.2f}x"
+        row["summarizer speedup"] = f"{tr / row['summarizer_lm ms']:.2f}x"
+        rows.append(row)
+        print(row, flush=True)
+    layout = []
+    for name in ("expert_lm", "transformer_lm"):
+        state = prefill(models[name], 512, batch)
+        offs, ons = [], []
+        for _ in range(repeats):  # interleaved, so load drifts hit both alike
+            with decode_weight_cache(False):
+                offs.append(step_ms(models[name], state, batch, steps, 1))
+            ons.append(step_ms(models[name], state, batch, steps, 1))
+        off, on = sorted(offs)[len(offs) // 2], sorted(ons)[len(ons) // 2]
+        layout.append({"model (context 512)": name, "nn.Linear [out,in] ms": off, "cached [in,out] ms": on,
+                       "speedup": f"{off / on:.2f}x"})
+        print(layout[-1], flush=True)
+    params = {n: f"{m.num_params() / 1e6:.2f}M" for n, m in models.items()}
+    body = (
+        f"Batch {batch}, one token per row per step, `torch.inference_mode`; d_model 256, 4 layers, 4 heads, "
+        f"vocab 8192 (params: {', '.join(f'{k} {v}' for k, v in params.items())}). "
+        f"Median of {repeats} runs of {steps} consecutive steps after a chunked prefill of the context.\n"
+        f"Goal: flat in context for ours, >= 2x faster than the transformer at 1024.\n\n"
+        f"{md_table(rows)}\n\n"
+        f"Decode weight layout (same run): multiplying by a cached contiguous `[in, out]` weight copy "
+        f"instead of `nn.Linear`'s `[out, in]` weight.\n\n{md_table(layout)}\n"
+        + ("\n_Quick smoke run (fewer steps) on a shared machine: timings are noisy; rerun without "
+           "`--quick` on a quiet machine._\n" if args.quick else "")
+    )
+    if not args.no_write:
+        write_section("decode", "Decode cost per token vs context", _command("decode", argv), body)
+    return {"rows": rows, "layout": layout}
+
+
+if __name__ == "__main__":
+    main()
