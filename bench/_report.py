@@ -50,6 +50,14 @@ def git_rev() -> str:
         return "unknown"
 
 
+def command(module: str, argv: list[str] | None = None) -> str:
+    """The command line that reproduces a benchmark run (``--no-write`` dropped)."""
+    import sys
+
+    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-write"]
+    return " ".join([f"python -m bench.{module}", *flags])
+
+
 def write_section(name: str, title: str, command: str, body: str) -> Path:
     """Replace (or append) the section ``name`` of docs/benchmarks.md."""
     DOC.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench._report import md_table, write_section
+from bench._report import command, md_table, write_section
 from taskmoe.nn import LMConfig, decode_weight_cache, expert_lm, summarizer_lm, transformer_lm
 
 BUILDERS = {"expert_lm": expert_lm, "summarizer_lm": summarizer_lm, "transformer_lm": transformer_lm}
@@ -51,9 +51,6 @@ def step_ms(model, state, batch: int, steps: int, repeats: int) -> float:
     return samples[len(samples) // 2]
 
 
-def _command(module: str, argv: list[str] | None) -> str:
-    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-write"]
-    return " ".join([f"python -m bench.{module}", *flags])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
            "`--quick` on a quiet machine._\n" if args.quick else "")
     )
     if not args.no_write:
-        write_section("decode", "Decode cost per token vs context", _command("decode", argv), body)
+        write_section("decode", "Decode cost per token vs context", command("decode", argv), body)
     return {"rows": rows, "layout": layout}
 
 

@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench._report import md_table, timeit, write_section
+from bench._report import command, md_table, timeit, write_section
 from taskmoe.ops import (causal_conv, causal_conv_ref, linear_attention, linear_attention_ref, selective_scan,
                          selective_scan_ref)
 
@@ -44,9 +44,6 @@ def fwd_bwd(fn, inputs, kw):
     return run
 
 
-def _command(module: str, argv: list[str] | None) -> str:
-    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-write"]
-    return " ".join([f"python -m bench.{module}", *flags])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -76,7 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             + ("\n_Quick smoke run (single samples) on a shared machine: noisy; rerun without `--quick`._\n"
                if args.quick else ""))
     if not args.no_write:
-        write_section("ops_twins", "Chunked ops vs plain-loop twins", _command("ops_twins", argv), body)
+        write_section("ops_twins", "Chunked ops vs plain-loop twins", command("ops_twins", argv), body)
     return rows
 
 

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench._report import md_table, write_section
+from bench._report import command, md_table, write_section
 from taskmoe.nn import LMConfig, expert_lm, summarizer_lm, transformer_lm
 
 
@@ -75,9 +75,6 @@ def tokens_per_second(model, vocab: int, batch: int, seq: int, steps: int) -> fl
     return batch * seq / times[len(times) // 2]
 
 
-def _command(module: str, argv: list[str] | None) -> str:
-    flags = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-write"]
-    return " ".join([f"python -m bench.{module}", *flags])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -121,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                if args.quick else ""))
     if not args.no_write:
         write_section("train_throughput", "Training throughput and fraction of matmul peak",
-                      _command("train_throughput", argv), body)
+                      command("train_throughput", argv), body)
     return rows
 
 

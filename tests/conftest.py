@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one intra-op thread per test process: the suite runs with pytest-xdist (-n 2), one worker per core
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_layers_contract() -> None:

@@ -66,3 +66,14 @@ def test_filters_restrict_the_draw() -> None:
     assert set(sample(logits, top_k=2, generator=g).tolist()) <= {1, 2}
     assert set(sample(logits, top_k=1, generator=g).tolist()) == {1}
     assert sample(logits, temperature=0.0).tolist() == [1] * 500
+
+
+def test_degenerate_top_p_and_temperature_never_produce_nan() -> None:
+    """A top_p that rounds to 0 keeps the argmax; a tiny temperature behaves like greedy."""
+    from taskmoe.inference.sampling import sample
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert sample(logits, top_p=5e-324, generator=g).tolist() == [1, 0]
+        assert sample(logits, temperature=1e-30, generator=g).tolist() == [1, 0]

@@ -58,13 +58,18 @@ def top_k_filter(logits: Tensor, k: int) -> Tensor:
 
 
 def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Nucleus filter: keep tokens while the probability mass before them is < p."""
+    """Nucleus filter: keep tokens while the probability mass before them is < p.
+
+    The most likely token is always kept, so even a p that rounds to 0 leaves a valid draw.
+    """
     if p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
-    sorted_logits = sorted_logits.masked_fill(before >= p, float("-inf"))
+    drop = before >= p
+    drop[..., 0] = False  # (B, V) sorted: never drop the most likely token
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
@@ -79,6 +84,9 @@ def sample(
     """Draw one token per row -> (B,) int64; ``temperature == 0`` is greedy."""
     if temperature == 0:
         return greedy(logits)
-    logits = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+    # shift by the row max first: softmax is unchanged, and a tiny temperature cannot overflow to inf
+    logits = logits.float()
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    logits = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
