@@ -26,21 +26,14 @@ from typing import Any
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import CheckpointError
 from taskmoe.io import atomic_write_json, load_component, read_json
+from taskmoe.router.policy import PolicyConfig
 
 MANIFEST_FILE = "taskmoe.json"
 MANIFEST_VERSION = 1
 
 
-@dataclass
-class Thresholds(Config):
-    t_C_base: float = doc(0.5, "base selection threshold on router confidence")
-    k: float = doc(4.0, "complexity scaling in t_C = t_C_base * (1 - log(1 + k c_S) / log(1 + k)), > 0")
-    t_CT: float = doc(0.1, "cross-talk when the top two confidences are within this")
-
-    def validate(self) -> None:
-        check(0.0 <= self.t_C_base <= 1.0, f"t_C_base must be in [0, 1], got {self.t_C_base}")
-        check(self.k > 0, f"k must be > 0, got {self.k}")
-        check(0.0 <= self.t_CT <= 1.0, f"t_CT must be in [0, 1], got {self.t_CT}")
+# The routing thresholds are the router policy's own config; one definition, stored here as-is.
+Thresholds = PolicyConfig
 
 
 @dataclass
@@ -51,7 +44,7 @@ class Manifest(Config):
     summarizer: str | None = doc(None, "summarizer component folder, or None for an experts-only system")
     adapters: dict = doc({}, "adapter name (e.g. 'code') -> adapter folder")
     crosstalk: str | None = doc(None, "cross-talk component folder, if trained")
-    thresholds: Thresholds = doc(None, "routing thresholds")
+    thresholds: PolicyConfig = doc(None, "routing thresholds (t_C_base, k, t_CT) of the router policy")
     vocab_size: int = doc(0, "size of the shared vocabulary")
     d_model: int = doc(0, "width of the shared embedding table")
     format_version: int = doc(MANIFEST_VERSION, "manifest format version")
@@ -59,7 +52,7 @@ class Manifest(Config):
 
     def __post_init__(self) -> None:
         if self.thresholds is None:
-            self.thresholds = Thresholds()
+            self.thresholds = PolicyConfig()
         super().__post_init__()
 
     def validate(self) -> None:

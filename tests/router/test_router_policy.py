@@ -145,3 +145,18 @@ def test_bad_confidences_raise() -> None:
         select([], 0.3)
     with pytest.raises(ConfigError):
         decide([0.5, math.nan], 0.0, PolicyConfig())
+
+
+def test_public_api_is_pinned() -> None:
+    """Other areas (experts, pipeline, serving) build on these names and signatures."""
+    import inspect
+
+    import taskmoe.router as R
+
+    assert set(R.__all__) >= {"Router", "RouterConfig", "RoutingDecision", "PolicyConfig", "fit_router", "threshold",
+                              "select", "decide", "decide_batch", "crosstalk_pair", "load_shared_embedding"}  # fmt: skip
+    assert list(inspect.signature(R.threshold).parameters) == ["t_C_base", "k", "c_S"]
+    assert list(inspect.signature(R.Router.route).parameters) == ["self", "ids"]
+    assert list(inspect.signature(R.Router.add_category).parameters) == ["self", "name", "seqs", "description"]
+    fields = [f for f in R.RoutingDecision.__dataclass_fields__]
+    assert fields[:7] == ["confidences", "c_S", "t_C", "selected", "weights", "fallback", "crosstalk"]

@@ -170,3 +170,14 @@ def test_complexity_labels_from_the_user() -> None:
     assert r.report["complexity"]["target"] == "user labels"
     with pytest.raises(DataError, match="complexity_labels"):
         fit_router(train, [], _cfg("tfidf", k=2), complexity_labels=labels[:3])
+
+
+def test_router_embedding_is_the_shared_table_of_an_expert(learned_router) -> None:
+    """``router.embedding`` goes into the nn builders as ``embedding=``: the same Parameter, not a copy."""
+    from taskmoe.nn import LMConfig, expert_lm
+
+    r, test, _ = learned_router
+    lm = expert_lm(LMConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2), embedding=r.embedding)
+    assert lm.embedding.weight is r.embedding.weight
+    out = lm(torch.tensor([test[0][:16]]))
+    assert out.logits.shape == (1, 16, V)
