@@ -1,4 +1,5 @@
-"""Generation: batch == each row alone, == a no-cache reference loop, determinism, stops, streaming."""
+"""Generation: batch == each row alone, == a no-cache reference loop, determinism, stops, streaming,
+and per-row configs/generators/halting (mixed batch == each row alone)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from taskmoe.errors import ConfigError, RequestError
-from taskmoe.inference.generate import GenerationConfig, generate, stream
+from taskmoe.inference.generate import GenerationConfig, RowOutput, generate, generate_rows, stream, stream_rows
 from taskmoe.nn import LMConfig, expert_lm, summarizer_lm, transformer_lm
 
 BUILDERS = [expert_lm, summarizer_lm, transformer_lm]
@@ -81,3 +82,66 @@ def test_limits_and_errors(model) -> None:
         generate(model, [[1, 99]])
     with pytest.raises(ConfigError, match="top_p"):
         GenerationConfig(top_p=0.0)
+
+
+# Mixed per-row settings: greedy (0 and a tiny temperature that would overflow logits / T),
+# sampling with top-k / top-p / penalty, a degenerate top_p, different lengths, stops and seeds.
+MIXED = [
+    GenerationConfig(max_new_tokens=8, temperature=0.0, repetition_penalty=1.5),
+    GenerationConfig(max_new_tokens=5, temperature=1.0, top_k=20, seed=11),
+    GenerationConfig(max_new_tokens=9, temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=12),
+    GenerationConfig(max_new_tokens=3, temperature=1e-300),
+    GenerationConfig(max_new_tokens=7, temperature=1.3, top_p=5e-324, seed=13),
+    GenerationConfig(max_new_tokens=0, temperature=1.0, seed=14),
+]
+
+
+def test_mixed_per_row_configs_equal_each_row_alone(model) -> None:
+    prompts = PROMPTS + [[2, 2], [9, 8, 7]]
+    cfgs = MIXED[:3] + [c.replace(stop_tokens=[5, 9]) for c in MIXED[3:]] + [MIXED[1].replace(seed=99)]
+    got = generate_rows(model, prompts, cfgs)
+    alone = [generate(model, [p], c)[0] for p, c in zip(prompts, cfgs)]
+    assert [o.tokens for o in got] == alone
+    assert got[5] == RowOutput([], "length")
+    for o, c in zip(got, cfgs):
+        assert o.finish == ("length" if len(o.tokens) == c.max_new_tokens else "stop")
+        assert len(o.tokens) <= c.max_new_tokens and not set(o.tokens) & set(c.stop_tokens)
+    # tiny temperature is greedy; a top_p that rounds to 0 keeps (only) the argmax
+    assert got[3].tokens == generate(model, [prompts[3]], cfgs[3].replace(temperature=0.0))[0]
+    assert got[4].tokens == generate(model, [prompts[4]], cfgs[4].replace(temperature=0.0, seed=None))[0]
+    # sampled rows really sample: another seed changes them
+    other = generate_rows(model, prompts[1:3], [c.replace(seed=c.seed + 100) for c in cfgs[1:3]])
+    assert [o.tokens for o in other] != [o.tokens for o in got[1:3]]
+
+
+def test_emit_halts_only_its_row(model) -> None:
+    cfgs = [MIXED[0], MIXED[1], MIXED[2], MIXED[0], MIXED[2]]
+    free = generate_rows(model, PROMPTS, cfgs)
+    seen: list[list[int]] = [[] for _ in PROMPTS]
+
+    def emit_for(i: int, limit: int):
+        def emit(tok: int) -> bool:
+            seen[i].append(tok)
+            return len(seen[i]) < limit
+        return emit
+
+    limits = [3, 99, 2, 99, 1]
+    got = generate_rows(model, PROMPTS, cfgs, emits=[emit_for(i, n) for i, n in enumerate(limits)])
+    for i, (f, g, n) in enumerate(zip(free, got, limits)):
+        assert g.tokens == seen[i] == f.tokens[:n]  # halted rows keep the token that halted them
+        assert g.finish == ("halted" if n <= len(f.tokens) else f.finish)
+
+
+def test_shared_generator_rows_draw_together_like_stream(model) -> None:
+    """``stream`` is ``stream_rows`` with one config and one generator object for every row."""
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0.9, top_k=10)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert list(stream_rows(model, PROMPTS, [cfg] * len(PROMPTS), [g1] * len(PROMPTS))) == \
+        list(stream(model, PROMPTS, cfg, g2))
+
+
+def test_per_row_arguments_are_checked(model) -> None:
+    with pytest.raises(RequestError, match="2 prompts but 1 cfgs"):
+        generate_rows(model, [[1], [2]], [GenerationConfig()])
+    with pytest.raises(RequestError, match="2 prompts but 3 emits"):
+        generate_rows(model, [[1], [2]], [GenerationConfig()] * 2, emits=[None] * 3)
