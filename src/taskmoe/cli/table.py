@@ -5,9 +5,34 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from taskmoe.data.commands import data_build, data_stats, tokenizer_train
+from taskmoe.eval.perplexity import eval_experts
+from taskmoe.eval.routing import route_report
+from taskmoe.inference.commands import chat, generate_text
+from taskmoe.router.commands import route_predict
+from taskmoe.serving.serve import serve
+from taskmoe.training.recipes.crosstalk import train_crosstalk
+from taskmoe.training.recipes.doe import add_expert as doe_add_expert, doe_report, train_doe
+from taskmoe.training.recipes.experts import train_experts
+from taskmoe.training.recipes.quickstart import quickstart
+from taskmoe.training.recipes.router import route_fit
+from taskmoe.training.recipes.summarizer_run import train_summarizer
 
 COMMANDS: dict[str, Callable[..., Any]] = {
+    "quickstart": quickstart,
+    "generate": generate_text,
+    "chat": chat,
+    "train summarizer": train_summarizer,
     "data stats": data_stats,
     "data build": data_build,
     "tokenizer train": tokenizer_train,
+    "route fit": route_fit,
+    "route predict": route_predict,
+    "route report": route_report,
+    "train experts": train_experts,
+    "eval experts": eval_experts,
+    "serve": serve,
+    "train crosstalk": train_crosstalk,
+    "train doe": train_doe,
+    "doe report": doe_report,
+    "doe add-expert": doe_add_expert,
 }

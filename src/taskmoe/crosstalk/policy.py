@@ -121,3 +121,9 @@ class InterruptState:
         if interrupted:
             return InterruptState(t_since=1, i_recent=self.i_recent + 1)
         return InterruptState(t_since=self.t_since + 1, i_recent=0)
+
+    def aged(self) -> "InterruptState":
+        """State after a turn in which this expert was *speaking* (so it had no chance to interrupt):
+        T_since ages, and the run of consecutive interruptions is kept (only declining a chance to
+        interrupt ends it). Used by :mod:`taskmoe.crosstalk.dialogue` for the current speaker."""
+        return InterruptState(t_since=self.t_since + 1, i_recent=self.i_recent)

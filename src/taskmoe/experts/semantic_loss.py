@@ -16,6 +16,12 @@ For a training sequence x (one of the expert's training chunks):
 The expert's total loss is ``(1 - λ) * CE + λ * L_sem``; λ = 1 is the seed's pure form (no
 next-token prediction at all), λ = 0 plain language modelling.
 
+Training data: :class:`RetrievalWindows` holds an expert's LM windows and, for each, the ids of
+its k nearest *other* training windows (found once: the encoder is frozen, so neighbours never
+change), and collates ``input_ids``, ``targets`` and the neighbours' vectors ``(B, K, D)``;
+held-out windows query the same training index. :func:`encode_windows` embeds windows with any
+``encode(ids) -> vectors`` (the router's).
+
 Nearest-neighbour search uses faiss (``faiss-cpu``, optional, HNSW over inner products of unit
 vectors) when installed and the index is large, else an exact matrix product in torch; both
 return the same neighbours up to HNSW's approximation (tested against the exact path).
@@ -24,6 +30,7 @@ return the same neighbours up to HNSW's approximation (tested against the exact 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,3 +148,55 @@ class RetrievalIndex:
     def neighbours(self, queries: torch.Tensor, k: int, *, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """The neighbours' vectors, (B, K, D)."""
         return self.vectors[self.search(queries, k, exclude=exclude).ids]
+
+
+# ------------------------------------------------------------------ training windows + neighbours
+def encode_windows(encode: Any, windows: Sequence[torch.Tensor], batch: int = 1024) -> torch.Tensor:
+    """``encode(list of id lists) -> (n, D)`` over every window, in batches; returns (N, D) float32."""
+    out = []
+    for s in range(0, len(windows), batch):
+        ids = [w.tolist() for w in windows[s : s + batch]]
+        out.append(torch.as_tensor(encode(ids), dtype=torch.float32))
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+class RetrievalWindows(torch.utils.data.Dataset):
+    """LM windows, each with the encoder vectors of its ``k`` nearest windows in ``index``.
+
+    ``windows[i]`` is a ``(T + 1,)`` id tensor (inputs ``w[:-1]``, targets ``w[1:]``, as
+    :class:`taskmoe.data.PackedLMDataset` gives them). Neighbour ids are found once, here
+    (the encoder is frozen, so they never change): with ``exclude_self`` the query window ``i``
+    is row ``i`` of the index and is left out of its own neighbours (the training set); without
+    it the windows are held-out queries against the training index. ``collate`` returns
+    ``input_ids (B, T)``, ``targets (B, T)`` and ``neighbours (B, K, D)``.
+    """
+
+    def __init__(self, windows: Sequence[torch.Tensor], vectors: torch.Tensor, index: RetrievalIndex, k: int, *,
+                 exclude_self: bool) -> None:
+        if len(windows) != len(vectors):
+            raise ConfigError(f"{len(windows)} windows but {len(vectors)} vectors")
+        if exclude_self and len(index) != len(windows):
+            raise ConfigError("exclude_self needs the windows to be the index rows (same count)")
+        if len(index) < 1 + int(exclude_self):
+            raise ConfigError(f"the retrieval index has {len(index)} rows: too few to retrieve neighbours")
+        self.windows = windows
+        self.index = index
+        self.k = min(k, len(index) - int(exclude_self))
+        exclude = torch.arange(len(windows)) if exclude_self else None
+        ids = []
+        for s in range(0, len(windows), 4096):  # bounded memory for the (n, N) similarity block
+            ex = exclude[s : s + 4096] if exclude is not None else None
+            ids.append(index.search(vectors[s : s + 4096], self.k, exclude=ex).ids)
+        self.neighbour_ids = torch.cat(ids) if ids else torch.zeros(0, self.k, dtype=torch.long)  # (N, K)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.windows[i], i
+
+    def collate(self, items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        w = torch.stack([x for x, _ in items]).long()  # (B, T + 1)
+        rows = torch.tensor([i for _, i in items])
+        return {"input_ids": w[:, :-1], "targets": w[:, 1:],
+                "neighbours": self.index.vectors[self.neighbour_ids[rows]]}  # (B, K, D)

@@ -1,0 +1,154 @@
+"""The cross-talk folder of a run, and the runner the IMoE pipeline calls when the router flags a pair.
+
+On disk (``runs/<name>/crosstalk/``, written by ``taskmoe train crosstalk``)::
+
+    config.json          kind "crosstalk": {"experts": [a, b], "adapter", "dialogue", "gan"}, meta: the report
+    adapters/<expert>/   that expert's cross-talk LoRA adapter (lora_adapter component)
+    discriminator/       the discriminator (crosstalk_discriminator component)
+    train/               the GAN run's checkpoints and metrics.jsonl (the shared train loop's folder)
+    report.json, curves.png
+
+``config.json`` is written last, so a folder with it is complete. :func:`load_crosstalk`
+validates it and every folder it names.
+
+:class:`CrosstalkRunner` implements the pipeline's ``CrosstalkRunner`` protocol
+(``runner(prompt_ids, speakers, drafts) -> (drafts, turns)``, see
+:mod:`taskmoe.inference.pipeline`): it runs :func:`~taskmoe.crosstalk.dialogue.run_crosstalk`
+with the more confident expert opening, then hands the summarizer one draft per speaker
+(:meth:`~taskmoe.crosstalk.dialogue.Transcript.drafts`; an expert that never got the floor keeps
+its independent draft) and the trace one dict per turn (expert, text, tokens, interrupted,
+p_interrupt, declined probabilities). Adapters are loaded lazily into the experts the store hands
+over (once per loaded model: an evicted and reloaded expert gets it again) and switched off right
+away, so the expert's ordinary drafts stay those of the base model; the dialogue switches them
+on only during cross-talk. An expert without a trained adapter talks with its base weights.
+Each call seeds its own generator with ``seed``, so a prompt always gets the same transcript.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from taskmoe.crosstalk.dialogue import DialogueConfig, DialogueTokens, Speaker, run_crosstalk
+from taskmoe.crosstalk.discriminator import Discriminator, load_discriminator, save_discriminator
+from taskmoe.errors import CheckpointError, ConfigError
+from taskmoe.io import CONFIG_FILE, FORMAT_VERSION, atomic_write_json, load_component
+from taskmoe.nn.lora import adapter_names, load_adapter, save_adapter, set_adapter
+from taskmoe.summarizer.fuser import Draft
+
+__all__ = ["KIND", "CrosstalkFolder", "save_crosstalk", "load_crosstalk", "CrosstalkRunner"]
+
+KIND = "crosstalk"
+ADAPTERS_DIR = "adapters"
+DISCRIMINATOR_DIR = "discriminator"
+
+
+@dataclass
+class CrosstalkFolder:
+    """A validated ``crosstalk/`` folder."""
+
+    folder: Path
+    experts: list[str]
+    adapter: str
+    dialogue: DialogueConfig
+    adapters: dict[str, Path]
+    config: dict[str, Any]
+    meta: dict[str, Any]
+
+    def discriminator(self) -> Discriminator:
+        return load_discriminator(self.folder / DISCRIMINATOR_DIR)
+
+
+def save_crosstalk(folder: str | Path, experts: Sequence[nn.Module], names: Sequence[str], discriminator: Discriminator,
+                   *, adapter: str, dialogue: DialogueConfig, gan: Mapping[str, Any] | None = None,
+                   meta: Mapping[str, Any] | None = None) -> Path:
+    """Write the adapters of both experts and the discriminator, then ``config.json``."""
+    folder = Path(folder)
+    if len(experts) != len(names):
+        raise ConfigError(f"{len(experts)} experts but {len(names)} names")
+    for name, model in zip(names, experts):
+        save_adapter(model, folder / ADAPTERS_DIR / name, adapter, meta={"expert": name})
+    save_discriminator(discriminator, folder / DISCRIMINATOR_DIR)
+    config = {"experts": list(names), "adapter": adapter, "dialogue": dialogue.to_dict(), "gan": dict(gan or {})}
+    atomic_write_json(folder / CONFIG_FILE, {"format_version": FORMAT_VERSION, "kind": KIND, "config": config,
+                                             "meta": dict(meta or {})})
+    return folder
+
+
+def load_crosstalk(folder: str | Path) -> CrosstalkFolder:
+    """Read and validate a ``crosstalk/`` folder (CheckpointError naming the file on any problem)."""
+    comp = load_component(folder, KIND)
+    cfg_path = comp.folder / CONFIG_FILE
+    c = comp.config
+    experts, adapter = c.get("experts"), c.get("adapter")
+    if not isinstance(experts, list) or len(experts) != 2 or not all(isinstance(e, str) for e in experts):
+        raise CheckpointError(f"{cfg_path}: 'experts' must name the two experts of the pair, got {experts!r}")
+    if not isinstance(adapter, str) or not adapter:
+        raise CheckpointError(f"{cfg_path}: 'adapter' must be the adapter name, got {adapter!r}")
+    try:
+        dialogue = DialogueConfig.from_dict(c.get("dialogue", {}), source=f"{cfg_path}: dialogue")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    adapters = {}
+    for e in experts:
+        p = comp.folder / ADAPTERS_DIR / e
+        if not (p / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{cfg_path}: names expert '{e}', but its adapter folder {p} is missing")
+        adapters[e] = p
+    if not (comp.folder / DISCRIMINATOR_DIR / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{cfg_path}: the discriminator folder {comp.folder / DISCRIMINATOR_DIR} is missing")
+    return CrosstalkFolder(comp.folder, list(experts), adapter, dialogue, adapters, dict(c), dict(comp.meta))
+
+
+class CrosstalkRunner:
+    """The pipeline's cross-talk hook (module docstring).
+
+    Args:
+        tokenizer: the run's tokenizer (BOS, EOS, sentence ends, decoding the trace).
+        cfg: how the dialogue runs (default :class:`DialogueConfig`).
+        adapters: expert name -> adapter folder (loaded into that expert on first use).
+        adapter: the adapter's name inside the experts.
+        seed: seed of each call's generator (None: nondeterministic).
+    """
+
+    def __init__(self, tokenizer: Any, cfg: DialogueConfig | None = None, *, adapters: Mapping[str, str | Path] | None = None,
+                 adapter: str = "crosstalk", seed: int | None = 0) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg or DialogueConfig()
+        self.adapters = {k: Path(v) for k, v in (adapters or {}).items()}
+        self.adapter = adapter
+        self.seed = seed
+        self.tokens = DialogueTokens.from_tokenizer(tokenizer)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, tokenizer: Any, *, cfg: DialogueConfig | None = None,
+                    seed: int | None = 0) -> "CrosstalkRunner":
+        """A runner with the adapters and dialogue settings of a trained ``crosstalk/`` folder."""
+        ct = load_crosstalk(folder)
+        return cls(tokenizer, cfg or ct.dialogue, adapters=ct.adapters, adapter=ct.adapter, seed=seed)
+
+    def speaker(self, name: str, model: nn.Module) -> Speaker:
+        """The expert as a dialogue speaker, its adapter loaded (and switched off) if it has one."""
+        folder = self.adapters.get(name)
+        if folder is None:
+            return Speaker(name, model, None)
+        if self.adapter not in adapter_names(model):
+            load_adapter(model, folder, name=self.adapter)
+            set_adapter(model, None)  # ordinary drafts stay base; the dialogue switches it on in cross-talk
+        return Speaker(name, model, self.adapter)
+
+    def __call__(self, prompt_ids: list[int], speakers: list[tuple[str, float, nn.Module]],
+                 drafts: list[Draft]) -> tuple[list[Draft], list[dict[str, Any]]]:
+        if len(speakers) != 2:
+            raise ConfigError(f"cross-talk runs between two experts, got {len(speakers)}")
+        (na, ca, ma), (nb, cb, mb) = speakers
+        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        prompt = [int(self.tokenizer.bos_id), *map(int, prompt_ids)]
+        transcript = run_crosstalk(self.speaker(na, ma), self.speaker(nb, mb), prompt, (float(ca), float(cb)),
+                                   self.cfg, generator, tokens=self.tokens)
+        turns = transcript.trace(lambda ids: self.tokenizer.decode(ids, skip_special=True))
+        return transcript.drafts(fallback=drafts), turns

@@ -1,0 +1,109 @@
+"""CLI commands of the pipeline: ``taskmoe generate`` and ``taskmoe chat``.
+
+Plain typed functions (also the Python API) over :func:`taskmoe.inference.loader.load_system`.
+
+``chat`` renders the conversation in the default corpus's dialogue format (``A: ...`` lines for
+the user, ``B:`` for the system), which is what the conversation expert and the summarizer's
+reply pairs were trained on; the last ``history`` exchanges are kept in the prompt. It reads
+lines from standard input until EOF or ``/exit``, and prints the routing decision of every turn
+(``--trace`` prints the whole trace).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+from taskmoe.inference.loader import load_system
+from taskmoe.inference.trace import Answer
+
+__all__ = ["generate_text", "chat", "dialogue_prompt", "reply_of"]
+
+USER, BOT = "A", "B"
+EXIT = "/exit"
+
+
+def _gen(max_new_tokens: Optional[int], temperature: Optional[float], seed: Optional[int]) -> dict[str, Any]:
+    gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    return {k: v for k, v in gen.items() if v is not None}
+
+
+def generate_text(
+    path: Path,
+    prompt: str,
+    trace: bool = False,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
+    seed: Optional[int] = None,
+    max_experts: Optional[int] = None,
+) -> Answer:
+    """Answer one prompt with a trained system: taskmoe generate RUN "prompt" [--trace].
+
+    RUN is a run folder with taskmoe.json (e.g. runs/quickstart). --trace shows every decision:
+    routing (confidences, c_S, t_C, selected experts, fallback, cross-talk), experts loaded or
+    cached, drafts, disagreement score, intent and adapter, and timings per stage. Decoding
+    defaults come from the run's manifest; --max-new-tokens / --temperature / --seed override
+    them. --max-experts bounds the experts kept in memory.
+    """
+    system = load_system(path, max_experts=max_experts)
+    return system.generate(prompt, trace=trace, **_gen(max_new_tokens, temperature, seed))
+
+
+def dialogue_prompt(history: list[tuple[str, str]], message: str, keep: int = 2) -> str:
+    """The last ``keep`` (user, reply) exchanges and the new message as ``A: ...`` / ``B: ...`` lines, ending ``B:``."""
+    lines = []
+    for user, reply in history[-keep:] if keep > 0 else []:
+        lines += [f"{USER}: {user}", f"{BOT}: {reply}"]
+    lines += [f"{USER}: {message}", f"{BOT}:"]
+    return "\n".join(lines)
+
+
+def reply_of(text: str) -> str:
+    """The system's turn only: the answer up to where it starts a new ``A:`` line."""
+    cut = text.find(f"\n{USER}:")
+    return (text[:cut] if cut >= 0 else text).strip()
+
+
+def chat(
+    path: Path,
+    trace: bool = False,
+    history: int = 2,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
+    seed: Optional[int] = None,
+    max_experts: Optional[int] = None,
+) -> dict[str, Any]:
+    """Chat with a trained system on stdin; prints the routing of every turn (/exit or EOF ends).
+
+    Each line you type is one user turn; the prompt holds the last --history exchanges in the
+    corpus's dialogue format (A: you / B: the system). --trace prints the whole trace per turn.
+    """
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console()
+    system = load_system(path, max_experts=max_experts)
+    gen = _gen(max_new_tokens, temperature, seed)
+    turns: list[tuple[str, str]] = []
+    inp: TextIO = sys.stdin
+    console.print(Text(f"taskmoe chat: {path} ({system.mode}; experts {', '.join(system.store.names)}). "
+                       f"Type a message; {EXIT} or EOF ends."), style="dim")
+    while True:
+        line = inp.readline()
+        if not line:
+            break
+        message = line.strip()
+        if message == EXIT:
+            break
+        if not message:
+            continue
+        ans = system.generate(dialogue_prompt(turns, message, history), trace=True, **gen)
+        assert ans.trace is not None
+        reply = ans.text if ans.trace.clarify else reply_of(ans.text)
+        console.print(Text(ans.trace.routing_line(), style="cyan"))
+        if trace:
+            console.print(ans.trace)
+        console.print(Text(f"{BOT}: {reply}"))
+        turns.append((message, reply))
+    return {"turns": len(turns), "experts_loaded": system.store.stats().loads}

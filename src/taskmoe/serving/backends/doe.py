@@ -1,0 +1,60 @@
+"""Serve a DOE model (``taskmoe.doe``): the routing key is the set of experts its gates accept.
+
+A :class:`~taskmoe.doe.model.DOETransformer` routes each sequence once, from its prompt, and keeps
+that decision in its decoding state; generated tokens never change it. The server asks the model
+for the same decision before batching (:meth:`DOETransformer.route` pools the same prompt tokens
+the prefill pools), so a batch holds only sequences that run through the same experts and each
+MoE layer touches one expert set per step. Decoding is the shared row-controlled loop
+(:func:`~taskmoe.serving.backends.decode.decode_rows`): the model has the ``CausalLM`` interface.
+
+On disk: a ``doe`` component folder (:func:`taskmoe.doe.model.save_doe`) with ``tokenizer.json``
+inside it or beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from taskmoe.doe.model import DOETransformer, load_doe
+from taskmoe.errors import CheckpointError
+from taskmoe.serving.backend import Route, Row, RowResult
+from taskmoe.serving.backends.decode import decode_rows
+from taskmoe.serving.backends.lm import LMBackend
+
+
+class DOEBackend(LMBackend):
+    """DOE models behind one tokenizer; route key = (model id, accepted experts)."""
+
+    @classmethod
+    def load(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,
+             device: str | torch.device = "cpu") -> "DOEBackend":
+        path = Path(path)
+        tok = next((p for p in (path / TOKENIZER_FILE, path.parent / TOKENIZER_FILE) if p.is_file()), None)
+        if tok is None:
+            raise CheckpointError(f"{path}: no {TOKENIZER_FILE} inside or beside the DOE model folder")
+        return cls({name or path.name: load_doe(path, device=device)}, Tokenizer.load(tok), stop_ids=stop_ids,
+                   source=str(path))
+
+    def route(self, model_id: str, prompt_ids: Sequence[int]) -> Route:
+        model: DOETransformer = self.models[model_id]  # type: ignore[assignment]
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            r = model.route(torch.tensor([list(prompt_ids)], dtype=torch.long, device=device))
+        ids = [int(i) for i in r.ids[0].tolist() if i >= 0]
+        experts = tuple(r.names[i] for i in ids)
+        trace = {
+            "model": model_id,
+            "experts": list(experts),
+            "weights": [float(w) for w in r.weights[0, : len(ids)].tolist()],
+            "scores": {n: float(p) for n, p in zip(r.names, r.scores[0].tolist())},
+            "fallback": bool(r.fallback[0]),
+        }
+        return Route(key=(model_id, tuple(sorted(experts))), trace=trace)
+
+    def generate_batch(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
+        model_id, _experts = route.key
+        return decode_rows(self.models[model_id], rows, self.stop_ids)

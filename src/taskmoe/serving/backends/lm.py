@@ -1,0 +1,90 @@
+"""Serve plain causal LMs (``taskmoe.nn`` component folders) that share one tokenizer.
+
+The simplest real backend: each served model is one ``CausalLM``; a request's route is the model
+it names, so the routing key (the batching group) is the model id and a batch always runs through
+one set of weights. Several LMs can be served side by side (one model id each); their requests
+never share a batch.
+
+On disk, either one LM folder (``config.json`` + ``model.safetensors`` from
+:func:`taskmoe.nn.save_lm`) with ``tokenizer.json`` inside it or beside it, or a folder holding
+several LM folders and one ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from taskmoe.errors import CheckpointError
+from taskmoe.io import CONFIG_FILE
+from taskmoe.nn import CausalLM, load_lm
+from taskmoe.serving.backend import Route, Row, RowResult
+from taskmoe.serving.backends.decode import decode_rows
+
+
+class LMBackend:
+    """One or more ``CausalLM`` s behind one tokenizer; route key = model id.
+
+    ``stop_ids`` end a row (default: the tokenizer's ``<|eos|>``); pass ``()`` to always generate
+    ``max_tokens`` (benchmarks use this so every request does the same work).
+    """
+
+    def __init__(self, models: Mapping[str, CausalLM], tokenizer: Tokenizer, *, stop_ids: Sequence[int] | None = None,
+                 source: str = "models") -> None:
+        if not models:
+            raise CheckpointError(f"{source}: no language model to serve")
+        for name, m in models.items():
+            if tokenizer.vocab_size > m.vocab_size:
+                raise CheckpointError(
+                    f"{source}: model {name!r} has vocab_size {m.vocab_size} but the tokenizer has "
+                    f"{tokenizer.vocab_size} tokens (vocabulary size mismatch)")
+            m.eval()
+        self.models = dict(models)
+        self.tokenizer = tokenizer
+        self.stop_ids = [tokenizer.eos_id] if stop_ids is None else list(stop_ids)
+
+    @classmethod
+    def load(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,
+             device: str | torch.device = "cpu") -> "LMBackend":
+        """Load one LM folder, or every LM folder inside ``path`` (see the module docstring)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a folder (expected an LM component folder or a folder of them)")
+        if (path / CONFIG_FILE).is_file():
+            folders = {name or path.name: path}
+            tok_candidates = [path / TOKENIZER_FILE, path.parent / TOKENIZER_FILE]
+        else:
+            folders = {p.name: p for p in sorted(path.iterdir()) if (p / CONFIG_FILE).is_file()}
+            if not folders:
+                raise CheckpointError(f"{path}: holds no {CONFIG_FILE} and no model folders with one")
+            if name is not None:
+                raise CheckpointError(f"{path}: --name applies to a single model folder; this folder serves "
+                                      f"{sorted(folders)} under their folder names")
+            tok_candidates = [path / TOKENIZER_FILE]
+        tok_path = next((p for p in tok_candidates if p.is_file()), None)
+        if tok_path is None:
+            raise CheckpointError(f"{path}: no {TOKENIZER_FILE} found (looked at {[str(p) for p in tok_candidates]})")
+        tokenizer = Tokenizer.load(tok_path)
+        models = {n: load_lm(f, device=device) for n, f in folders.items()}
+        return cls(models, tokenizer, stop_ids=stop_ids, source=str(path))
+
+    def model_ids(self) -> list[str]:
+        return list(self.models)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """``<|bos|>`` + the text as plain bytes (every taskmoe sequence starts with BOS)."""
+        return [self.tokenizer.bos_id, *self.tokenizer.encode(text, allow_special=False)]
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """The tokenizer's chat template, ending with an open assistant turn."""
+        return self.tokenizer.encode_chat(list(messages))
+
+    def route(self, model_id: str, prompt_ids: Sequence[int]) -> Route:
+        m = self.models[model_id]
+        return Route(key=model_id, trace={"model": model_id, "builder": getattr(m, "builder", None)})
+
+    def generate_batch(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
+        return decode_rows(self.models[route.key], rows, self.stop_ids)

@@ -1,0 +1,82 @@
+"""The ``taskmoe serve PATH`` command: load a model folder and run the HTTP API under uvicorn.
+
+Binds 127.0.0.1 unless ``--host`` says otherwise. ``--api-key`` (or ``$TASKMOE_API_KEY``, which
+keeps the key out of the process list) turns on Bearer authentication. Every limit of
+:class:`~taskmoe.serving.limits.Limits` that matters operationally is a flag. FastAPI/uvicorn are
+imported only when the command runs, so the CLI works without the ``[serve]`` extra installed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from taskmoe.config import check
+from taskmoe.serving import require_serve_extra
+from taskmoe.serving.backends import load_backend
+from taskmoe.serving.limits import (
+    GENERATION_TIMEOUT_S,
+    MAX_BATCH,
+    MAX_BODY_BYTES,
+    MAX_MAX_TOKENS,
+    MAX_PROMPT_TOKENS,
+    MAX_WAIT_MS,
+    QUEUE_SIZE,
+    Limits,
+)
+
+API_KEY_ENV = "TASKMOE_API_KEY"
+
+
+def serve(
+    path: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Optional[str] = None,
+    name: Optional[str] = None,
+    max_batch: int = MAX_BATCH,
+    max_wait_ms: float = MAX_WAIT_MS,
+    queue_size: int = QUEUE_SIZE,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    max_tokens: int = MAX_MAX_TOKENS,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    timeout: float = GENERATION_TIMEOUT_S,
+    threads: int = 0,
+) -> dict:
+    """Serve a model folder over an OpenAI-compatible HTTP API (needs FastAPI and uvicorn: the serve extra).
+
+    PATH is a trained IMoE run folder (taskmoe.json), a DOE model folder, a causal LM component
+    folder (tokenizer.json in it or beside it), or a folder of LM folders sharing one
+    tokenizer.json (one model id per subfolder). --name sets the model id of a single model.
+
+    Binds 127.0.0.1 unless --host says otherwise. --api-key (or $TASKMOE_API_KEY) requires
+    "Authorization: Bearer KEY". --threads sets torch's intra-op threads (0: torch's default).
+    """
+    require_serve_extra()
+    import torch
+    import uvicorn
+
+    from taskmoe.serving.app import create_app
+
+    check(0 < port < 65536, f"--port must be in 1..65535, got {port}")
+    check(threads >= 0, f"--threads must be >= 0, got {threads}")
+    limits = Limits(
+        max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, max_prompt_tokens=max_prompt_tokens,
+        max_max_tokens=max_tokens, default_max_tokens=min(Limits().default_max_tokens, max_tokens),
+        max_body_bytes=max_body_bytes, generation_timeout_s=timeout,
+        max_n=min(Limits().max_n, math.isqrt(queue_size)),
+    )
+    if threads:
+        torch.set_num_threads(threads)
+    backend = load_backend(path, name=name)
+    app = create_app(backend, limits, api_key=api_key or os.environ.get(API_KEY_ENV) or None)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+    metrics = app.state.metrics
+    return {
+        "served": str(path),
+        "models": ", ".join(backend.model_ids()),
+        "batches": int(metrics.batches.value()),
+        "completion tokens": int(metrics.completion_tokens.value()),
+    }

@@ -1,0 +1,400 @@
+"""Recipe: train the IMoE experts of a run folder (``taskmoe train experts``), and joint fine-tuning
+of a routed mixture with contribution-based pruning.
+
+Thin by design (setup / train / cleanup) over the shared loop (:func:`taskmoe.training.loop.train`):
+
+- **setup** (:func:`setup`): load the run's router (its learned encoder owns the shared
+  embedding table and its tokenizer), tokenise the corpus, route every train and validation
+  document (:func:`taskmoe.experts.assign.route_documents`: selected categories, several for a
+  multi-category document, all for a fallback one), and per expert pack its documents into
+  ``seq_len`` windows (:class:`taskmoe.data.PackedLMDataset`). The semantic loss's retrieval
+  index holds the expert's own training windows embedded with the router's encoder; every
+  window gets its ``neighbours`` nearest other training windows once, here
+  (:class:`taskmoe.experts.semantic_loss.RetrievalWindows`; validation windows query the same
+  index).
+- **train** (:func:`train_expert`): build the expert around the shared table (frozen unless
+  ``fine_tune_embedding``), seeded, and run the loop with :func:`expert_loss`:
+  ``(1 - λ) * CE + λ * L_sem``. ``L_sem`` is computed whenever λ > 0 and always at
+  evaluation, so ``eval_sem_sim = 1 - L_sem`` (the semantic-similarity score) is reported for
+  every λ, and ``eval_ce`` gives the validation perplexity whatever λ is.
+- **cleanup**: the main process saves ``experts/<name>/`` (without the shared table) and
+  registers it in ``taskmoe.json`` under a file lock (jobs for different experts may finish
+  at the same time on a cluster).
+
+Checkpoints and metrics of each expert go to ``<run>/train/experts/<name>/``; rerunning resumes.
+``accelerate launch --multi_gpu --num_processes N -m taskmoe.cli train experts ...`` runs the
+same code under DDP (gloo on CPU): every process does the same deterministic setup and the loop
+shards the batches, so N processes with ``batch_size`` B train like one with B * N.
+
+:func:`train_joint` fine-tunes a :class:`~taskmoe.experts.ensemble.RoutedMixture` of experts
+on the mixture's NLL (the c-BTM ensemble trained end to end, each row reading its routed
+experts) with a :class:`~taskmoe.experts.pruning.PruningCallback`: every forward pass reports
+which experts contributed, and one that contributes in fewer than ``min_contributions`` of a
+window of passes is pruned from the mixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from taskmoe.config import Config, check, doc
+from taskmoe.data.datasets import PackedLMDataset, pack_documents
+from taskmoe.errors import CheckpointError, ConfigError, DataError
+from taskmoe.experts.assign import Assignment, route_documents
+from taskmoe.experts.ensemble import RoutedMixture
+from taskmoe.experts.expert_lm import build_expert, expert_config, save_expert
+from taskmoe.experts.pruning import ContributionTracker, PruningCallback, PruningConfig
+from taskmoe.experts.semantic_loss import (
+    RetrievalIndex,
+    RetrievalWindows,
+    combined_loss,
+    encode_windows,
+    expected_embedding,
+    semantic_similarity_loss,
+)
+from taskmoe.io import read_json
+from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds
+from taskmoe.nn.config import LMConfig
+from taskmoe.training.config import TrainConfig
+from taskmoe.training.loop import TrainResult, make_accelerator, train
+from taskmoe.training.losses import lm_cross_entropy
+
+__all__ = ["ExpertsRecipeConfig", "ExpertData", "ExpertsSetup", "setup", "expert_loss", "train_expert",
+           "register_experts", "train_experts", "MixtureWindows", "mixture_loss", "train_joint"]
+
+INDEX_BACKENDS = ("auto", "exact", "faiss")
+
+
+def _sub(factory: Any, help: str) -> Any:
+    return field(default_factory=factory, metadata={"help": help})
+
+
+@dataclass
+class ExpertsRecipeConfig(Config):
+    """Expert size, data windows, the semantic loss and the training run (per expert)."""
+
+    lm: LMConfig = _sub(lambda: LMConfig(n_layers=4, n_heads=4, chunk_size=64),
+                        "expert LMConfig; vocab_size and d_model are taken from the router's shared table")
+    seq_len: int = doc(128, "tokens per training window")
+    lam: float = doc(0.0, "λ: loss = (1 - λ) * CE + λ * L_sem (1 = the seed's pure semantic loss)")
+    neighbours: int = doc(4, "k nearest training windows the semantic loss compares with")
+    index_backend: str = doc("auto", "retrieval index: auto (faiss when installed and the index is large), exact, faiss")
+    fine_tune_embedding: bool = doc(False, "give each expert its own trainable copy of the shared table (stored in its folder)")
+    val_windows: int = doc(256, "at most this many validation windows per expert (evenly spaced)")
+    train: TrainConfig = _sub(lambda: TrainConfig(max_steps=300, batch_size=8, lr=1e-3, warmup_steps=30, eval_every=100,
+                                                  save_every=100, eval_batches=8),
+                              "the training run of each expert")
+
+    def validate(self) -> None:
+        check(self.seq_len >= 2, f"experts.seq_len must be >= 2, got {self.seq_len}")
+        check(0.0 <= self.lam <= 1.0, f"experts.lam (λ) must be in [0, 1], got {self.lam}")
+        check(self.neighbours >= 1, f"experts.neighbours must be >= 1, got {self.neighbours}")
+        check(self.index_backend in INDEX_BACKENDS, f"experts.index_backend must be one of {INDEX_BACKENDS}, got {self.index_backend!r}")
+        check(self.val_windows >= 1, f"experts.val_windows must be >= 1, got {self.val_windows}")
+
+
+# ------------------------------------------------------------------------------------ setup
+@dataclass
+class ExpertData:
+    """One expert's training (and validation) windows with their retrieval neighbours."""
+
+    name: str
+    train: RetrievalWindows
+    eval: RetrievalWindows | None
+    documents: int
+    tokens: int
+
+
+@dataclass
+class ExpertsSetup:
+    run_dir: Path
+    router: Any
+    shared: nn.Embedding
+    token_weight: torch.Tensor  # (V,) the encoder's pooling weights (0 for tokens it does not know)
+    assignment: Assignment
+    data: dict[str, ExpertData]
+    cfg: ExpertsRecipeConfig
+
+
+def load_router(run_dir: Path) -> Any:
+    """The run's router; it must have a tokenizer and a learned (shared) embedding table."""
+    from taskmoe.router.router import Router
+
+    folder = Path(run_dir) / "router"
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no router in the run folder (run `taskmoe route fit --out {folder}` first)")
+    router = Router.load(folder)
+    if router.embedding is None:
+        raise CheckpointError(f"{folder}: the router's encoder is {router.encoder.kind!r}; experts need the shared "
+                              "embedding table of a 'learned' encoder (route fit --encoder learned)")
+    if router.tokenizer is None:
+        raise CheckpointError(f"{folder}: the router folder has no tokenizer.json")
+    return router
+
+
+def _windows(ids: Sequence[Sequence[int]], tok: Any, seq_len: int) -> list[torch.Tensor]:
+    stream = pack_documents(ids, tok.bos_id, tok.eos_id)
+    if stream.numel() < seq_len + 1:
+        return []
+    ds = PackedLMDataset(stream, seq_len)
+    return [ds[i] for i in range(len(ds))]
+
+
+def _evenly(items: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    if len(items) <= n:
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def setup(run_dir: Path, corpus: Any, cfg: ExpertsRecipeConfig, experts: Sequence[str] | None = None, *,
+          progress: bool = True, log: Callable[[str], None] = lambda s: None) -> ExpertsSetup:
+    """Route the corpus and build each requested expert's windows (module docstring)."""
+    run_dir = Path(run_dir)
+    router = load_router(run_dir)
+    tok = router.tokenizer
+    names = list(experts) if experts else list(router.categories)
+    unknown = [n for n in names if n not in router.categories]
+    if unknown:
+        raise ConfigError(f"unknown expert(s) {unknown}; the router's categories are {router.categories}")
+    train_ids = tok.encode_batch([d.text for d in corpus.train], allow_special=False)
+    val_ids = tok.encode_batch([d.text for d in corpus.validation], allow_special=False) if corpus.validation else []
+    if not train_ids:
+        raise DataError("the corpus's train split is empty")
+    assignment, _ = route_documents(router, train_ids, progress=progress)
+    val_assign = route_documents(router, val_ids)[0] if val_ids else None
+    log(f"routed {assignment.total} training documents: {assignment.summary()}")
+    data: dict[str, ExpertData] = {}
+    for name in names:
+        idx = assignment.docs[name]
+        windows = _windows([train_ids[i] for i in idx], tok, cfg.seq_len)
+        if len(windows) < 2:
+            raise DataError(f"expert {name!r}: its {len(idx)} routed training document(s) give {len(windows)} window(s) "
+                            f"of {cfg.seq_len} tokens; need at least 2 (lower --seq-len or add data)")
+        vectors = encode_windows(router.encode, windows)  # (N, D)
+        index = RetrievalIndex(vectors, backend=cfg.index_backend)
+        train_ds = RetrievalWindows(windows, vectors, index, cfg.neighbours, exclude_self=True)
+        eval_ds = None
+        if val_assign is not None:
+            vw = _evenly(_windows([val_ids[i] for i in val_assign.docs[name]], tok, cfg.seq_len), cfg.val_windows)
+            if vw:
+                eval_ds = RetrievalWindows(vw, encode_windows(router.encode, vw), index, cfg.neighbours, exclude_self=False)
+        data[name] = ExpertData(name, train_ds, eval_ds, len(idx), len(windows) * cfg.seq_len)
+        log(f"expert {name}: {len(idx)} documents, {len(windows)} windows, "
+            f"{len(eval_ds) if eval_ds is not None else 0} validation windows, index {index.backend}")
+    token_weight = router.encoder.token_weight.detach().clone()
+    return ExpertsSetup(run_dir, router, router.embedding, token_weight, assignment, data, cfg)
+
+
+# ------------------------------------------------------------------------------------- train
+def expert_loss(lam: float, table: torch.Tensor, token_weight: torch.Tensor | None = None) -> Callable[[nn.Module, dict], tuple]:
+    """``loss_fn(model, batch)`` for the loop: ``(1 - λ) CE + λ L_sem`` (module docstring).
+
+    ``table`` (V, D) is the router's (frozen) embedding table, ``token_weight`` (V,) its
+    encoder's pooling weights: the expected embedding of the expert's predictions lives in the
+    same space as the encoder vectors of the retrieved neighbours.
+    """
+    table = table.detach()
+    tw = token_weight.detach() if token_weight is not None else None
+
+    def fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = model(batch["input_ids"])
+        logits = getattr(out, "logits", out)
+        ce = lm_cross_entropy(logits, batch["targets"])
+        metrics: dict[str, Any] = {"tokens": int(batch["targets"].numel()), "ce": ce.detach()}
+        sem = None
+        if "neighbours" in batch and (lam > 0 or not model.training):
+            z = expected_embedding(logits, table.to(logits.device), token_weights=None if tw is None else tw.to(logits.device))
+            sem = semantic_similarity_loss(z, batch["neighbours"])
+            metrics["sem_sim"] = 1.0 - sem.detach()
+        return combined_loss(ce, sem, lam), metrics
+
+    return fn
+
+
+def train_expert(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume: bool = True,
+                 save: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Train expert ``name`` of ``st`` with the shared loop; save it (main process) unless ``save=False``."""
+    cfg = st.cfg
+    d = st.data[name]
+    acc = accelerator if accelerator is not None else make_accelerator(cfg.train)
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every process and in every rerun
+    model = build_expert(expert_config(st.shared, cfg.lm), st.shared, fine_tune_embedding=cfg.fine_tune_embedding)
+    t0 = time.perf_counter()
+    res: TrainResult = train(model, expert_loss(cfg.lam, st.shared.weight, st.token_weight), d.train, cfg.train,
+                             eval_data=d.eval, out_dir=st.run_dir / "train" / "experts" / name, resume=resume,
+                             accelerator=acc)
+    last = res.eval_history[-1] if res.eval_history else {}
+    row: dict[str, Any] = {
+        "expert": name, "documents": d.documents, "windows": len(d.train), "steps": res.steps,
+        "train_loss": res.losses[-1] if res.losses else None,
+        "val_ppl": float(torch.tensor(last["eval_ce"]).exp()) if "eval_ce" in last else None,
+        "val_sem_sim": last.get("eval_sem_sim"),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if save and acc.is_main_process:
+        folder = save_expert(model, st.run_dir / "experts" / name, st.shared,
+                             meta={"recipe": cfg.to_dict(), "report": row, "category": name,
+                                   "description": st.router.descriptions[st.router.categories.index(name)]})
+        row["folder"] = str(folder)
+    acc.wait_for_everyone()
+    return model, row
+
+
+# ----------------------------------------------------------------------------------- cleanup
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (fcntl; a no-op where fcntl does not exist)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX
+            yield
+            return
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def register_experts(run_dir: Path, router: Any, names: Sequence[str]) -> Path:
+    """Add ``experts/<name>`` for each name to ``run_dir/taskmoe.json`` (created if missing), under a lock."""
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST_FILE
+    with _file_lock(run_dir / f".{MANIFEST_FILE}.lock"):
+        if path.is_file():
+            m = Manifest.from_dict(read_json(path), source=str(path))
+        else:
+            tok = "tokenizer.json" if (run_dir / "tokenizer.json").is_file() else "router/tokenizer.json"
+            pol = router.policy
+            m = Manifest(tokenizer=tok, router="router", vocab_size=router.embedding.num_embeddings,
+                         d_model=router.embedding.embedding_dim,
+                         thresholds=Thresholds(t_C_base=pol.t_C_base, k=pol.k, t_CT=pol.t_CT))
+        experts = dict(m.experts)
+        for n in names:
+            experts[str(router.categories.index(n))] = f"experts/{n}"
+        m = m.replace(experts=dict(sorted(experts.items(), key=lambda kv: int(kv[0]))))
+        return m.save(run_dir)
+
+
+def build_recipe_config(config: Optional[Path], **overrides: Any) -> ExpertsRecipeConfig:
+    """The recipe config from a JSON file (or the defaults) with the given non-None overrides applied."""
+    cfg = ExpertsRecipeConfig.load(config) if config is not None else ExpertsRecipeConfig()
+    o = {k: v for k, v in overrides.items() if v is not None}
+    lm = cfg.lm.replace(**{k: o.pop(k) for k in ("n_layers", "n_heads") if k in o})
+    tr = cfg.train.replace(**{k: o.pop(k) for k in ("max_steps", "batch_size", "grad_accum", "lr", "seed", "progress")
+                              if k in o})
+    return cfg.replace(lm=lm, train=tr, **o)
+
+
+def train_experts(
+    run: Path = Path("runs/default"),
+    expert: Optional[str] = None,
+    source: Optional[str] = None,
+    max_docs_per_domain: Optional[int] = None,
+    steps: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    grad_accum: Optional[int] = None,
+    lr: Optional[float] = None,
+    seq_len: Optional[int] = None,
+    lam: Optional[float] = None,
+    neighbours: Optional[int] = None,
+    n_layers: Optional[int] = None,
+    fine_tune_embedding: Optional[bool] = None,
+    config: Optional[Path] = None,
+    seed: Optional[int] = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train the experts of a run folder that has a router (all, or one with --expert NAME).
+
+    The router labels the corpus (the default corpus, or --source): each expert trains on the
+    documents routed to its category (a multi-category document trains each, a fallback
+    document trains all), around the router's shared embedding table (frozen unless
+    --fine-tune-embedding). Loss (1 - λ) CE + λ L_sem with --lam λ (semantic similarity to the
+    expert's own nearest training windows). --config reads an ExpertsRecipeConfig JSON; the
+    flags given override it. Writes RUN/experts/NAME/ and registers it in RUN/taskmoe.json;
+    checkpoints in RUN/train/experts/NAME/ (a rerun resumes). One job per expert on a cluster:
+    --expert NAME. Several processes (DDP, gloo on CPU):
+    accelerate launch --multi_gpu --num_processes 2 -m taskmoe.cli train experts ...
+    """
+    from taskmoe.data.commands import get_corpus
+
+    cfg = build_recipe_config(config, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                              seq_len=seq_len, lam=lam, neighbours=neighbours, n_layers=n_layers,
+                              fine_tune_embedding=fine_tune_embedding, seed=seed,
+                              progress=None if progress else False)
+    acc = make_accelerator(cfg.train)
+    say = print if (progress and acc.is_main_process) else (lambda s: None)
+    corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress and acc.is_main_process)
+    st = setup(Path(run), corpus, cfg, [expert] if expert else None, progress=progress and acc.is_main_process, log=say)
+    rows = []
+    for name in st.data:
+        say(f"training expert {name} ({acc.num_processes} process(es))")
+        _, row = train_expert(name, st, accelerator=acc)
+        rows.append(row)
+        if acc.is_main_process:
+            register_experts(st.run_dir, st.router, [name])
+    acc.wait_for_everyone()
+    return rows
+
+
+# ------------------------------------------------------------------- joint training + pruning
+class MixtureWindows(torch.utils.data.Dataset):
+    """Windows with per-window routing weights ``(E,)`` and confidences ``(E,)`` (the fallback)."""
+
+    def __init__(self, windows: Sequence[torch.Tensor], weights: torch.Tensor, confidences: torch.Tensor | None = None) -> None:
+        if len(windows) != weights.shape[0]:
+            raise ConfigError(f"{len(windows)} windows but {weights.shape[0]} weight rows")
+        self.windows = list(windows)
+        self.weights = weights.float()
+        self.confidences = (confidences if confidences is not None else weights).float()
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.windows[i], self.weights[i], self.confidences[i]
+
+    @staticmethod
+    def collate(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        w = torch.stack([x for x, _, _ in items]).long()  # (B, T + 1)
+        return {"input_ids": w[:, :-1], "targets": w[:, 1:], "weights": torch.stack([x for _, x, _ in items]),
+                "confidences": torch.stack([x for _, _, x in items])}
+
+
+def mixture_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Token NLL of the mixture: ``-mean log sum_e w_e p_e(y_t)`` (the mixture returns log-probs)."""
+    logp = model(batch["input_ids"], batch["weights"], batch["confidences"])  # (B, T, V)
+    return lm_cross_entropy(logp, batch["targets"]), {"tokens": int(batch["targets"].numel())}
+
+
+def train_joint(mixture: RoutedMixture, data: MixtureWindows, cfg: TrainConfig, *, pruning: PruningConfig | None = None,
+                eval_data: MixtureWindows | None = None, out_dir: str | Path | None = None, resume: bool = True,
+                accelerator: Any = None) -> tuple[TrainResult, PruningCallback]:
+    """Fine-tune ``mixture`` end to end with pruning (module docstring); returns the run and the callback.
+
+    Under DDP an expert may get no rows on a process, so the default accelerator asks DDP to
+    tolerate unused parameters.
+    """
+    tracker = ContributionTracker(list(mixture.names), pruning or PruningConfig())
+    cb = PruningCallback(tracker, on_prune=mixture.prune)
+    loss = cb.wrap(mixture_loss, lambda b: mixture.contributions(b["weights"], b["confidences"]))
+    if accelerator is None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        cuda = torch.cuda.is_available()
+        accelerator = Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda,
+                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    res = train(mixture, loss, data, cfg, eval_data=eval_data, eval_fn=mixture_loss, out_dir=out_dir, resume=resume,
+                callbacks=[cb], accelerator=accelerator)
+    return res, cb
