@@ -107,6 +107,17 @@ class Tokenizer:
         return cls(tok)
 
     @classmethod
+    def beside(cls, folder: str | Path) -> "Tokenizer":
+        """The tokenizer a model folder was saved with: ``folder/tokenizer.json``, else the one
+        beside the folder (``folder/../tokenizer.json``, the layout of a run folder)."""
+        folder = Path(folder)
+        candidates = [folder / TOKENIZER_FILE, folder.parent / TOKENIZER_FILE]
+        for c in candidates:
+            if c.is_file():
+                return cls.load(c)
+        raise DataError(f"{folder}: no {TOKENIZER_FILE} inside or beside it (looked at {[str(c) for c in candidates]})")
+
+    @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
         """Read a ``tokenizer.json`` (ours or any Hugging Face one); a folder means its tokenizer.json."""
         path = Path(path)

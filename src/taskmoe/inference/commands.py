@@ -15,8 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
+import torch
+
+from taskmoe.data.tokenizer import Tokenizer
+from taskmoe.doe.model import KIND as DOE_KIND
+from taskmoe.doe.model import load_doe
+from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.inference.loader import load_system
 from taskmoe.inference.trace import Answer
+from taskmoe.io import load_component
+from taskmoe.manifest import MANIFEST_FILE
+from taskmoe.nn import load_lm
 
 __all__ = ["generate_text", "chat", "dialogue_prompt", "reply_of"]
 
@@ -37,17 +46,38 @@ def generate_text(
     temperature: Optional[float] = None,
     seed: Optional[int] = None,
     max_experts: Optional[int] = None,
-) -> Answer:
+) -> Answer | dict[str, Any]:
     """Answer one prompt with a trained system: taskmoe generate RUN "prompt" [--trace].
 
-    RUN is a run folder with taskmoe.json (e.g. runs/quickstart). --trace shows every decision:
+    RUN is a run folder with taskmoe.json (e.g. runs/quickstart), or a single model folder: a DOE
+    model written by `taskmoe train doe` (its trace names the experts its gates chose) or any LM
+    component, with tokenizer.json inside or beside it. For a run, --trace shows every decision:
     routing (confidences, c_S, t_C, selected experts, fallback, cross-talk), experts loaded or
     cached, drafts, disagreement score, intent and adapter, and timings per stage. Decoding
     defaults come from the run's manifest; --max-new-tokens / --temperature / --seed override
     them. --max-experts bounds the experts kept in memory.
     """
+    if not (Path(path) / MANIFEST_FILE).is_file():
+        return generate_with_model(path, prompt, **_gen(max_new_tokens, temperature, seed))
     system = load_system(path, max_experts=max_experts)
     return system.generate(prompt, trace=trace, **_gen(max_new_tokens, temperature, seed))
+
+
+def generate_with_model(path: Path, prompt: str, **gen: Any) -> dict[str, Any]:
+    """Generate from one model folder (DOE or a plain LM); the result names a DOE model's experts."""
+    comp = load_component(path)
+    model = load_doe(path) if comp.kind == DOE_KIND else load_lm(path)
+    tok = Tokenizer.beside(path)
+    ids = [tok.bos_id, *tok.encode(prompt, allow_special=False)]
+    cfg = GenerationConfig(**{"max_new_tokens": 64, "temperature": 0.0, **gen}, stop_tokens=[tok.eos_id])
+    out = generate(model, [ids], cfg)[0]
+    result: dict[str, Any] = {"answer": tok.decode(out), "model": str(path), "kind": comp.kind}
+    if comp.kind == DOE_KIND:
+        with torch.inference_mode():
+            routing = model.route(torch.tensor([ids]))
+        result["experts"] = ", ".join(routing.expert_names()[0])
+        result["fallback"] = bool(routing.fallback[0])
+    return result
 
 
 def dialogue_prompt(history: list[tuple[str, str]], message: str, keep: int = 2) -> str:

@@ -18,9 +18,9 @@ from typing import Sequence
 
 import torch
 
-from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.model import DOETransformer, load_doe
-from taskmoe.errors import CheckpointError
+from taskmoe.errors import CheckpointError, DataError
 from taskmoe.serving.backend import Route, Row, RowResult
 from taskmoe.serving.backends.decode import decode_rows
 from taskmoe.serving.backends.lm import LMBackend
@@ -33,11 +33,11 @@ class DOEBackend(LMBackend):
     def load(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,
              device: str | torch.device = "cpu") -> "DOEBackend":
         path = Path(path)
-        tok = next((p for p in (path / TOKENIZER_FILE, path.parent / TOKENIZER_FILE) if p.is_file()), None)
-        if tok is None:
-            raise CheckpointError(f"{path}: no {TOKENIZER_FILE} inside or beside the DOE model folder")
-        return cls({name or path.name: load_doe(path, device=device)}, Tokenizer.load(tok), stop_ids=stop_ids,
-                   source=str(path))
+        try:
+            tok = Tokenizer.beside(path)
+        except DataError as e:
+            raise CheckpointError(str(e)) from e
+        return cls({name or path.name: load_doe(path, device=device)}, tok, stop_ids=stop_ids, source=str(path))
 
     def route(self, model_id: str, prompt_ids: Sequence[int]) -> Route:
         model: DOETransformer = self.models[model_id]  # type: ignore[assignment]
