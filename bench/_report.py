@@ -7,6 +7,7 @@ benchmarks can be rerun independently and the file keeps every result with its c
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -48,6 +49,24 @@ def git_rev() -> str:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def bench_parser(doc: str, quick_help: str, *, threads: int = 0) -> "argparse.ArgumentParser":
+    """The flags every benchmark takes: --quick (smoke run), --threads, --no-write."""
+    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--threads", type=int, default=threads, help="torch threads (0 = leave the default)")
+    ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
+    return ap
+
+
+def parse_bench_args(ap: "argparse.ArgumentParser", argv: list[str] | None) -> "argparse.Namespace":
+    """Parse, apply --threads, and seed torch so runs are comparable."""
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return args
 
 
 def command(module: str, argv: list[str] | None = None) -> str:

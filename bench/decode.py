@@ -14,13 +14,12 @@ Run: ``python -m bench.decode`` (``--quick`` for a short smoke run, ``--threads 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 
-from bench._report import command, md_table, write_section
+from bench._report import bench_parser, command, parse_bench_args, md_table, write_section
 from taskmoe.nn import LMConfig, decode_weight_cache, expert_lm, summarizer_lm, transformer_lm
 
 BUILDERS = {"expert_lm": expert_lm, "summarizer_lm": summarizer_lm, "transformer_lm": transformer_lm}
@@ -54,14 +53,8 @@ def step_ms(model, state, batch: int, steps: int, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps and repeats (smoke run)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave the default)")
-    ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    ap = bench_parser(__doc__, "fewer steps and repeats (smoke run)")
+    args = parse_bench_args(ap, argv)
     batch = 8
     contexts = [32, 512, 1024, 4096]
     steps, repeats = (16, 3) if args.quick else (32, 7)

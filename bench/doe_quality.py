@@ -10,25 +10,17 @@ the gates never see). Writes its section of docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
-from bench._report import command, md_table, write_section
+from bench._report import bench_parser, command, parse_bench_args, md_table, write_section
 from taskmoe.training.recipes.doe import train_doe
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bench_parser(__doc__, "60 steps on a capped corpus (smoke run)")
     ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--quick", action="store_true", help="60 steps on a capped corpus (smoke run)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_bench_args(ap, argv)
     steps = 60 if args.quick else args.steps
     with tempfile.TemporaryDirectory() as d:
         s = train_doe(out=Path(d), steps=steps, max_docs_per_domain=200 if args.quick else None, progress=False)

@@ -8,13 +8,12 @@ repeats).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from bench._report import command, md_table, timeit, write_section
+from bench._report import bench_parser, command, parse_bench_args, md_table, timeit, write_section
 from taskmoe.ops import (causal_conv, causal_conv_ref, linear_attention, linear_attention_ref, selective_scan,
                          selective_scan_ref)
 
@@ -47,14 +46,8 @@ def fwd_bwd(fn, inputs, kw):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave the default)")
-    ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    ap = bench_parser(__doc__, "fewer repeats (smoke run)")
+    args = parse_bench_args(ap, argv)
     T = 1024
     kw_time = dict(warmup=1, repeat=1, min_time=0.0) if args.quick else dict(warmup=1, repeat=3, min_time=0.5)
     rows = []

@@ -12,14 +12,13 @@ Run: ``python -m bench.train_throughput`` (``--quick`` for fewer steps, ``--thre
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from bench._report import command, md_table, write_section
+from bench._report import bench_parser, command, parse_bench_args, md_table, write_section
 from taskmoe.nn import LMConfig, expert_lm, summarizer_lm, transformer_lm
 
 
@@ -78,14 +77,8 @@ def tokens_per_second(model, vocab: int, batch: int, seq: int, steps: int) -> fl
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer timed steps (smoke run)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave the default)")
-    ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    ap = bench_parser(__doc__, "fewer timed steps (smoke run)")
+    args = parse_bench_args(ap, argv)
     batch, seq = 8, 256
     steps = 2 if args.quick else 6
     cfg = LMConfig(vocab_size=8192, d_model=512, n_layers=4, n_heads=8)
