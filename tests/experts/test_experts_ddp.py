@@ -85,7 +85,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_process_ddp_matches_single_process(base, tmp_path: Path) -> None:
     run, src = base
     single, ddp = _copy(run, tmp_path / "single"), _copy(run, tmp_path / "ddp")
