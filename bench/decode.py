@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(repeats):  # interleaved, so load drifts hit both alike
             with decode_weight_cache(False):
                 offs.append(step_ms(models[name], state, batch, steps, 1))
-            ons.append(step_ms(models[name], state, batch, steps, 1))
+            with decode_weight_cache(True):
+                ons.append(step_ms(models[name], state, batch, steps, 1))
         off, on = sorted(offs)[len(offs) // 2], sorted(ons)[len(ons) // 2]
         layout.append({"model (context 512)": name, "nn.Linear [out,in] ms": off, "cached [in,out] ms": on,
                        "speedup": f"{off / on:.2f}x"})

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import pytest
+
 from taskmoe.nn import Linear, decode_weight_cache, expert_lm, LMConfig
+
+
+@pytest.fixture(autouse=True)
+def _cache_on():
+    """The cache is opt-in (off by default); these tests exercise it switched on."""
+    with decode_weight_cache(True):
+        yield
 
 
 def test_fast_path_equals_f_linear_and_is_used() -> None:
