@@ -268,7 +268,7 @@ def report(r: dict, s: dict, windows, routers, quick: bool) -> str:
     lines = []
     if quick:
         lines.append("**Quick smoke run** (`--quick`: 200 chunks per domain, tiny models, few steps); numbers only show the "
-                     "benchmark runs. The lead re-runs the full benchmark on a quiet machine.\n")
+                     "benchmark runs; run without `--quick` for the figures.\n")
     lines.append(
         f"Corpus: the embedded default corpus ({'capped at ' + str(s['max_docs']) + ' chunks per domain' if s['max_docs'] else 'all of it'}), "
         f"BPE vocabulary {s['vocab']}. Every model is an `expert_lm` (TCN + linear attention, {s['n_layers']} layers, "
@@ -309,7 +309,7 @@ def report(r: dict, s: dict, windows, routers, quick: bool) -> str:
             f"{lam[0.0]['routed']['all']:.2f} at λ = 0, with semantic similarity {lam[1.0]['sem_sim']:.3f} vs "
             f"{lam[0.0]['sem_sim']:.3f}: the seed's pure semantic loss optimises the pooled meaning of the "
             "predictions, not the next token.")
-    lines.append(f"- Training seconds (same run; wall clock on a shared machine, so only roughly comparable): "
+    lines.append(f"- Training seconds (same run, wall clock): "
                  f"{json.dumps({k: round(v) for k, v in r['train_seconds'].items()})}.")
     return "\n".join(lines)
 

@@ -262,8 +262,7 @@ One held-out interrupted text before and after (first prompt):
 
 Reading: accuracy 0.5 means the discriminator cannot tell interrupted text from an expert writing alone. The
 GAN discriminator co-adapts with the generators, so the fresh probe (trained from scratch on rollouts of other
-prompts) is the fairer before/after comparison. Timings are from a shared machine; the lead re-runs this bench
-on a quiet one.
+prompts) is the fairer before/after comparison.
 """
     write_section("crosstalk", "Cross-talk GAN: fluent interruptions (discriminator accuracy, reward, perplexity)",
                   "python -m bench.crosstalk" + (" --quick" if q else ""), body)

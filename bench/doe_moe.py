@@ -330,9 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         r["vs token-level"] = r["decode tok/s"] / e2e_base
 
     body = (
-        ("**Quick smoke run** (`--quick`: D=256, prefill T=64, short timings); the lead re-runs the full "
-         "benchmark on a quiet machine.\n\n" if args.quick else
-         "Timings on a machine shared with other jobs are noisy; the lead re-runs this on a quiet machine.\n\n")
+        ("**Quick smoke run** (`--quick`: D=256, prefill T=64, short timings): it only shows the benchmark runs; "
+         "run without `--quick` for the figures.\n\n" if args.quick else "")
         + ("Times are the best of several samples of process CPU time (single thread), so other jobs on the "
            "machine add little noise.\n\n" if args.threads == 1 else "Times are the best of several wall-clock samples.\n\n")
         + f"Layer shapes: 16 sequences, 8 experts, SwiGLU hidden `64*ceil(8D/3/64)`; prefill 16 x {T} tokens, "

@@ -115,7 +115,7 @@ def main() -> None:
         "",
         md_table([{"metric": k, "value": v} for k, v in ad.items()]),
         "",
-        f"Timings (shared machine, noisy): fusion {t2 - t1:.0f} s, disagreement {t3 - t2:.0f} s, adapter {t4 - t3:.0f} s.",
+        f"Wall-clock seconds of each part: fusion {t2 - t1:.0f} s, disagreement {t3 - t2:.0f} s, adapter {t4 - t3:.0f} s.",
     ]
     text = "\n".join(body)
     print(text)

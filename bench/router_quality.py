@@ -91,8 +91,7 @@ def main() -> None:
         f"256-d token table trained from scratch for {args.steps} steps of InfoNCE + bag-of-words prediction on the "
         "shared loop; 'untrained table' is the same router with the random initial table (SIF pooling only). "
         "NMI/purity compare each document's top category with its true domain (never shown to the router); "
-        "ECE is the calibrated classifier against the discovered categories. Timings are noisy (shared "
-        "machine, 1 thread); the lead re-runs this on a quiet machine.\n\n"
+        "ECE is the calibrated classifier against the discovered categories. Timings: 1 torch thread.\n\n"
         + md_table(rows)
         + "\n\nLearned encoder, category x domain on the test split:\n\n"
         + md_table(tables["learned"])

@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
         "prefill barely batches; the gain is in decoding.\n\n"
         + md_table(rows, cols) + "\n\n" + md_table(speedups) + "\n\n"
         "Goal: >= 3x requests/s at concurrency 32. "
-        + ("_Quick smoke run (`--quick`); timings on a shared machine are noisy -- rerun on a quiet machine._\n"
-           if args.quick else "_Measured on a machine shared with other jobs; rerun on a quiet machine for final figures._\n")
+        + ("_Quick smoke run (`--quick`): it only shows the benchmark runs; run without `--quick` for the figures._\n"
+           if args.quick else "\n")
     )
     print(md_table(rows, cols))
     print(md_table(speedups))
