@@ -23,7 +23,7 @@ from taskmoe.doe.model import load_doe
 from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.inference.loader import load_system
 from taskmoe.inference.trace import Answer
-from taskmoe.io import load_component
+from taskmoe.io import CONFIG_FILE, load_component
 from taskmoe.manifest import MANIFEST_FILE
 from taskmoe.nn import load_lm
 
@@ -57,7 +57,7 @@ def generate_text(
     defaults come from the run's manifest; --max-new-tokens / --temperature / --seed override
     them. --max-experts bounds the experts kept in memory.
     """
-    if not (Path(path) / MANIFEST_FILE).is_file():
+    if not (Path(path) / MANIFEST_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file():
         return generate_with_model(path, prompt, **_gen(max_new_tokens, temperature, seed))
     system = load_system(path, max_experts=max_experts)
     return system.generate(prompt, trace=trace, **_gen(max_new_tokens, temperature, seed))
