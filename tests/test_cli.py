@@ -33,3 +33,10 @@ def test_top_level_help_lists_groups() -> None:
 def test_every_command_help_parses(name: str) -> None:
     r = runner.invoke(build_app(), name.split() + ["--help"])
     assert r.exit_code == 0, r.output
+
+
+def test_every_group_has_a_description() -> None:
+    from taskmoe.cli.table import GROUP_HELP
+
+    groups = {name.split()[0] for name in COMMANDS if len(name.split()) > 1}
+    assert groups <= set(GROUP_HELP), f"groups without help: {sorted(groups - set(GROUP_HELP))}"

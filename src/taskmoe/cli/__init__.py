@@ -16,7 +16,7 @@ from typing import Any, Callable
 import typer
 
 from taskmoe.cli.render import console, render
-from taskmoe.cli.table import COMMANDS
+from taskmoe.cli.table import COMMANDS, GROUP_HELP
 from taskmoe.errors import TaskmoeError
 
 __all__ = ["COMMANDS", "build_app", "main"]
@@ -50,7 +50,7 @@ def build_app(commands: dict[str, Callable[..., Any]] | None = None) -> typer.Ty
         for depth, part in enumerate(parts[:-1]):
             key = " ".join(parts[: depth + 1])
             if key not in groups:
-                groups[key] = typer.Typer(no_args_is_help=True, help=f"{key} commands")
+                groups[key] = typer.Typer(no_args_is_help=True, help=GROUP_HELP.get(key, f"{key} commands"))
                 parent.add_typer(groups[key], name=part)
             parent = groups[key]
         doc = (fn.__doc__ or "").strip().splitlines()

@@ -36,3 +36,12 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "doe report": doe_report,
     "doe add-expert": doe_add_expert,
 }
+
+GROUP_HELP: dict[str, str] = {
+    "train": "Train one stage of a run: experts, summarizer, cross-talk, or a DOE model.",
+    "data": "Inspect or export a corpus (the embedded default or --source).",
+    "tokenizer": "Train the shared byte-level BPE tokenizer.",
+    "route": "Fit the router, route a text, or report routing quality.",
+    "eval": "Evaluate trained components (perplexity matrices and plots).",
+    "doe": "Fused experts: report a DOE model's routing or add an expert to it.",
+}
