@@ -10,6 +10,8 @@ Each is a plain typed function (also the Python API) that returns its result; th
 
 from __future__ import annotations
 
+import logging
+
 import hashlib
 import time
 from pathlib import Path
@@ -24,6 +26,8 @@ from taskmoe.io import atomic_write_json
 
 DEFAULT_VOCAB_SIZE = 8192
 
+
+log = logging.getLogger(__name__)
 
 def get_corpus(
     source: Optional[str] = None,
@@ -75,13 +79,13 @@ def corpus_tokenizer(
     if path.is_file():
         try:
             return Tokenizer.load(path)
-        except DataError:
-            pass
+        except DataError as e:
+            log.warning("ignoring the unreadable cached tokenizer and training a new one: %s", e)
     tok = train_tokenizer(corpus, vocab_size, progress=progress)
     try:
         tok.save(path)
-    except OSError:
-        pass
+    except OSError as e:  # the cache is an optimisation: a read-only cache dir must not stop the command
+        log.warning("could not cache the tokenizer at %s: %s", path, e)
     return tok
 
 
