@@ -49,7 +49,7 @@ from taskmoe.data.default import load_default_corpus
 from taskmoe.eval.perplexity import build_windows, perplexity, perplexity_matrix, route_prefixes, routed_perplexity
 from taskmoe.eval.routing import nmi
 from taskmoe.experts.expert_lm import build_expert, expert_config
-from taskmoe.nn.config import LMConfig
+from taskmoe.models.config import LMConfig
 from taskmoe.router.classifier import ClassifierConfig
 from taskmoe.router.clustering import ClusteringConfig
 from taskmoe.router.encoders import LearnedEncoderConfig

@@ -45,7 +45,7 @@ from taskmoe.crosstalk.dialogue import DialogueTokens
 from taskmoe.data import PackedLMDataset, load_default_corpus
 from taskmoe.data.datasets import pack_documents
 from taskmoe.data.tokenizer import Tokenizer
-from taskmoe.nn import LMConfig, expert_lm
+from taskmoe.models import LMConfig, expert_lm
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import train
 from taskmoe.training.losses import lm_cross_entropy

@@ -6,9 +6,6 @@ the issue's GPT-2 reference point). For each context length the prompt is prefil
 median time of one batched decode step (batch 8, one token per row, ``torch.inference_mode``) is
 measured. Recurrent models should stay flat; the transformer grows with its cache.
 
-A second table measures the decode weight layout in the same run: the same decode step with the
-cached ``[in, out]`` weight copy (``taskmoe.nn.linear``) on and off.
-
 Run: ``python -m bench.decode`` (``--quick`` for a short smoke run, ``--threads N`` to pin threads).
 """
 
@@ -20,7 +17,7 @@ import time
 import torch
 
 from bench._report import bench_parser, command, parse_bench_args, md_table, write_section
-from taskmoe.nn import LMConfig, decode_weight_cache, expert_lm, summarizer_lm, transformer_lm
+from taskmoe.models import LMConfig, expert_lm, summarizer_lm, transformer_lm
 
 BUILDERS = {"expert_lm": expert_lm, "summarizer_lm": summarizer_lm, "transformer_lm": transformer_lm}
 
@@ -70,34 +67,19 @@ def main(argv: list[str] | None = None) -> dict:
         row["summarizer speedup"] = f"{tr / row['summarizer_lm ms']:.2f}x"
         rows.append(row)
         print(row, flush=True)
-    layout = []
-    for name in ("expert_lm", "transformer_lm"):
-        state = prefill(models[name], 512, batch)
-        offs, ons = [], []
-        for _ in range(repeats):  # interleaved, so load drifts hit both alike
-            with decode_weight_cache(False):
-                offs.append(step_ms(models[name], state, batch, steps, 1))
-            with decode_weight_cache(True):
-                ons.append(step_ms(models[name], state, batch, steps, 1))
-        off, on = sorted(offs)[len(offs) // 2], sorted(ons)[len(ons) // 2]
-        layout.append({"model (context 512)": name, "nn.Linear [out,in] ms": off, "cached [in,out] ms": on,
-                       "speedup": f"{off / on:.2f}x"})
-        print(layout[-1], flush=True)
     params = {n: f"{m.num_params() / 1e6:.2f}M" for n, m in models.items()}
     body = (
         f"Batch {batch}, one token per row per step, `torch.inference_mode`; d_model 256, 4 layers, 4 heads, "
         f"vocab 8192 (params: {', '.join(f'{k} {v}' for k, v in params.items())}). "
         f"Median of {repeats} runs of {steps} consecutive steps after a chunked prefill of the context.\n"
         f"Goal: flat in context for ours, >= 2x faster than the transformer at 1024.\n\n"
-        f"{md_table(rows)}\n\n"
-        f"Decode weight layout (same run): multiplying by a cached contiguous `[in, out]` weight copy "
-        f"instead of `nn.Linear`'s `[out, in]` weight.\n\n{md_table(layout)}\n"
+        f"{md_table(rows)}\n"
         + ("\n_Quick smoke run (fewer steps) on a shared machine: timings are noisy; rerun without "
            "`--quick` on a quiet machine._\n" if args.quick else "")
     )
     if not args.no_write:
         write_section("decode", "Decode cost per token vs context", command("decode", argv), body)
-    return {"rows": rows, "layout": layout}
+    return {"rows": rows}
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ from bench._report import md_table, write_section
 from taskmoe.doe.model import DOEConfig, build_doe
 from taskmoe.doe.routing import Routing
 from taskmoe.doe.seq_moe import SequenceGate, SequenceMoE, dispatch, dispatch_ref
-from taskmoe.nn import LMConfig, SwiGLU, transformer_lm
+from taskmoe.layers import SwiGLU
+from taskmoe.models import LMConfig, transformer_lm
 
 E, B = 8, 16
 CLOCK = time.process_time  # CPU time of this process: with one thread, immune to other jobs on the machine

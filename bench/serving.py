@@ -66,7 +66,7 @@ def build(folder: Path, d_model: int, n_layers: int) -> None:
     import torch
 
     from taskmoe.data.tokenizer import Tokenizer
-    from taskmoe.nn import LMConfig, expert_lm, save_lm
+    from taskmoe.models import LMConfig, expert_lm, save_lm
 
     tok = Tokenizer.train(corpus(), vocab_size=2048, show_progress=False)
     tok.save(folder / "tokenizer.json")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench._report import bench_parser, command, parse_bench_args, md_table, write_section
-from taskmoe.nn import LMConfig, expert_lm, summarizer_lm, transformer_lm
+from taskmoe.models import LMConfig, expert_lm, summarizer_lm, transformer_lm
 
 
 def matmul_peak(n: int, repeats: int) -> float:

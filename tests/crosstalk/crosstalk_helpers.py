@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from taskmoe.crosstalk.dialogue import Speaker
-from taskmoe.nn import LMConfig, expert_lm
-from taskmoe.nn.lora import inject, lora_layers, set_adapter
+from taskmoe.models import LMConfig, expert_lm
+from taskmoe.layers.lora import inject, lora_layers, set_adapter
 
 V = 48
 

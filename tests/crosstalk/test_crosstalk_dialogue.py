@@ -23,7 +23,7 @@ from taskmoe.crosstalk.dialogue import (
 )
 from taskmoe.crosstalk.policy import InterruptConfig, InterruptState, interrupt_probability
 from taskmoe.errors import ConfigError, RequestError
-from taskmoe.nn.lora import lora_layers, remove_adapters, set_adapter
+from taskmoe.layers.lora import lora_layers, remove_adapters, set_adapter
 from taskmoe.summarizer.fuser import Draft
 
 PROMPTS = [[1, 2, 3, 4], [5, 6], [7, 8, 9], [10, 11, 12, 13, 14], [3, 3]]

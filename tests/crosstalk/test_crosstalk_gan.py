@@ -34,7 +34,7 @@ from taskmoe.crosstalk.gan import (
     update_baseline,
 )
 from taskmoe.errors import CheckpointError, ConfigError
-from taskmoe.nn.lora import base_state_dict, lora_layers
+from taskmoe.layers.lora import base_state_dict, lora_layers
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import train
 

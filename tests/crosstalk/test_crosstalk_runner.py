@@ -20,7 +20,7 @@ from taskmoe.crosstalk.discriminator import Discriminator, DiscriminatorConfig
 from taskmoe.crosstalk.policy import InterruptConfig
 from taskmoe.crosstalk.runner import CrosstalkRunner, load_crosstalk, save_crosstalk
 from taskmoe.errors import CheckpointError
-from taskmoe.nn.lora import adapter_names, lora_layers, remove_adapters
+from taskmoe.layers.lora import adapter_names, lora_layers, remove_adapters
 from taskmoe.summarizer.fuser import Draft
 
 DCFG = DialogueConfig(max_new_tokens=20, n_turns=3, segment_tokens=4, min_segment_tokens=2, temperature=0.9,

@@ -8,7 +8,7 @@ import torch
 from taskmoe.doe.model import DOEConfig, build_doe, load_doe, save_doe
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.inference.generate import GenerationConfig, generate
-from taskmoe.nn import LMConfig
+from taskmoe.models import LMConfig
 
 V = 97
 

@@ -8,7 +8,7 @@ import torch
 
 from taskmoe.doe.routing import Routing
 from taskmoe.doe.seq_moe import SequenceGate, SequenceMoE, StackedSwiGLU, dispatch, dispatch_ref
-from taskmoe.nn import SwiGLU
+from taskmoe.layers import SwiGLU
 
 D, H = 16, 32
 NAMES = ["a", "b", "c", "d"]

@@ -15,7 +15,7 @@ import torch
 
 from taskmoe.data.corpus import Corpus, Document
 from taskmoe.data.tokenizer import Tokenizer
-from taskmoe.nn.config import LMConfig
+from taskmoe.models.config import LMConfig
 from taskmoe.router.classifier import ClassifierConfig
 from taskmoe.router.clustering import ClusteringConfig
 from taskmoe.router.encoders import LearnedEncoderConfig

@@ -14,7 +14,7 @@ from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.experts.expert_lm import build_expert, expert_config, load_expert, open_store, owns_embedding, save_expert
 from taskmoe.experts.store import module_nbytes
 from taskmoe.io import load_tensors
-from taskmoe.nn.config import LMConfig
+from taskmoe.models.config import LMConfig
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import train
 

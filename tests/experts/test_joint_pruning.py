@@ -12,7 +12,7 @@ from torch import nn
 from taskmoe.experts.ensemble import RoutedMixture
 from taskmoe.experts.expert_lm import build_expert, expert_config
 from taskmoe.experts.pruning import PruningConfig
-from taskmoe.nn.config import LMConfig
+from taskmoe.models.config import LMConfig
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.recipes.experts import MixtureWindows, train_joint
 

@@ -19,10 +19,10 @@ import torch
 
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.manifest import Manifest, Thresholds
-from taskmoe.nn.builders import expert_lm, summarizer_lm
-from taskmoe.nn.checkpoint import save_lm
-from taskmoe.nn.config import LMConfig
-from taskmoe.nn.lora import inject, lora_layers, save_adapter
+from taskmoe.models.builders import expert_lm, summarizer_lm
+from taskmoe.models.checkpoint import save_lm
+from taskmoe.models.config import LMConfig
+from taskmoe.layers.lora import inject, lora_layers, save_adapter
 from taskmoe.router.classifier import ClassifierConfig
 from taskmoe.router.clustering import ClusteringConfig
 from taskmoe.router.encoders import LearnedEncoderConfig
@@ -115,7 +115,7 @@ def build_run(root: Path, *, summarizer: bool = True, t_C_base: float = 0.5, t_C
         heads = [[fmt.sp["<|bos|>"], fmt.sp["<|user|>"], *x[:12]] for x in tr_ids]
         lab = ["code" if i < len(train_t["code"]) else "other" for i in range(len(tr_ids))]
         s.eval()
-        from taskmoe.nn.lora import use_adapter
+        from taskmoe.layers.lora import use_adapter
 
         with use_adapter(s, None):
             feats = pooled_hidden(s, heads, pad_id=tok.pad_id)

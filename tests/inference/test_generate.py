@@ -8,7 +8,7 @@ import torch
 
 from taskmoe.errors import ConfigError, RequestError
 from taskmoe.inference.generate import GenerationConfig, RowOutput, generate, generate_rows, stream, stream_rows
-from taskmoe.nn import LMConfig, expert_lm, summarizer_lm, transformer_lm
+from taskmoe.models import LMConfig, expert_lm, summarizer_lm, transformer_lm
 
 BUILDERS = [expert_lm, summarizer_lm, transformer_lm]
 CFG = LMConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=2, chunk_size=4, init_std=0.3)

@@ -12,7 +12,7 @@ from taskmoe.doe.model import DOEConfig, build_doe, save_doe
 from taskmoe.errors import DataError
 from taskmoe.inference.commands import generate_text
 from taskmoe.inference.generate import GenerationConfig, generate
-from taskmoe.nn import LMConfig, save_lm, transformer_lm
+from taskmoe.models import LMConfig, save_lm, transformer_lm
 
 TEXTS = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(200)]
 

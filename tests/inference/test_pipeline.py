@@ -17,7 +17,7 @@ from taskmoe.errors import CheckpointError, RequestError
 from taskmoe.experts.ensemble import mixture_logprobs
 from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.inference.pipeline import PipelineConfig, System, prompt_head
-from taskmoe.nn.lora import use_adapter
+from taskmoe.layers.lora import use_adapter
 from taskmoe.summarizer.fuser import Draft, FusionFormat
 
 PEN = PipelineConfig().repetition_penalty  # the pipeline's default answer penalty (run manifests keep the default)

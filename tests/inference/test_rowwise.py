@@ -10,8 +10,8 @@ from taskmoe.errors import ConfigError
 from taskmoe.experts.ensemble import mixture_logprobs
 from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.inference.rowwise import AdapterRowsLM, EnsembleLM
-from taskmoe.nn import LMConfig, expert_lm, summarizer_lm
-from taskmoe.nn.lora import inject, lora_layers, use_adapter
+from taskmoe.models import LMConfig, expert_lm, summarizer_lm
+from taskmoe.layers.lora import inject, lora_layers, use_adapter
 
 CFG = LMConfig(vocab_size=41, d_model=16, n_layers=2, n_heads=2, conv_levels=2, ssm_state=4, chunk_size=4, init_std=0.3)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [3, 3, 3], [7, 1, 7, 1, 7, 1], [2, 2]]

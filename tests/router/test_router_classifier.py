@@ -94,7 +94,7 @@ def test_branch_head_merges_exactly(hidden: int) -> None:
     head.temperature.fill_(1.7)
     branch = None
     if hidden:
-        from taskmoe.nn.lora import LoRALinear
+        from taskmoe.layers.lora import LoRALinear
         from taskmoe.router.classifier import ADAPTER
 
         copy = torch.nn.Linear(6, hidden)

@@ -174,7 +174,7 @@ def test_complexity_labels_from_the_user() -> None:
 
 def test_router_embedding_is_the_shared_table_of_an_expert(learned_router) -> None:
     """``router.embedding`` goes into the nn builders as ``embedding=``: the same Parameter, not a copy."""
-    from taskmoe.nn import LMConfig, expert_lm
+    from taskmoe.models import LMConfig, expert_lm
 
     r, test, _ = learned_router
     lm = expert_lm(LMConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2), embedding=r.embedding)

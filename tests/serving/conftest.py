@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from taskmoe.data.tokenizer import Tokenizer
-from taskmoe.nn import expert_lm, save_lm, transformer_lm
+from taskmoe.models import expert_lm, save_lm, transformer_lm
 
 from serving_helpers import few_kb_of_text, running, tiny_config
 

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 from taskmoe.data.tokenizer import Tokenizer
-from taskmoe.nn import LMConfig
+from taskmoe.models import LMConfig
 
 
 def few_kb_of_text() -> list[str]:

@@ -38,7 +38,7 @@ async def submit_all(backend, model, prompts, params, limits):
 @pytest.fixture(scope="module")
 def doe_folder(tokenizer, tmp_path_factory) -> Path:
     from taskmoe.doe.model import DOEConfig, build_doe, save_doe
-    from taskmoe.nn import LMConfig
+    from taskmoe.models import LMConfig
 
     torch.manual_seed(0)  # with this seed the untrained gates send these prompts to all four experts
     model = build_doe(DOEConfig(lm=LMConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=2, n_heads=2),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from taskmoe.inference.generate import GenerationConfig, generate
-from taskmoe.nn import LMConfig, expert_lm
+from taskmoe.models import LMConfig, expert_lm
 from taskmoe.serving.backend import Row, SamplingParams
 from taskmoe.serving.backends.decode import decode_rows
 

@@ -12,10 +12,10 @@ import torch
 from taskmoe.data.corpus import Corpus, Document
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.experts.store import ExpertStore
-from taskmoe.nn.builders import expert_lm, summarizer_lm
-from taskmoe.nn.checkpoint import load_lm, save_lm
-from taskmoe.nn.config import LMConfig
-from taskmoe.nn.lora import adapter_names, load_adapter
+from taskmoe.models.builders import expert_lm, summarizer_lm
+from taskmoe.models.checkpoint import load_lm, save_lm
+from taskmoe.models.config import LMConfig
+from taskmoe.layers.lora import adapter_names, load_adapter
 from taskmoe.router.policy import RoutingDecision
 from taskmoe.summarizer.drafts import DraftCache, Drafter
 from taskmoe.summarizer.intent import IntentClassifier

@@ -19,7 +19,7 @@ Design choices:
   both experts run with every LoRA adapter off (the opener's first turn is exactly its ordinary
   draft); from the forward pass that reads the last token before the interruption onwards, each
   expert runs with its cross-talk adapter (:attr:`Speaker.adapter`) on, per row
-  (:func:`taskmoe.nn.lora.use_adapter` with a row mask). Every forward pass sets the switch
+  (:func:`taskmoe.layers.lora.use_adapter` with a row mask). Every forward pass sets the switch
   explicitly, so whatever state the model was left in does not leak in; the previous switch
   state is restored afterwards. The GAN trainer recomputes the same split in one teacher-forced
   pass (:func:`token_scores`), so its policy gradient differentiates exactly the distribution the
@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from taskmoe.config import Config, check, doc
 from taskmoe.crosstalk.policy import InterruptConfig, InterruptState, interrupt_probability, sample_interrupt
 from taskmoe.errors import ConfigError, RequestError
-from taskmoe.nn.lora import use_adapter
+from taskmoe.layers.lora import use_adapter
 from taskmoe.summarizer.fuser import Draft, order_drafts
 
 __all__ = [

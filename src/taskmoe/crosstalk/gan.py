@@ -65,7 +65,7 @@ from taskmoe.config import Config, check, doc
 from taskmoe.crosstalk.dialogue import DialogueConfig, DialogueTokens, Speaker, Transcript, run_dialogues, token_scores
 from taskmoe.crosstalk.discriminator import Discriminator, pad_batch
 from taskmoe.errors import ConfigError
-from taskmoe.nn.lora import adapter_names, inject, mark_only_adapter_trainable, set_adapter
+from taskmoe.layers.lora import adapter_names, inject, mark_only_adapter_trainable, set_adapter
 
 __all__ = [
     "GANConfig",

@@ -37,7 +37,7 @@ from taskmoe.crosstalk.dialogue import DialogueConfig, DialogueTokens, Speaker, 
 from taskmoe.crosstalk.discriminator import Discriminator, load_discriminator, save_discriminator
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, FORMAT_VERSION, atomic_write_json, load_component
-from taskmoe.nn.lora import adapter_names, load_adapter, save_adapter, set_adapter
+from taskmoe.layers.lora import adapter_names, load_adapter, save_adapter, set_adapter
 from taskmoe.summarizer.fuser import Draft
 
 __all__ = ["KIND", "CrosstalkFolder", "save_crosstalk", "load_crosstalk", "CrosstalkRunner"]

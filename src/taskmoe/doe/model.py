@@ -1,6 +1,6 @@
 """``DOETransformer``: a transformer whose MLPs are sequence-routed experts, and its config and builder.
 
-Structure (built on :func:`taskmoe.nn.transformer_lm`, whose ``mlp_factory`` injects the MLPs)::
+Structure (built on :func:`taskmoe.models.transformer_lm`, whose ``mlp_factory`` injects the MLPs)::
 
     embedding -> [Block(Attention, SwiGLU | SequenceMoE)] x n_layers -> RMSNorm -> tied head
                                  ^ routing, decided once per sequence by the model's SequenceGate
@@ -43,8 +43,9 @@ from taskmoe.doe.routing import Routing, gate_loss, pool_prompt
 from taskmoe.doe.seq_moe import SequenceGate, SequenceMoE, check_name
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, check_state, load_component, save_component
-from taskmoe.nn import CausalLM, LMConfig, LMOutput, LMState, SwiGLU, init_lm_weights, transformer_lm
-from taskmoe.nn.block import BlockState
+from taskmoe.layers import LMState, SwiGLU
+from taskmoe.models import CausalLM, LMConfig, LMOutput, init_lm_weights, transformer_lm
+from taskmoe.layers.block import BlockState
 
 KIND = "doe"
 GATE_SUPERVISION = ("none", "router")

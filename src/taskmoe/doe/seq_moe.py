@@ -8,7 +8,7 @@ lets each expert own the gate that decides whether it takes an input. Here:
   sequence iff ``p_e > tau``; in training experts take sequences by score under a capacity
   (balanced assignment), see :mod:`taskmoe.doe.routing` for the rule, the default and the weights.
 - :class:`SequenceMoE` holds the experts (any ``(…, D) -> (…, D)`` module, normally
-  :class:`taskmoe.nn.SwiGLU`) by name and applies a :class:`~taskmoe.doe.routing.Routing`.
+  :class:`taskmoe.layers.SwiGLU`) by name and applies a :class:`~taskmoe.doe.routing.Routing`.
 
 Design choices:
 
@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from taskmoe.doe.routing import Routing, balanced_assignment, capacity_for, decide, pool_prompt
 from taskmoe.errors import ConfigError
-from taskmoe.nn.mlp import SwiGLU
-from taskmoe.nn.norm import RMSNorm
+from taskmoe.layers.mlp import SwiGLU
+from taskmoe.layers.norm import RMSNorm
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 REJECT_MARGIN = 1.0  # a new gate starts with w = 0, b = logit(tau) - 1: p = 0.27 at tau = 0.5 on every sequence

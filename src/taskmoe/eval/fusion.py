@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from taskmoe.errors import DataError
-from taskmoe.nn.lora import use_adapter
+from taskmoe.layers.lora import use_adapter
 from taskmoe.summarizer.disagreement import calibrate_threshold, precision_recall
 from taskmoe.summarizer.examples import FusionPair, fusion_pairs
 from taskmoe.summarizer.fuser import Draft

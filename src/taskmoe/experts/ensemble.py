@@ -74,7 +74,7 @@ class RoutedMixture(nn.Module):
 
     ``forward(input_ids (B, T), weights (B, E), fallback (B, E) | None) -> (B, T, V)`` log-probs;
     column ``e`` of the weights belongs to ``names[e]``. Each expert's output is ``.logits`` of
-    what it returns (a :class:`~taskmoe.nn.model.LMOutput`) or the returned tensor itself.
+    what it returns (a :class:`~taskmoe.models.model.LMOutput`) or the returned tensor itself.
     """
 
     def __init__(self, experts: Mapping[str, nn.Module]) -> None:

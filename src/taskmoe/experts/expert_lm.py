@@ -1,4 +1,4 @@
-"""An IMoE expert: a :func:`taskmoe.nn.expert_lm` (TCN + linear attention) around the router's
+"""An IMoE expert: a :func:`taskmoe.models.expert_lm` (TCN + linear attention) around the router's
 shared token embedding, and its component folder.
 
 Design choices:
@@ -32,10 +32,10 @@ from torch import nn
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.experts.store import ExpertStore
 from taskmoe.io import load_component
-from taskmoe.nn.builders import expert_lm
-from taskmoe.nn.checkpoint import load_lm, save_lm
-from taskmoe.nn.config import LMConfig
-from taskmoe.nn.model import CausalLM
+from taskmoe.models.builders import expert_lm
+from taskmoe.models.checkpoint import load_lm, save_lm
+from taskmoe.models.config import LMConfig
+from taskmoe.models.model import CausalLM
 
 KIND = "expert"
 

@@ -25,7 +25,7 @@ from taskmoe.inference.loader import load_system
 from taskmoe.inference.trace import Answer
 from taskmoe.io import CONFIG_FILE, load_component
 from taskmoe.manifest import MANIFEST_FILE
-from taskmoe.nn import load_lm
+from taskmoe.models import load_lm
 
 __all__ = ["generate_text", "chat", "dialogue_prompt", "reply_of"]
 

@@ -8,7 +8,7 @@ generators and an optional per-row ``emit(token) -> bool`` callback that halts i
 False; :func:`generate_rows` collects it into :class:`RowOutput` (tokens + why the row ended).
 Serving (:mod:`taskmoe.serving.backends.decode`) is an adapter over :func:`generate_rows`.
 The model is anything with ``init_state(batch_size)`` and ``forward(ids, state, logits_to_keep=1)
--> LMOutput`` whose state supports ``cat``/``select`` (every :class:`taskmoe.nn.CausalLM`).
+-> LMOutput`` whose state supports ``cat``/``select`` (every :class:`taskmoe.models.CausalLM`).
 
 Ragged prompts, exactly: left-padding would feed pad tokens into convolution buffers and recurrent
 states (and shift positions), so it is not exact. Instead prompts are **prefilled in groups of

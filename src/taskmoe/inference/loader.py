@@ -31,8 +31,8 @@ from taskmoe.experts.store import ExpertStore
 from taskmoe.inference.pipeline import CrosstalkRunner, PipelineConfig, System
 from taskmoe.io import load_component
 from taskmoe.manifest import ResolvedManifest, load_manifest
-from taskmoe.nn.checkpoint import load_lm
-from taskmoe.nn.lora import load_adapter
+from taskmoe.models.checkpoint import load_lm
+from taskmoe.layers.lora import load_adapter
 from taskmoe.router.policy import PolicyConfig
 from taskmoe.router.router import Router, load_shared_embedding
 from taskmoe.summarizer.intent import IntentClassifier

@@ -50,7 +50,7 @@ from taskmoe.experts.store import ExpertStore
 from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.inference.rowwise import AdapterRowsLM, EnsembleLM
 from taskmoe.inference.trace import Answer, DraftRecord, ExpertUse, Trace
-from taskmoe.nn.lora import adapter_names
+from taskmoe.layers.lora import adapter_names
 from taskmoe.router.policy import RoutingDecision
 from taskmoe.summarizer.disagreement import DisagreementConfig, DisagreementReport, assess, clarification
 from taskmoe.summarizer.drafts import Drafter, GenerateFn
@@ -350,7 +350,7 @@ class System:
         """The intent head's input: mean-pooled summarizer hidden states (adapter off), (N, D)."""
         if self.summarizer is None:
             raise ConfigError("features: this system has no summarizer (experts-only mode)")
-        from taskmoe.nn.lora import use_adapter
+        from taskmoe.layers.lora import use_adapter
 
         with use_adapter(self.summarizer, None):  # intent decides whether the adapter runs: read without it
             return pooled_hidden(self.summarizer, seqs, pad_id=self.tokenizer.pad_id)

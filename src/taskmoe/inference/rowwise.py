@@ -4,7 +4,7 @@ Two pipeline steps run one batched decode over rows that need different treatmen
 
 - the **summarizer with a per-row adapter** (:class:`AdapterRowsLM`): rows whose prompt shows
   coding intent run with the coding LoRA adapter, the others without, in the same forward
-  (:func:`taskmoe.nn.lora.use_adapter` with a row mask; rows outside the mask get exactly the
+  (:func:`taskmoe.layers.lora.use_adapter` with a row mask; rows outside the mask get exactly the
   base output);
 - the **confidence-weighted ensemble** of the experts-only mode (:class:`EnsembleLM`): every
   row mixes the same experts' next-token distributions with its own router weights,
@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from taskmoe.errors import ConfigError
 from taskmoe.experts.ensemble import mixture_logprobs
-from taskmoe.nn.lora import adapter_names, use_adapter
-from taskmoe.nn.model import LMOutput
-from taskmoe.nn.state import cat_states, clone_state, select_state
+from taskmoe.layers.lora import adapter_names, use_adapter
+from taskmoe.models.model import LMOutput
+from taskmoe.layers.state import cat_states, clone_state, select_state
 
 __all__ = ["TaggedState", "RowTaggedLM", "AdapterRowsLM", "EnsembleLM"]
 
@@ -110,7 +110,7 @@ class AdapterRowsLM(RowTaggedLM):
     """``model`` with LoRA adapter ``adapter`` on the rows whose tag is True, off on the others.
 
     Each forward switches the adapter on with that forward's row mask and restores the previous
-    switch state afterwards (:func:`~taskmoe.nn.lora.use_adapter`), so the shared model is left
+    switch state afterwards (:func:`~taskmoe.layers.lora.use_adapter`), so the shared model is left
     as it was found.
     """
 

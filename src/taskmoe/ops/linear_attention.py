@@ -17,7 +17,7 @@ Formula (the output at step t includes step t)::
 
 A normalized (Katharopoulos) form ``o_t = q_t^T S_t / q_t^T z_t`` with ``z_t = sum k`` needs no
 op of its own: append a column of ones to ``v`` and divide by the last output column (the layer
-:class:`taskmoe.nn.LinearAttention` does this).
+:class:`taskmoe.layers.LinearAttention` does this).
 
 Forms:
 

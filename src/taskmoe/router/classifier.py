@@ -13,7 +13,7 @@
   set cannot push ``T`` to 0. It changes confidences, never the argmax. :func:`expected_calibration_error` reports ECE before and after.
 - :func:`add_class`: plug-and-play. The head gains one output. The old layers are frozen, so
   the old logits are bit-identical; the new logit reads a copy of the hidden layer fine-tuned
-  through a rank-``r`` LoRA adapter (the shared :class:`taskmoe.nn.lora.LoRALinear`:
+  through a rank-``r`` LoRA adapter (the shared :class:`taskmoe.layers.lora.LoRALinear`:
   ``W x + (alpha/r) B A x``, ``B = 0`` at start) and a new output row. A **replay** sample of old training vectors is distilled towards
   the old head's confidences (soft-target cross-entropy, new class's target 0), which teaches
   the new logit to stay off on old data. After training the adapter is merged into a plain MLP
@@ -37,7 +37,7 @@ from torch import nn
 
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import DataError
-from taskmoe.nn.lora import LoRALinear
+from taskmoe.layers.lora import LoRALinear
 
 ADAPTER = "new_category"
 

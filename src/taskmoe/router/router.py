@@ -325,7 +325,7 @@ def load_shared_embedding(folder: str | Path) -> nn.Embedding:
     """The router's shared token embedding table, read alone from ``folder/model.safetensors``.
 
     For experts and the summarizer, which share this table (pass it as ``embedding=`` to the
-    ``taskmoe.nn`` builders). Raises CheckpointError when the router has no learned table.
+    ``taskmoe.models`` builders). Raises CheckpointError when the router has no learned table.
     """
     comp = load_component(folder, KIND)
     if comp.config.get("encoder_kind") != "learned":

@@ -1,4 +1,4 @@
-"""Serve plain causal LMs (``taskmoe.nn`` component folders) that share one tokenizer.
+"""Serve plain causal LMs (``taskmoe.models`` component folders) that share one tokenizer.
 
 The simplest real backend: each served model is one ``CausalLM``; a request's route is the model
 it names, so the routing key (the batching group) is the model id and a batch always runs through
@@ -6,7 +6,7 @@ one set of weights. Several LMs can be served side by side (one model id each); 
 never share a batch.
 
 On disk, either one LM folder (``config.json`` + ``model.safetensors`` from
-:func:`taskmoe.nn.save_lm`) with ``tokenizer.json`` inside it or beside it, or a folder holding
+:func:`taskmoe.models.save_lm`) with ``tokenizer.json`` inside it or beside it, or a folder holding
 several LM folders and one ``tokenizer.json``.
 """
 
@@ -20,7 +20,7 @@ import torch
 from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from taskmoe.errors import CheckpointError
 from taskmoe.io import CONFIG_FILE
-from taskmoe.nn import CausalLM, load_lm
+from taskmoe.models import CausalLM, load_lm
 from taskmoe.serving.backend import Route, Row, RowResult
 from taskmoe.serving.backends.decode import decode_rows
 

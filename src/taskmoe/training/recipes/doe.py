@@ -40,7 +40,7 @@ from taskmoe.doe.routing import gate_loss
 from taskmoe.errors import ConfigError, DataError
 from taskmoe.eval.routing import contingency, nmi, purity
 from taskmoe.io import atomic_write_json
-from taskmoe.nn import LMConfig, transformer_lm
+from taskmoe.models import LMConfig, transformer_lm
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 from taskmoe.training.loop import train as train_loop

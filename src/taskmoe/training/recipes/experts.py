@@ -61,7 +61,7 @@ from taskmoe.experts.semantic_loss import (
 )
 from taskmoe.io import read_json
 from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds
-from taskmoe.nn.config import LMConfig
+from taskmoe.models.config import LMConfig
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, make_accelerator, train
 from taskmoe.training.losses import lm_cross_entropy

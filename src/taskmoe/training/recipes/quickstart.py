@@ -47,7 +47,7 @@ from taskmoe.config import Config, check, doc
 from taskmoe.errors import ConfigError
 from taskmoe.io import atomic_write_json, read_json
 from taskmoe.manifest import MANIFEST_FILE
-from taskmoe.nn.config import LMConfig
+from taskmoe.models.config import LMConfig
 from taskmoe.training.config import TrainConfig
 
 __all__ = ["QuickstartConfig", "PRESETS", "QuickstartResult", "run_quickstart", "quickstart"]

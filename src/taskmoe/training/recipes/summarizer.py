@@ -12,11 +12,11 @@ Steps (:func:`run`):
    confident first, confidence in the header) + answer; loss only on the answer.
 4. **Train** the summarizer autoregressively with :func:`taskmoe.training.loop.train` and
    :func:`fusion_loss` (token cross-entropy on answer positions); save it with
-   :func:`taskmoe.nn.checkpoint.save_lm` *before* any adapter is injected, so the summarizer
+   :func:`taskmoe.models.checkpoint.save_lm` *before* any adapter is injected, so the summarizer
    file holds the base weights only.
 5. **Coding adapter**: inject LoRA (``adapter_targets``) as adapter ``code``, freeze everything
    else, train on the code-domain fusion sequences (same format as at inference), save it
-   as its own folder with :func:`taskmoe.nn.lora.save_adapter`.
+   as its own folder with :func:`taskmoe.layers.lora.save_adapter`.
 6. **Intent head**: fit :class:`taskmoe.summarizer.intent.IntentClassifier` on the summarizer's
    pooled hidden states of the fusion prompt head (``<|bos|><|user|> prompt``, adapter off:
    intent decides whether the adapter runs), labels from domains (code vs other); report its
@@ -42,7 +42,7 @@ from torch import nn
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import DataError
 from taskmoe.io import atomic_write_json
-from taskmoe.nn.lora import inject, mark_only_adapter_trainable, save_adapter, use_adapter
+from taskmoe.layers.lora import inject, mark_only_adapter_trainable, save_adapter, use_adapter
 from taskmoe.summarizer.drafts import DraftCache, Drafter, DraftSet
 from taskmoe.summarizer.examples import FusionPair, fusion_pairs
 from taskmoe.summarizer.fuser import FusedSequence, FusionFormat, collate
@@ -228,7 +228,7 @@ def run(
 ) -> dict[str, Any]:
     """The whole recipe (module docstring): writes ``summarizer/``, ``summarizer/adapters/code/``,
     ``summarizer/intent/``, ``drafts.jsonl`` and ``summarizer_report.json`` under ``out_dir``."""
-    from taskmoe.nn.checkpoint import save_lm
+    from taskmoe.models.checkpoint import save_lm
 
     cfg = cfg or SummarizerRecipeConfig()
     out = Path(out_dir)

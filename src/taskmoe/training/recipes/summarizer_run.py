@@ -36,8 +36,8 @@ from taskmoe.inference.loader import load_system
 from taskmoe.inference.pipeline import PipelineConfig, draft_generator
 from taskmoe.io import read_json
 from taskmoe.manifest import MANIFEST_FILE, Manifest, load_manifest
-from taskmoe.nn.builders import summarizer_lm
-from taskmoe.nn.config import LMConfig
+from taskmoe.models.builders import summarizer_lm
+from taskmoe.models.config import LMConfig
 from taskmoe.router.router import Router
 from taskmoe.summarizer.drafts import Drafter, folder_fingerprint
 from taskmoe.training.recipes.summarizer import ADAPTER, SummarizerRecipeConfig, run as run_recipe

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from taskmoe.errors import CheckpointError, ConfigError
-from taskmoe.nn.lora import (
+from taskmoe.layers.lora import (
     LoRALinear,
     adapter_names,
     adapter_state_dict,
@@ -256,9 +256,9 @@ def test_remove_adapters_restores_plain_linear(ids: torch.Tensor) -> None:
 def test_on_summarizer_lm_decode_matches_full_pass_and_round_trips(tmp_path) -> None:
     """On the real SSM summarizer: adapter-on step-by-step decoding equals the full pass, mixed
     rows are exact, and save_lm (before injection) + load_adapter reproduces the adapted model."""
-    from taskmoe.nn.builders import summarizer_lm
-    from taskmoe.nn.checkpoint import load_lm, save_lm
-    from taskmoe.nn.config import LMConfig
+    from taskmoe.models.builders import summarizer_lm
+    from taskmoe.models.checkpoint import load_lm, save_lm
+    from taskmoe.models.config import LMConfig
 
     model = summarizer_lm(LMConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2)).eval()
     folder = save_lm(model, tmp_path / "summarizer", kind="summarizer")

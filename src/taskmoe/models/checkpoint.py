@@ -1,4 +1,4 @@
-"""Save and load a ``CausalLM`` built by one of :data:`taskmoe.nn.builders.BUILDERS`.
+"""Save and load a ``CausalLM`` built by one of :data:`taskmoe.models.builders.BUILDERS`.
 
 On disk (via :func:`taskmoe.io.save_component`)::
 
@@ -21,9 +21,9 @@ from torch import nn
 
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, check_state, load_component, save_component
-from taskmoe.nn.builders import BUILDERS
-from taskmoe.nn.config import LMConfig
-from taskmoe.nn.model import CausalLM
+from taskmoe.models.builders import BUILDERS
+from taskmoe.models.config import LMConfig
+from taskmoe.models.model import CausalLM
 
 EMBEDDING_KEY = "embedding.weight"
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from taskmoe.errors import CheckpointError, ConfigError
-from taskmoe.nn import LMConfig, expert_lm, load_lm, save_lm, summarizer_lm, transformer_lm, SwiGLU
+from taskmoe.layers import SwiGLU
+from taskmoe.models import LMConfig, expert_lm, load_lm, save_lm, summarizer_lm, transformer_lm
 
 CFG = LMConfig(vocab_size=41, d_model=16, n_layers=2, n_heads=2, chunk_size=4)
 

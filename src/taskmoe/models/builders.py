@@ -20,15 +20,15 @@ from typing import Callable
 from torch import nn
 
 from taskmoe.errors import ConfigError
-from taskmoe.nn.attention import Attention
-from taskmoe.nn.block import Block
-from taskmoe.nn.config import LMConfig
-from taskmoe.nn.conv import TemporalConv
-from taskmoe.nn.linear_attention import FEATURE_MAPS, DataDecay, FixedDecay, LinearAttention
-from taskmoe.nn.mlp import SwiGLU
-from taskmoe.nn.model import CausalLM, init_lm_weights
-from taskmoe.nn.norm import RMSNorm
-from taskmoe.nn.ssm import SSM
+from taskmoe.layers.attention import Attention
+from taskmoe.layers.block import Block
+from taskmoe.models.config import LMConfig
+from taskmoe.layers.conv import TemporalConv
+from taskmoe.layers.linear_attention import FEATURE_MAPS, DataDecay, FixedDecay, LinearAttention
+from taskmoe.layers.mlp import SwiGLU
+from taskmoe.models.model import CausalLM, init_lm_weights
+from taskmoe.layers.norm import RMSNorm
+from taskmoe.layers.ssm import SSM
 
 MixerFactory = Callable[[int], nn.Module]
 

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskmoe.nn.linear import Linear
-from taskmoe.nn.state import TensorState
+from taskmoe.layers.state import TensorState
 from taskmoe.ops import linear_attention, linear_attention_step
 
 
@@ -69,7 +68,7 @@ class DataDecay(nn.Module):
     def __init__(self, d_model: int, n_heads: int, tau: float = 16.0) -> None:
         super().__init__()
         self.tau = tau
-        self.proj = Linear(d_model, n_heads, bias=True)
+        self.proj = nn.Linear(d_model, n_heads, bias=True)
         self.reset_special_parameters()
 
     def reset_special_parameters(self) -> None:
@@ -107,9 +106,9 @@ class LinearAttention(nn.Module):
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.feature_map, self.decay, self.normalize = feature_map, decay, normalize
         self.chunk_size, self.eps = chunk_size, eps
-        self.proj = Linear(d_model, 4 * d_model, bias=False)  # q, k, v, output gate
+        self.proj = nn.Linear(d_model, 4 * d_model, bias=False)  # q, k, v, output gate
         self.head_norm_weight = nn.Parameter(torch.ones(self.head_dim))
-        self.out_proj = Linear(d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.out_proj.residual_out = True
 
     def extra_repr(self) -> str:

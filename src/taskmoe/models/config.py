@@ -1,4 +1,4 @@
-"""``LMConfig``: the one config every language model builder in :mod:`taskmoe.nn.builders` reads.
+"""``LMConfig``: the one config every language model builder in :mod:`taskmoe.models.builders` reads.
 
 Each builder uses the fields that concern its blocks (``conv_*``/``la_*`` for the expert,
 ``ssm_*`` for the summarizer, ``rope_base`` for the transformer) and ignores the rest, so one

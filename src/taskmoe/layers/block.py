@@ -21,8 +21,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskmoe.nn.norm import RMSNorm
-from taskmoe.nn.state import clone_state, select_state, cat_states
+from taskmoe.layers.norm import RMSNorm
+from taskmoe.layers.state import clone_state, select_state, cat_states
 
 
 def is_stateful(module: nn.Module | None) -> bool:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from taskmoe.errors import ConfigError
-from taskmoe.nn import (SSM, Attention, Block, LinearAttention, LMConfig, RMSNorm, SwiGLU, TemporalConv,
-                        elu_plus_one, expert_lm, summarizer_lm, transformer_lm)
-from taskmoe.nn.linear_attention import DataDecay
+from taskmoe.layers import SSM, Attention, Block, LinearAttention, RMSNorm, SwiGLU, TemporalConv, elu_plus_one
+from taskmoe.models import LMConfig, expert_lm, summarizer_lm, transformer_lm
+from taskmoe.layers.linear_attention import DataDecay
 
 
 def test_rmsnorm_hand_value() -> None:
@@ -75,7 +75,7 @@ class CountingMLP(torch.nn.Module):
     """A stateful MLP (the DOE hook): adds the number of tokens seen so far, carried in its state."""
 
     def init_state(self, batch_size, device=None, dtype=None):
-        from taskmoe.nn.state import TensorState
+        from taskmoe.layers.state import TensorState
         from dataclasses import make_dataclass
         Counter = make_dataclass("Counter", [("n", torch.Tensor)], bases=(TensorState,))
         return Counter(torch.zeros(batch_size, 1, 1))

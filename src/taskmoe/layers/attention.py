@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskmoe.nn.linear import Linear
-from taskmoe.nn.state import TensorState
+from taskmoe.layers.state import TensorState
 
 _GROW = 64
 
@@ -84,8 +83,8 @@ class Attention(nn.Module):
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"Attention: d_model {d_model} must split into {n_heads} heads of even size")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.qkv = Linear(d_model, 3 * d_model, bias=False)
-        self.out_proj = Linear(d_model, d_model, bias=False)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.out_proj.residual_out = True
         inv_freq = rope_base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

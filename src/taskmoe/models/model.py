@@ -2,15 +2,14 @@
 
 Design choices:
 
-- **Injection.** The embedding and the blocks are built outside (see :mod:`taskmoe.nn.builders`)
+- **Injection.** The embedding and the blocks are built outside (see :mod:`taskmoe.models.builders`)
   and passed in. Passing one ``nn.Embedding`` to several models shares it (IMoE experts share the
   router's vocabulary and embedding); the output head is always tied to it.
-- **Explicit state.** ``forward(ids, state)`` returns the next :class:`~taskmoe.nn.state.LMState`;
+- **Explicit state.** ``forward(ids, state)`` returns the next :class:`~taskmoe.layers.state.LMState`;
   no module remembers anything between calls, so states can be selected, concatenated and
   cloned (batching, grouping by expert, branching). ``state=None`` is the training pass.
-- **Decode-friendly head.** The tied head multiplies by a cached ``E^T`` when decoding (see
-  :mod:`taskmoe.nn.linear`); ``logits_to_keep`` skips the head for positions nobody reads
-  (prefill needs only the last one).
+- **Tied head.** The output head is the embedding matrix; ``logits_to_keep`` skips the head for
+  positions nobody reads (prefill needs only the last one).
 - **Init** (:func:`init_lm_weights`): every projection and the embedding ~ N(0, std); residual
   output projections (marked ``residual_out``) ~ N(0, std / sqrt(2 n_layers)) (GPT-2); then each
   module's own ``reset_special_parameters`` (SSM dt/A, decay biases, conv filters).
@@ -23,12 +22,12 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskmoe.nn.config import LMConfig
-from taskmoe.nn.linear import TransposedCache, tied_logits
-from taskmoe.nn.norm import RMSNorm
-from taskmoe.nn.state import LMState
+from taskmoe.layers.norm import RMSNorm
+from taskmoe.layers.state import LMState
+from taskmoe.models.config import LMConfig
 
 
 @dataclass
@@ -55,7 +54,6 @@ class CausalLM(nn.Module):
         self.norm = norm if norm is not None else RMSNorm(d_model, config.norm_eps if config else 1e-5)
         self.config = config
         self.builder = builder  # name of the builder that can rebuild this model (for load_lm)
-        self._head_t = TransposedCache()
 
     @property
     def vocab_size(self) -> int:
@@ -76,7 +74,7 @@ class CausalLM(nn.Module):
         return LMState([blk.init_state(batch_size, device, dtype) for blk in self.blocks])
 
     def head(self, hidden: Tensor) -> Tensor:
-        return tied_logits(hidden, self.embedding.weight, self._head_t)
+        return F.linear(hidden, self.embedding.weight)
 
     def forward(self, input_ids: Tensor, state: LMState | None = None, *, logits_to_keep: int = 0) -> LMOutput:
         """``input_ids`` (B, T) -> logits (B, T, V); with a state, continue decoding from it."""
@@ -93,10 +91,6 @@ class CausalLM(nn.Module):
         kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         return LMOutput(self.head(kept), None if state is None else LMState(new_layers), hidden)
 
-    def train(self, mode: bool = True) -> "CausalLM":
-        if mode:
-            self._head_t.clear()
-        return super().train(mode)
 
 
 def init_lm_weights(model: nn.Module, std: float, n_layers: int) -> None:

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskmoe.nn.linear import Linear
-from taskmoe.nn.state import TensorState
+from taskmoe.layers.state import TensorState
 from taskmoe.ops import causal_conv, causal_conv_step, selective_scan, selective_scan_step
 
 
@@ -55,14 +54,14 @@ class SSM(nn.Module):
         self.d_state, self.d_conv = d_state, d_conv
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.chunk_size, self.dt_min, self.dt_max = chunk_size, dt_min, dt_max
-        self.in_proj = Linear(d_model, 2 * E, bias=False)
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(E, d_conv))
         self.conv_bias = nn.Parameter(torch.zeros(E))
-        self.x_proj = Linear(E, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = Linear(self.dt_rank, E, bias=True)
+        self.x_proj = nn.Linear(E, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
         self.A_log = nn.Parameter(torch.empty(E, d_state))
         self.D = nn.Parameter(torch.ones(E))
-        self.out_proj = Linear(E, d_model, bias=False)
+        self.out_proj = nn.Linear(E, d_model, bias=False)
         self.out_proj.residual_out = True
         self.reset_special_parameters()
 

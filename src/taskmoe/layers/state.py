@@ -12,7 +12,7 @@ Every state supports three batch operations that generation and the inference en
   KV cache writes into a shared, preallocated buffer).
 
 :class:`TensorState` implements them for states whose fields are all batch-first tensors (or
-tuples of them); :class:`taskmoe.nn.attention.KVCache` overrides ``cat`` because rows can hold
+tuples of them); :class:`taskmoe.layers.attention.KVCache` overrides ``cat`` because rows can hold
 different lengths. :func:`select_state` / :func:`cat_states` / :func:`clone_state` apply the same
 operations to ``None``, tuples and lists, so blocks can nest states freely.
 """
@@ -92,7 +92,7 @@ def clone_state(state: Any) -> Any:
 
 @dataclass
 class LMState:
-    """The decoding state of a :class:`~taskmoe.nn.model.CausalLM`: one entry per block."""
+    """The decoding state of a :class:`~taskmoe.models.model.CausalLM`: one entry per block."""
 
     layers: list[Any]
 

@@ -20,8 +20,7 @@ Design choices:
 - **Same state-dict keys as the plain model.** ``LoRALinear`` registers the wrapped layer's own
   ``weight``/``bias`` Parameters (the same objects, so weight tying survives) under the same
   names, plus ``lora_A.<adapter>`` / ``lora_B.<adapter>``, and calls the wrapped layer's own
-  forward for the base path (so a subclass such as ``taskmoe.nn.linear.Linear`` keeps its
-  decode fast path). Stripping the ``lora_`` keys
+  forward for the base path (so a subclass of ``nn.Linear`` keeps its own behaviour). Stripping the ``lora_`` keys
   (:func:`base_state_dict`) gives exactly the state dict of the un-injected model.
 - **Several named adapters per layer**; at most one is active (``layer.active``), and
   ``layer.enabled`` switches it on/off without touching weights.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taskmoe.nn import LMConfig, LMState, expert_lm, summarizer_lm, transformer_lm
+from taskmoe.layers import LMState
+from taskmoe.models import LMConfig, expert_lm, summarizer_lm, transformer_lm
 
 BUILDERS = [expert_lm, summarizer_lm, transformer_lm]
 TOL = dict(rtol=1e-4, atol=1e-5)

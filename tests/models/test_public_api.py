@@ -8,26 +8,27 @@ from __future__ import annotations
 
 import inspect
 
-import taskmoe.nn as tnn
+import taskmoe.layers as tlayers
+import taskmoe.models as tmodels
 import taskmoe.ops as tops
 from taskmoe.inference import generate as gen
 from taskmoe.inference import sampling
 
 SIGNATURES = {
-    tnn.expert_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
-    tnn.summarizer_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
-    tnn.transformer_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None, *, "
+    tmodels.expert_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
+    tmodels.summarizer_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
+    tmodels.transformer_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None, *, "
                         "mlp_factory: 'Callable[[int], nn.Module] | None' = None) -> 'CausalLM'",
-    tnn.save_lm: "(model: 'CausalLM', folder: 'str | Path', kind: 'str' = 'lm', *, "
+    tmodels.save_lm: "(model: 'CausalLM', folder: 'str | Path', kind: 'str' = 'lm', *, "
                  "meta: 'Mapping[str, Any] | None' = None, include_embedding: 'bool' = True) -> 'Path'",
-    tnn.load_lm: "(folder: 'str | Path', kind: 'str | tuple[str, ...] | None' = None, *, "
+    tmodels.load_lm: "(folder: 'str | Path', kind: 'str | tuple[str, ...] | None' = None, *, "
                  "embedding: 'nn.Embedding | None' = None, device: 'str | torch.device' = 'cpu') -> 'CausalLM'",
-    tnn.CausalLM.forward: "(self, input_ids: 'Tensor', state: 'LMState | None' = None, *, "
+    tmodels.CausalLM.forward: "(self, input_ids: 'Tensor', state: 'LMState | None' = None, *, "
                           "logits_to_keep: 'int' = 0) -> 'LMOutput'",
-    tnn.CausalLM.init_state: "(self, batch_size: 'int', device: 'torch.device | str | None' = None, "
+    tmodels.CausalLM.init_state: "(self, batch_size: 'int', device: 'torch.device | str | None' = None, "
                              "dtype: 'torch.dtype | None' = None) -> 'LMState'",
-    tnn.SwiGLU.__init__: "(self, d_model: 'int', d_hidden: 'int') -> 'None'",
-    tnn.Block.__init__: "(self, mixer: 'nn.Module', mlp: 'nn.Module | None' = None, *, d_model: 'int', "
+    tlayers.SwiGLU.__init__: "(self, d_model: 'int', d_hidden: 'int') -> 'None'",
+    tlayers.Block.__init__: "(self, mixer: 'nn.Module', mlp: 'nn.Module | None' = None, *, d_model: 'int', "
                         "eps: 'float' = 1e-05, dropout: 'float' = 0.0) -> 'None'",
     gen.generate: "(model: 'nn.Module', prompts: 'list[list[int]]', cfg: 'GenerationConfig | None' = None, "
                   "generator: 'torch.Generator | None' = None) -> 'list[list[int]]'",
@@ -44,14 +45,15 @@ def test_signatures_are_pinned() -> None:
 
 
 def test_exports() -> None:
-    for name in ("LMConfig", "CausalLM", "LMOutput", "LMState", "Block", "RMSNorm", "SwiGLU", "Attention",
-                 "TemporalConv", "LinearAttention", "SSM", "Linear", "expert_lm", "summarizer_lm", "transformer_lm",
-                 "save_lm", "load_lm", "BUILDERS"):
-        assert name in tnn.__all__ and hasattr(tnn, name), name
+    for name in ("LMState", "Block", "RMSNorm", "SwiGLU", "Attention", "TemporalConv", "LinearAttention", "SSM"):
+        assert name in tlayers.__all__ and hasattr(tlayers, name), name
+    for name in ("LMConfig", "CausalLM", "LMOutput", "expert_lm", "summarizer_lm", "transformer_lm", "save_lm",
+                 "load_lm", "BUILDERS"):
+        assert name in tmodels.__all__ and hasattr(tmodels, name), name
     for op in ("causal_conv", "linear_attention", "selective_scan"):
         for suffix in ("", "_step", "_ref"):
             assert callable(getattr(tops, op + suffix))
-    assert set(tnn.BUILDERS) == {"expert_lm", "summarizer_lm", "transformer_lm"}
+    assert set(tmodels.BUILDERS) == {"expert_lm", "summarizer_lm", "transformer_lm"}
 
 
 def test_ops_share_one_calling_convention() -> None:

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from taskmoe.nn.linear import Linear
-from taskmoe.nn.state import TensorState
+from taskmoe.layers.state import TensorState
 from taskmoe.ops import causal_conv, causal_conv_step
 
 
@@ -39,10 +38,10 @@ class TemporalConv(nn.Module):
         self.d_inner = expand * d_model
         self.kernel_size = kernel_size
         self.dilations = [2**i for i in range(n_levels)]
-        self.in_proj = Linear(d_model, 2 * self.d_inner, bias=False)
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(n_levels, self.d_inner, kernel_size))
         self.conv_bias = nn.Parameter(torch.zeros(n_levels, self.d_inner))
-        self.out_proj = Linear(self.d_inner, d_model, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.out_proj.residual_out = True
         self.reset_special_parameters()
 

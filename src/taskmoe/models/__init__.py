@@ -1,0 +1,18 @@
+"""Whole language models, all speaking one interface: ``forward(ids, state=None) -> LMOutput``
+(logits, the next explicit :class:`~taskmoe.layers.LMState`, final hidden states).
+
+:class:`CausalLM` (embedding -> injected blocks -> norm -> tied head), the builders
+:func:`expert_lm` (TCN + linear attention), :func:`summarizer_lm` (selective SSM) and
+:func:`transformer_lm` (attention + SwiGLU, the DOE base), :data:`BUILDERS` by saved name, and
+:func:`save_lm` / :func:`load_lm` for component folders.
+"""
+
+from taskmoe.models.builders import BUILDERS, build_lm, expert_lm, summarizer_lm, transformer_lm
+from taskmoe.models.checkpoint import load_lm, save_lm
+from taskmoe.models.config import LMConfig
+from taskmoe.models.model import CausalLM, LMOutput, init_lm_weights
+
+__all__ = [
+    "BUILDERS", "build_lm", "expert_lm", "summarizer_lm", "transformer_lm", "load_lm", "save_lm", "LMConfig",
+    "CausalLM", "LMOutput", "init_lm_weights",
+]
