@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import taskmoe
-from pipeline_helpers import build_run, prompts
+from pipeline_helpers import prompts, variant as _variant
 from taskmoe.errors import CheckpointError, RequestError
 from taskmoe.experts.ensemble import mixture_logprobs
 from taskmoe.inference.generate import GenerationConfig, generate
@@ -24,32 +24,9 @@ PEN = PipelineConfig().repetition_penalty  # the pipeline's default answer penal
 DRAFT_PEN = PipelineConfig().draft_repetition_penalty
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield build_run(tmp_path_factory.mktemp("run"))
-    finally:
-        torch.set_num_threads(n)
-
-
 @pytest.fixture
 def system(run) -> System:
     return taskmoe.load(run)
-
-
-def _variant(run, tmp_path, **changes):
-    """A copy of the run folder whose manifest has ``changes`` applied (meta is merged)."""
-    dst = tmp_path / "variant"
-    shutil.copytree(run, dst)
-    m = json.loads((dst / "taskmoe.json").read_text())
-    meta = changes.pop("meta", None)
-    m.update(changes)
-    if meta:
-        m["meta"]["pipeline"].update(meta)
-    (dst / "taskmoe.json").write_text(json.dumps(m))
-    return dst
 
 
 def _greedy_ref(step, prompt, n, eos, penalty=PEN):
