@@ -211,11 +211,7 @@ def save_component(
     ``extra_files`` maps a relative file name to a writer ``f(path)`` for anything else the
     component stores (another safetensors file, a JSON table, ``tokenizer.json``...).
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def build(tmp: Path) -> None:
         if tensors is not None:
             save_tensors(tmp / WEIGHTS_FILE, tensors)
         for name, writer in (extra_files or {}).items():
@@ -226,8 +222,24 @@ def save_component(
             tmp / CONFIG_FILE,
             {"format_version": FORMAT_VERSION, "kind": kind, "config": dict(config), "meta": dict(meta or {})},
         )
+
+    return atomic_dir(folder, build)
+
+
+def atomic_dir(folder: str | Path, build: Callable[[Path], None]) -> Path:
+    """Call ``build(tmp_dir)`` to fill a temporary sibling folder, then swap it in as ``folder``.
+
+    An existing ``folder`` is moved aside and removed only after the new one is in place (a crash
+    in between is repaired by the next :func:`load_component`). If ``build`` raises, ``folder`` is
+    untouched and the temporary folder removed.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        build(tmp)
         _fsync_dir(tmp)
-        aside = None
         if folder.exists():
             aside = folder.parent / f"{folder.name}{_ASIDE}{uuid.uuid4().hex[:8]}"
             os.replace(folder, aside)
