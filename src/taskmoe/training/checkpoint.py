@@ -58,6 +58,7 @@ from taskmoe.io import (
     load_tensors,
     read_json,
     save_component,
+    save_lock,
     save_tensors,
 )
 from taskmoe.training.config import TrainConfig
@@ -160,8 +161,9 @@ def save_checkpoint(
     """
     root = checkpoints_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step-*.tmp-*"):  # left by a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    with save_lock(root):  # every step save holds it, so any temp folder found now is a dead writer's
+        for stale in root.glob(".step-*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     opt_tree, opt_tensors = flatten_state(optimizer_state)
     sched_tree, sched_tensors = flatten_state(scheduler_state)
