@@ -46,7 +46,7 @@ from taskmoe.data import PackedLMDataset, load_default_corpus
 from taskmoe.data.datasets import pack_documents
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.eval.nll import corpus_nll
-from taskmoe.models import LMConfig, expert_lm
+from taskmoe.models import ExpertLMConfig, LinearAttentionConfig, expert_lm
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import train
 from taskmoe.training.losses import lm_cross_entropy
@@ -146,7 +146,7 @@ def main() -> None:
     V = tok.vocab_size
 
     # ---- two experts, one per domain
-    lm_cfg = LMConfig(vocab_size=V, d_model=96, n_layers=4, n_heads=4, chunk_size=32)
+    lm_cfg = ExpertLMConfig(vocab_size=V, d_model=96, n_layers=4, n_heads=4, attention=LinearAttentionConfig(chunk_size=32))
     experts, expert_rows, val_windows = [], [], {}
     for d in DOMAINS:
         val_windows[d] = PackedLMDataset(pack_documents(tok.encode_batch([x.text for x in val_docs[d]], allow_special=False),

@@ -40,7 +40,7 @@ from taskmoe.errors import ConfigError, DataError
 from taskmoe.eval.nll import batched, corpus_nll
 from taskmoe.eval.routing import contingency, nmi, purity
 from taskmoe.io import atomic_write_json
-from taskmoe.models import LMConfig, transformer_lm
+from taskmoe.models import TransformerLMConfig, transformer_lm
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 from taskmoe.training.loop import train as train_loop
@@ -284,7 +284,7 @@ def train_doe(
     s, cats = setup(source, tokenizer, vocab_size, max_docs_per_domain, seq_len, prompt_len, progress,
                     labels_from=router if gate_supervision == "router" else None)
     names = [c.replace(" ", "_") for c in cats] if cats else [f"e{i}" for i in range(experts)]
-    lm = LMConfig(vocab_size=s.tok.vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
+    lm = TransformerLMConfig(vocab_size=s.tok.vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
     cfg = DOEConfig(lm=lm, experts=names, moe_every=moe_every, tau=tau, max_experts=max_experts,
                     capacity_factor=capacity_factor, gate_supervision=gate_supervision, gate_loss_weight=gate_loss_weight)
     model = build_doe(cfg)
