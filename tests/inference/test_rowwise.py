@@ -11,10 +11,12 @@ from taskmoe.errors import ConfigError
 from taskmoe.experts.ensemble import mixture_logprobs
 from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.inference.rowwise import AdapterRowsLM, EnsembleLM
-from taskmoe.models import LMConfig, expert_lm, summarizer_lm
+from taskmoe.models import ConvConfig, ExpertLMConfig, LinearAttentionConfig, SSMConfig, SummarizerLMConfig, expert_lm, summarizer_lm
 from taskmoe.layers.lora import inject, lora_layers, use_adapter
 
-CFG = LMConfig(vocab_size=41, d_model=16, n_layers=2, n_heads=2, conv_levels=2, ssm_state=4, chunk_size=4, init_std=0.3)
+CFG = ExpertLMConfig(vocab_size=41, d_model=16, n_layers=2, n_heads=2, init_std=0.3, conv=ConvConfig(levels=2),
+                     attention=LinearAttentionConfig(chunk_size=4))
+SCFG = SummarizerLMConfig(**CFG.base().to_dict(), ssm=SSMConfig(state=4))
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [3, 3, 3], [7, 1, 7, 1, 7, 1], [2, 2]]
 GREEDY = GenerationConfig(max_new_tokens=7, temperature=0.0, repetition_penalty=1.3, stop_tokens=[5])
 
@@ -22,7 +24,7 @@ GREEDY = GenerationConfig(max_new_tokens=7, temperature=0.0, repetition_penalty=
 @pytest.fixture(scope="module")
 def summ():
     torch.manual_seed(0)
-    m = summarizer_lm(CFG).eval()
+    m = summarizer_lm(SCFG).eval()
     inject(m, ["in_proj", "out_proj"], rank=2, alpha=4.0, adapter_name="code")
     with torch.no_grad():
         for layer in lora_layers(m).values():
