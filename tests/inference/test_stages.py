@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import taskmoe
-from taskmoe.errors import RequestError
 from pipeline_helpers import prompts, variant
+from taskmoe.errors import RequestError
 from taskmoe.inference.pipeline import System
 from taskmoe.inference.stages import Control, Row
 from taskmoe.inference.stages.ensemble import ENSEMBLE_CROSSTALK
@@ -129,12 +129,15 @@ def test_tokens_stream_in_stage_order_and_the_stream_matches_the_batch(talky) ->
         assert {e.expert for e in mine if e.stage == "crosstalk"} <= set(a.trace.crosstalk["pair"])
 
 
-def test_closing_a_stream_early_cancels_every_row(talky) -> None:
+def test_leaving_a_stream_early_cancels_every_row(talky) -> None:
     stream = talky.stream(_prompts())
-    first = next(iter(stream))
-    stream.close()
+    for first in stream:
+        break  # leaving the loop cancels the call and waits for it
     assert first.stage == "draft"
     assert all(a.trace.stopped is not None and a.trace.stopped["reason"] == "cancelled" for a in stream.answers)
+    with talky.stream(_prompts()) as s:
+        next(iter(s))
+    assert all(a.trace.stopped is not None for a in s.answers)
 
 
 def test_rows_with_different_seeds_share_a_batch_and_each_equals_alone(run, talky) -> None:
@@ -183,3 +186,18 @@ def test_stages_keep_their_rows_and_skip_stopped_ones(talky) -> None:
     assert isinstance(talky.config, PipelineConfig) and [s.name for s in talky.stages()] == [
         "route", "draft", "crosstalk", "assess", "fuse"]
     assert torch.is_tensor(talky.features([ids[0]]))
+
+
+def test_public_api_is_pinned() -> None:
+    """Serving and the CLI build on these names and keyword arguments."""
+    import inspect
+
+    import taskmoe.inference.stages as S
+
+    assert set(S.__all__) >= {"Route", "Draft", "Crosstalk", "Assess", "Fuse", "Ensemble", "Row", "Control", "Call"}
+    sig = inspect.signature(System.generate_ids).parameters
+    assert list(sig)[:2] == ["self", "prompts"] and {"controls", "on_token", "options", "gen"} <= set(sig)
+    assert {"controls", "on_token", "options"} <= set(inspect.signature(System.generate_batch).parameters)
+    assert {"controls", "options"} <= set(inspect.signature(System.stream).parameters)
+    assert list(inspect.signature(Control).parameters)[:2] == ["deadline", "is_cancelled"]
+    assert [f for f in TokenEvent.__dataclass_fields__] == ["row", "token", "stage", "expert"]

@@ -5,9 +5,10 @@ The pipeline reports tokens through a callback (``on_token(row, token, stage, ex
 users :meth:`System.stream` wraps one call in a :class:`PipelineStream`: the call runs in a
 background thread, every token becomes a :class:`TokenEvent` on a queue, and iterating the stream
 yields them in order; after the last event ``stream.answers`` holds the call's answers. An error
-in the call is raised by the iterator. Leaving early (``close()``, a ``with`` block, or dropping
-a half-read stream) cancels every row's :class:`~taskmoe.inference.stages.Control`, so the
-pipeline stops within one decode step, and waits for the thread.
+in the call is raised by the iterator. Leaving early (``close()``, a ``with`` block, or breaking
+out of the ``for`` loop) cancels every row's :class:`~taskmoe.inference.stages.Control`, so the
+pipeline stops within one decode step, and waits for the thread; ``answers`` then holds what
+each row produced, its trace saying it was cancelled.
 """
 
 from __future__ import annotations
@@ -58,14 +59,20 @@ class PipelineStream:
         self._thread.start()
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
-            ev = self._q.get()
-            if ev is _END:
-                self._thread.join()
-                if self._error is not None:
-                    raise self._error
-                return
-            yield ev
+        done = False
+        try:
+            while True:
+                ev = self._q.get()
+                if ev is _END:
+                    done = True
+                    self._thread.join()
+                    if self._error is not None:
+                        raise self._error
+                    return
+                yield ev
+        finally:
+            if not done:  # the reader left early (break, close, garbage collection): stop the work
+                self.close()
 
     def close(self) -> None:
         """Cancel every row and wait for the call to end (what it produced stays in ``answers``)."""
