@@ -134,3 +134,20 @@ def test_length_grouped_batches_cover_every_index_once_and_pad_less(small_tokeni
     assert grouped.padding_fraction() < random_batches.padding_fraction()
     batch = grouped.collate([grouped[0]])
     assert batch["input_ids"].shape[0] == 8
+
+
+@pytest.mark.shared
+def test_real_alpaca_and_hh_rlhf_render_with_exact_masks(shared, small_tokenizer):
+    from taskmoe.data.formats import read_alpaca, read_hh_rlhf
+
+    alpaca = read_alpaca(shared / "data" / "sft" / "alpaca_data_cleaned_1000.json")[:100]
+    ds = SFTDataset(alpaca, small_tokenizer, max_len=4096)  # long enough: nothing is truncated
+    for ex, item in zip(alpaca, ds):
+        want = small_tokenizer.encode(ex.response, allow_special=False) + [small_tokenizer.eos_id]
+        assert item["labels"][item["labels"] != IGNORE_INDEX].tolist() == want
+    with pytest.warns(UserWarning):
+        hh = read_hh_rlhf(shared / "data" / "dpo" / "hh_rlhf_harmless_base_test.jsonl.gz")[:50]
+    pref = PreferenceDataset(hh, small_tokenizer, max_len=4096)
+    for ex, item in zip(hh, pref):
+        got = item["rejected_labels"][item["rejected_labels"] != IGNORE_INDEX].tolist()
+        assert got == small_tokenizer.encode(ex.rejected, allow_special=False) + [small_tokenizer.eos_id]

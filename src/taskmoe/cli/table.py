@@ -11,10 +11,12 @@ from taskmoe.inference.commands import chat, generate_text
 from taskmoe.router.commands import route_predict
 from taskmoe.serving.serve import serve
 from taskmoe.training.recipes.crosstalk import train_crosstalk
+from taskmoe.training.recipes.dpo import train_dpo
 from taskmoe.training.recipes.doe import add_expert as doe_add_expert, doe_report, train_doe
 from taskmoe.training.recipes.experts import train_experts
 from taskmoe.training.recipes.quickstart import quickstart
 from taskmoe.training.recipes.router import route_fit
+from taskmoe.training.recipes.sft import train_sft
 from taskmoe.training.recipes.summarizer_run import train_summarizer
 
 COMMANDS: dict[str, Callable[..., Any]] = {
@@ -35,10 +37,12 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "train doe": train_doe,
     "doe report": doe_report,
     "doe add-expert": doe_add_expert,
+    "train sft": train_sft,
+    "train dpo": train_dpo,
 }
 
 GROUP_HELP: dict[str, str] = {
-    "train": "Train one stage of a run: experts, summarizer, cross-talk, or a DOE model.",
+    "train": "Train one stage of a run: experts, summarizer, cross-talk, a DOE model, or chat tuning (SFT, DPO).",
     "data": "Inspect or export a corpus (the embedded default or --source).",
     "tokenizer": "Train the shared byte-level BPE tokenizer.",
     "route": "Fit the router, route a text, or report routing quality.",
