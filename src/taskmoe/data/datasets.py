@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from taskmoe.data._progress import progress_bar
+from taskmoe.progress import progress_bar
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.errors import DataError
 
