@@ -226,3 +226,26 @@ def test_resume_is_exact(base, tmp_path, recipe):
     st2 = setup(base / "model", data, ds, cfg)
     res = run(st2, loss(st2), cfg, tmp_path / "run")
     assert res.losses == ref.losses and res.eval_history == ref.eval_history
+
+
+def test_backbone_lora_sft_then_dpo(base, tmp_path):
+    """A tiny Llama backbone folder (HF layout, ChatML template): LoRA SFT, then DPO whose reference is the SFT adapter."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "backbones"))
+    from backbone_helpers import write_hf_backbone
+
+    from taskmoe.models.backbones import import_backbone, load_backbone
+
+    write_hf_backbone(tmp_path / "hf")
+    import_backbone(tmp_path / "hf", out=tmp_path / "bb")
+    sft = train_sft(tmp_path / "bb", base / "sft.jsonl", tmp_path / "sft", steps=4, batch_size=4, lr=1e-2, max_len=64,
+                    val_examples=4, progress=False)
+    assert sft["policy"] == "lora" and sft["last_loss"] < sft["first_loss"]
+    dpo = train_dpo(tmp_path / "bb", base / "hh.jsonl", tmp_path / "dpo", adapter=tmp_path / "sft" / "adapter",
+                    steps=3, batch_size=4, max_len=64, val_examples=4, progress=False)
+    assert dpo["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    model, _ = load_backbone(tmp_path / "bb")
+    names = load_adapter(model, tmp_path / "dpo" / "adapter")
+    assert names == "chat"

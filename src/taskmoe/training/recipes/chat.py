@@ -4,8 +4,9 @@ The two recipes differ only in their data reader, dataset and loss (:mod:`.sft`,
 everything else is here, once:
 
 - **setup** (:func:`setup`): load the model folder (any :func:`~taskmoe.models.checkpoint.save_lm`
-  folder: ``transformer_lm`` / ``expert_lm`` / ``summarizer_lm``) and the tokenizer saved in or beside
-  it; build the :class:`~taskmoe.training.policy.Policy` (LoRA with ``lora_rank > 0``, else full
+  folder: ``transformer_lm`` / ``expert_lm`` / ``summarizer_lm``, with the tokenizer saved in or
+  beside it; or a backbone folder of ``taskmoe backbone import``, which is our own ``CausalLM`` with
+  the backbone's tokenizer and Jinja chat template); build the :class:`~taskmoe.training.policy.Policy` (LoRA with ``lora_rank > 0``, else full
   fine-tuning); split the examples by a seeded permutation into ``val_examples`` held-out and the
   rest; wrap both in length-grouped batches (:class:`~taskmoe.data.sft.GroupedBatches`).
 - **train** (:func:`run`): the one loop (:func:`taskmoe.training.loop.train`) with the loop's
@@ -31,14 +32,16 @@ from torch import nn
 from taskmoe.config import Config, check, doc
 from taskmoe.data.sft import GroupedBatches
 from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
-from taskmoe.errors import DataError
+from taskmoe.errors import ConfigError, DataError
 from taskmoe.io import atomic_write_json, atomic_write_text
+from taskmoe.models.backbones import is_backbone_dir, load_backbone
 from taskmoe.models.checkpoint import load_lm, save_lm
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, make_accelerator, train
 from taskmoe.training.policy import Policy, full_policy, lora_policy
 
-DEFAULT_TARGETS = ["qkv|in_proj|proj|out_proj|gate_up|down"]
+# our builders' linear layers (qkv, in_proj, proj, out_proj, gate_up, down) and a backbone's ({q,k,v,o,gate,up,down}_proj)
+DEFAULT_TARGETS = ["qkv|in_proj|proj|out_proj|gate_up|down|[qkvo]_proj|gate_proj|up_proj|down_proj"]
 
 
 def _train_default() -> TrainConfig:
@@ -81,7 +84,7 @@ def build_config(cls: type, config: Optional[Path], **overrides: Any) -> Any:
 @dataclass
 class ChatSetup:
     policy: Policy
-    tokenizer: Tokenizer
+    tokenizer: Any  # our Tokenizer or a BackboneTokenizer
     train: GroupedBatches
     val: GroupedBatches | None
     counts: dict[str, int]
@@ -113,8 +116,14 @@ def setup(model_dir: Path, examples: Sequence[Any], make_dataset: Callable[[Sequ
           cfg: ChatRecipeConfig, *, start: Optional[Path] = None) -> ChatSetup:
     """Model + tokenizer + policy + grouped train/val batches (module docstring)."""
     model_dir = Path(model_dir)
-    tok = Tokenizer.beside(model_dir)
-    model = load_lm(model_dir)
+    if is_backbone_dir(model_dir):
+        if cfg.lora_rank == 0 and start is None:
+            raise ConfigError(f"{model_dir}: full fine-tuning of a backbone is not supported; train a LoRA adapter "
+                              "(--lora-rank R > 0)")
+        model, tok = load_backbone(model_dir)
+        model.train()
+    else:
+        tok, model = Tokenizer.beside(model_dir), load_lm(model_dir)
     policy = build_policy(model, cfg, model_dir, start)
     train_ex, val_ex = split_examples(examples, cfg.val_examples, cfg.train.seed, cfg.max_examples)
     bs, seed = cfg.train.batch_size, cfg.train.seed
