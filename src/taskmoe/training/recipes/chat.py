@@ -31,11 +31,11 @@ from torch import nn
 
 from taskmoe.config import Config, check, doc
 from taskmoe.data.sft import GroupedBatches
-from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
+from taskmoe.data.tokenizer import TOKENIZER_FILE
 from taskmoe.errors import ConfigError, DataError
 from taskmoe.io import atomic_write_json, atomic_write_text
-from taskmoe.models.backbones import is_backbone_dir, load_backbone
-from taskmoe.models.checkpoint import load_lm, save_lm
+from taskmoe.models.checkpoint import save_lm
+from taskmoe.models.folder import is_backbone, load_model_folder
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, make_accelerator, train
 from taskmoe.training.policy import Policy, full_policy, lora_policy
@@ -112,18 +112,15 @@ def build_policy(model: nn.Module, cfg: ChatRecipeConfig, model_dir: Path, start
     return full_policy(model, lambda folder: save_lm(model, folder, kind="lm", meta={"fine_tuned_from": str(model_dir)}))
 
 
-def setup(model_dir: Path, examples: Sequence[Any], make_dataset: Callable[[Sequence[Any], Tokenizer, int], Any],
+def setup(model_dir: Path, examples: Sequence[Any], make_dataset: Callable[[Sequence[Any], Any, int], Any],
           cfg: ChatRecipeConfig, *, start: Optional[Path] = None) -> ChatSetup:
     """Model + tokenizer + policy + grouped train/val batches (module docstring)."""
     model_dir = Path(model_dir)
-    if is_backbone_dir(model_dir):
-        if cfg.lora_rank == 0 and start is None:
-            raise ConfigError(f"{model_dir}: full fine-tuning of a backbone is not supported; train a LoRA adapter "
-                              "(--lora-rank R > 0)")
-        model, tok = load_backbone(model_dir)
-        model.train()
-    else:
-        tok, model = Tokenizer.beside(model_dir), load_lm(model_dir)
+    if is_backbone(model_dir) and cfg.lora_rank == 0 and start is None:
+        raise ConfigError(f"{model_dir}: full fine-tuning of a backbone is not supported; train a LoRA adapter "
+                          "(--lora-rank R > 0)")
+    model, tok = load_model_folder(model_dir)
+    model.train()
     policy = build_policy(model, cfg, model_dir, start)
     train_ex, val_ex = split_examples(examples, cfg.val_examples, cfg.train.seed, cfg.max_examples)
     bs, seed = cfg.train.batch_size, cfg.train.seed
