@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from taskmoe.data.commands import data_build, data_stats, tokenizer_train
 from taskmoe.doctor import doctor
+from taskmoe.eval.legal import eval_legal
 from taskmoe.eval.perplexity import eval_experts
 from taskmoe.eval.routing import route_report
 from taskmoe.inference.commands import chat, generate_text
@@ -33,6 +34,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "route report": route_report,
     "train experts": train_experts,
     "eval experts": eval_experts,
+    "eval legal": eval_legal,
     "serve": serve,
     "train crosstalk": train_crosstalk,
     "train doe": train_doe,
@@ -48,6 +50,6 @@ GROUP_HELP: dict[str, str] = {
     "data": "Inspect or export a corpus (the embedded default or --source).",
     "tokenizer": "Train the shared byte-level BPE tokenizer.",
     "route": "Fit the router, route a text, or report routing quality.",
-    "eval": "Evaluate trained components (perplexity matrices and plots).",
+    "eval": "Evaluate trained components (perplexity matrices and plots) or a model on legal tasks.",
     "doe": "Fused experts: report a DOE model's routing or add an expert to it.",
 }
