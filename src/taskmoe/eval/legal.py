@@ -14,6 +14,9 @@
   assistant reply; the mean log-likelihood per answer token (token-weighted over all questions,
   and the mean of per-question means), plus greedy answers to the first ``generate`` questions.
 
+- **chat quality** (optional, :mod:`taskmoe.eval.chat_quality`): held-out Alpaca reference-answer
+  log-likelihood per token and hh-rlhf preference accuracy, on the examples the trainers held out.
+
 MODEL is a model folder, a backbone folder, or the output folder of ``train sft`` / ``train dpo``
 (``OUT/adapter`` on its base model, or ``OUT/model``); ``--adapter DIR`` adds a LoRA adapter.
 """
@@ -30,7 +33,10 @@ import torch
 from torch import nn
 
 from taskmoe.data.chat import prompt_ids
+from taskmoe.data.formats import read_alpaca, read_preferences
+from taskmoe.data.sft import split_examples
 from taskmoe.errors import DataError
+from taskmoe.eval.chat_quality import preference_accuracy, reference_loglik
 from taskmoe.eval.classify import calibrate, classification_report, label_probs
 from taskmoe.eval.nll import picked_nll
 from taskmoe.eval.scoring import PrefixCache, common_prefix_len
@@ -180,6 +186,11 @@ def eval_legal(
     max_items: Optional[int] = None,
     generate: int = 5,
     bootstrap: int = 1000,
+    alpaca: Optional[Path] = None,
+    preferences: Optional[Path] = None,
+    held_out: int = 64,
+    seed: int = 0,
+    max_len: int = 512,
     out: Optional[Path] = None,
     threads: Optional[int] = None,
     progress: bool = True,
@@ -190,7 +201,9 @@ def eval_legal(
     MODEL: a model folder, a backbone folder, or a `train sft|dpo` output folder; --adapter DIR adds a
     LoRA adapter. --data: the LegalBench folder holding hearsay/ and rule_qa/ (default: the shared
     data folder). --out FILE writes the report as JSON. The few-shot prompt's shared prefix is
-    prefilled once and its decoding state cloned per item.
+    prefilled once and its decoding state cloned per item. --alpaca FILE / --preferences FILE add the
+    held-out reference-answer log-likelihood and preference accuracy (chosen more likely than
+    rejected) on the --held-out N examples that `train sft|dpo` with the same --seed held out.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -200,6 +213,12 @@ def eval_legal(
     report: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(root)}
     report["hearsay"] = eval_hearsay(m, tok, root / "hearsay", max_items=max_items, n_boot=bootstrap, progress=progress)
     report["rule_qa"] = eval_rule_qa(m, tok, root / "rule_qa", max_items=max_items, generate=generate, progress=progress)
+    if alpaca is not None:
+        _, held = split_examples(read_alpaca(alpaca), held_out, seed)
+        report["alpaca"] = reference_loglik(m, tok, held, max_len=max_len)
+    if preferences is not None:
+        _, held = split_examples(read_preferences(preferences), held_out, seed)
+        report["preferences"] = preference_accuracy(m, tok, held, max_len=max_len)
     report["seconds"] = time.perf_counter() - t0
     if out is not None:
         atomic_write_json(out, report)

@@ -23,7 +23,6 @@ adapter. Model outputs may be a tensor or have ``.logits`` (our ``LMOutput``, DO
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 
+from taskmoe.eval.nll import evaluating
 from taskmoe.layers.lora import inject, load_adapter, mark_only_adapter_trainable, save_adapter, set_adapter, use_adapter
 
 REF_ADAPTER = "ref"
@@ -55,24 +55,13 @@ class Policy:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Any:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
-
-
 def adapter_reference(model: nn.Module, disable: Callable[[], ContextManager[Any]] | None = None
                       ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Reference logits = ``model`` run inside ``disable()`` (default: every LoRA adapter off)."""
     disable = disable or (lambda: use_adapter(model, None))
 
     def ref(ids: torch.Tensor) -> torch.Tensor:
-        with _eval_no_grad(model), disable():
+        with evaluating(model), disable():
             return logits_of(model(ids))
 
     return ref

@@ -21,7 +21,6 @@ grouping); nothing here touches tokens.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -30,9 +29,9 @@ import torch
 from torch import nn
 
 from taskmoe.config import Config, check, doc
-from taskmoe.data.sft import GroupedBatches
+from taskmoe.data.sft import GroupedBatches, split_examples
 from taskmoe.data.tokenizer import TOKENIZER_FILE
-from taskmoe.errors import ConfigError, DataError
+from taskmoe.errors import ConfigError
 from taskmoe.io import atomic_write_json, atomic_write_text
 from taskmoe.models.checkpoint import save_lm
 from taskmoe.models.folder import is_backbone, load_model_folder
@@ -89,17 +88,6 @@ class ChatSetup:
     val: GroupedBatches | None
     counts: dict[str, int]
     model_dir: Path
-
-
-def split_examples(examples: Sequence[Any], val: int, seed: int, limit: int | None) -> tuple[list[Any], list[Any]]:
-    """Seeded permutation; the first ``val`` are held out, the next ``limit`` (or all) train."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held, rest = order[:val], order[val:]
-    rest = rest[:limit] if limit else rest
-    if not rest:
-        raise DataError(f"{len(examples)} examples leave none to train on after holding out {val}")
-    return [examples[i] for i in rest], [examples[i] for i in held]
 
 
 def build_policy(model: nn.Module, cfg: ChatRecipeConfig, model_dir: Path, start: Optional[Path]) -> Policy:
