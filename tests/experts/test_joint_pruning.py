@@ -14,7 +14,7 @@ from taskmoe.experts.expert_lm import build_expert, expert_config
 from taskmoe.experts.pruning import PruningConfig
 from taskmoe.models.config import LMConfig
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.recipes.experts import MixtureWindows, train_joint
+from taskmoe.training.recipes.mixture import MixtureWindows, train_joint
 
 V, D, T = 40, 16, 12
 NAMES = ["a", "b", "ghost"]

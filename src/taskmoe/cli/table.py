@@ -14,6 +14,7 @@ from taskmoe.serving.serve import serve
 from taskmoe.training.recipes.crosstalk import train_crosstalk
 from taskmoe.training.recipes.doe import add_expert as doe_add_expert, doe_report, train_doe
 from taskmoe.training.recipes.experts import train_experts
+from taskmoe.training.recipes.mixture import train_mixture
 from taskmoe.training.recipes.quickstart import quickstart
 from taskmoe.training.recipes.router import route_fit
 from taskmoe.training.recipes.summarizer_run import train_summarizer
@@ -30,6 +31,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "route predict": route_predict,
     "route report": route_report,
     "train experts": train_experts,
+    "train mixture": train_mixture,
     "eval experts": eval_experts,
     "serve": serve,
     "train crosstalk": train_crosstalk,
