@@ -256,19 +256,7 @@ def save_component(
     ``extra_files`` maps a relative file name to a writer ``f(path)`` for anything else the
     component stores (another safetensors file, a JSON table, ``tokenizer.json``...).
     """
-    folder = Path(folder)
-    with save_lock(folder.parent):
-        for stale in build_temps(folder):  # we hold the lock: a writer that left these is gone
-            log.info("removing %s, left by an interrupted save", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        return _save_locked(folder, kind, config, tensors, meta, extra_files)
-
-
-def _save_locked(folder: Path, kind: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None,
-                 meta: Mapping[str, Any] | None, extra_files: Mapping[str, Callable[[Path], None]] | None) -> Path:
-    tmp = folder.parent / f".{folder.name}{TMP_DIR}{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def build(tmp: Path) -> None:
         if tensors is not None:
             save_tensors(tmp / WEIGHTS_FILE, tensors)
         for name, writer in (extra_files or {}).items():
@@ -279,17 +267,39 @@ def _save_locked(folder: Path, kind: str, config: Mapping[str, Any], tensors: Ma
             tmp / CONFIG_FILE,
             {"format_version": FORMAT_VERSION, "kind": kind, "config": dict(config), "meta": dict(meta or {})},
         )
-        _fsync_dir(tmp)
-        if folder.exists():
-            os.replace(folder, folder.parent / f"{folder.name}{ASIDE}{uuid.uuid4().hex[:8]}")
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-        # the copy just moved aside, and any an interrupted save left (the new folder replaces them)
-        for old in asides(folder):
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    return atomic_dir(folder, build)
+
+
+def atomic_dir(folder: str | Path, build: Callable[[Path], None]) -> Path:
+    """Call ``build(tmp_dir)`` to fill a temporary sibling folder, then swap it in as ``folder``.
+
+    Held under the directory's save lock. Stale half-built folders of ``folder`` (left by a writer
+    that died) are removed first. An existing ``folder`` is moved aside and removed only after the
+    new one is in place; a crash in between leaves the aside copy, which loads read-only and which
+    the next save (or ``taskmoe doctor --fix``) cleans. If ``build`` raises, ``folder`` is untouched
+    and the temporary folder removed.
+    """
+    folder = Path(folder)
+    with save_lock(folder.parent):
+        for stale in build_temps(folder):  # we hold the lock: a writer that left these is gone
+            log.info("removing %s, left by an interrupted save", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = folder.parent / f".{folder.name}{TMP_DIR}{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            build(tmp)
+            _fsync_dir(tmp)
+            if folder.exists():
+                os.replace(folder, folder.parent / f"{folder.name}{ASIDE}{uuid.uuid4().hex[:8]}")
+            os.replace(tmp, folder)
+            _fsync_dir(folder.parent)
+            # the copy just moved aside, and any an interrupted save left (the new folder replaces them)
+            for old in asides(folder):
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
 
 

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from taskmoe.errors import TrainingError
+from taskmoe.eval.nll import perplexity
 from taskmoe.training.checkpoint import (
     Checkpoint,
     checkpoints_dir,
@@ -68,12 +69,15 @@ from taskmoe.training.checkpoint import (
     step_dirname,
 )
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.metrics import MetricsWriter, progress_bar
+from taskmoe.progress import progress_bar
+from taskmoe.training.metrics import MetricsWriter
 from taskmoe.training.optim import build_optimizer, build_scheduler
 from taskmoe.training.rng import capture_rng, restore_rng, seed_everything
 from taskmoe.training.sampler import BatchPlan, DataPosition, iterate_steps, resolve_collate
 
 log = logging.getLogger(__name__)
+
+_BAR_FIELDS = ("loss {task.fields[loss]}", "{task.fields[tps]} tok/s")
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, Any]]"]
 
@@ -192,7 +196,7 @@ def train(
     last_ckpt, stopped = (ckpt.path if ckpt else None), False
     wrapped.train()
     try:
-        with progress_bar(cfg.progress and acc.is_main_process) as bar:
+        with progress_bar(cfg.progress and acc.is_main_process, fields=_BAR_FIELDS) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=st.step, loss="-", tps="-")
             while st.step < cfg.max_steps and not stopped:
                 step = st.step + 1
@@ -254,7 +258,8 @@ def evaluate(
     all-reduced, so every rank gets the same numbers and W processes evaluate exactly the
     samples one process with ``batch_size * W`` does. Each batch weighs its ``metrics["tokens"]``
     (else its sample count): with a token-mean loss this is the token-level mean over the whole
-    prefix, and ``eval_ppl = exp(eval_loss)`` is the corpus perplexity.
+    prefix (the token NLL of :mod:`taskmoe.eval.nll`: summed NLL / token count), and
+    ``eval_ppl = exp(eval_loss)`` is the corpus perplexity.
     """
     collate = resolve_collate(data, None if hasattr(data, "collate") else collate_fn)
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
@@ -285,7 +290,7 @@ def evaluate(
     tot = dict(zip(keys, vec.tolist()))
     total_weight = tot.pop("weight")
     out = {f"eval_{k}": v / total_weight for k, v in tot.items()}
-    out["eval_ppl"] = math.exp(out["eval_loss"]) if out["eval_loss"] < 700 else math.inf
+    out["eval_ppl"] = perplexity(out["eval_loss"])
     return out
 
 

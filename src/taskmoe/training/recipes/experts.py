@@ -58,7 +58,7 @@ from taskmoe.experts.semantic_loss import (
 )
 from taskmoe.io import read_json
 from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds, manifest_lock
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ExpertLMConfig
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, make_accelerator, train
 from taskmoe.training.recipes.pruning import expert_pruning, pruned_names, window_route_weights
@@ -78,8 +78,8 @@ def _sub(factory: Any, help: str) -> Any:
 class ExpertsRecipeConfig(Config):
     """Expert size, data windows, the semantic loss and the training run (per expert)."""
 
-    lm: LMConfig = _sub(lambda: LMConfig(n_layers=4, n_heads=4, chunk_size=64),
-                        "expert LMConfig; vocab_size and d_model are taken from the router's shared table")
+    lm: ExpertLMConfig = doc(ExpertLMConfig(n_layers=4, n_heads=4),
+                             "the expert's ExpertLMConfig; vocab_size and d_model are taken from the router's shared table")
     seq_len: int = doc(128, "tokens per training window")
     lam: float = doc(0.0, "λ: loss = (1 - λ) * CE + λ * L_sem (1 = the seed's pure semantic loss)")
     neighbours: int = doc(4, "k nearest training windows the semantic loss compares with")
