@@ -16,6 +16,7 @@ from taskmoe.training.recipes.crosstalk import train_crosstalk
 from taskmoe.training.recipes.dpo import train_dpo
 from taskmoe.training.recipes.doe import add_expert as doe_add_expert, doe_report, train_doe
 from taskmoe.training.recipes.experts import train_experts
+from taskmoe.training.recipes.mixture import train_mixture
 from taskmoe.training.recipes.quickstart import quickstart
 from taskmoe.training.recipes.router import route_fit
 from taskmoe.training.recipes.sft import train_sft
@@ -33,6 +34,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "route predict": route_predict,
     "route report": route_report,
     "train experts": train_experts,
+    "train mixture": train_mixture,
     "eval experts": eval_experts,
     "eval legal": eval_legal,
     "serve": serve,

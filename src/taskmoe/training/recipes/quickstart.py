@@ -289,8 +289,9 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
 
     st("router", lambda: _has(out / "router"), router_stage)
 
-    def expert_names() -> list[str]:
-        return [f"c{i}" for i in range(cfg.n_categories)]
+    def expert_names() -> list[str]:  # pruned in training (manifest 'pruned') are done: they are not retrained
+        gone = {r.get("expert") for r in _manifest(out).get("pruned", {}).values()}
+        return [f"c{i}" for i in range(cfg.n_categories) if f"c{i}" not in gone]
 
     def experts_stage() -> str:
         from taskmoe.training.recipes.experts import register_experts, setup, train_expert
@@ -303,12 +304,14 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
             say(f"training expert {name}")
             _, row = train_expert(name, s)
             register_experts(out, s.router, [name])
-            parts.append(f"{name}: {row['documents']} docs, loss {row['train_loss']:.2f}")
+            parts.append(f"{name}: {row['documents']} docs, " +
+                         (f"pruned at step {row['pruned']['step']}" if "pruned" in row else f"loss {row['train_loss']:.2f}"))
         return "; ".join(parts)
 
     def experts_done() -> bool:
         m = _manifest(out)
-        return all(_has(out / "experts" / n) for n in expert_names()) and len(m.get("experts", {})) == cfg.n_categories
+        return (all(_has(out / "experts" / n) for n in expert_names())
+                and len(m.get("experts", {})) + len(m.get("pruned", {})) == cfg.n_categories)
 
     st("experts", experts_done, experts_stage)
 
