@@ -39,6 +39,9 @@ built by the caller beforehand, so its initialisation is the caller's). Resume i
 model, optimizer, scheduler, every RNG (per rank), the data position, the loss history and
 callback state are restored, so an interrupted run continued to ``max_steps`` reproduces the
 uninterrupted run's per-step losses bit for bit (same hardware and world size).
+
+A resume with a changed config (``--lr``...) applies it and records each change (log, a
+``{"kind": "resume"}`` line in metrics.jsonl, ``resumes`` in checkpoints): what is recorded trained.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class _RunState:
     eval_history: list[dict[str, float]] = field(default_factory=list)
     tokens: int = 0
     train_time: float = 0.0
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # {"step", "changed": {key: [old, new]}}
 
     def to_json(self, plan: BatchPlan, cfg: TrainConfig, callbacks: Sequence[Any]) -> dict[str, Any]:
         return {
@@ -110,7 +114,7 @@ class _RunState:
             "losses": self.losses, "eval_history": self.eval_history,
             "tokens": self.tokens, "train_time": self.train_time,
             "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
-            "config": cfg.to_dict(),
+            "config": cfg.to_dict(), "resumes": self.resumes,
         }  # fmt: skip
 
     @classmethod
@@ -118,6 +122,7 @@ class _RunState:
         return cls(
             step=int(d["step"]), pos=DataPosition(int(d["epoch"]), int(d["index"])), losses=list(d["losses"]),
             eval_history=list(d["eval_history"]), tokens=int(d["tokens"]), train_time=float(d["train_time"]),
+            resumes=list(d.get("resumes", [])),
         )  # fmt: skip
 
 
@@ -176,7 +181,7 @@ def train(
     ckpt = _resume_checkpoint(out, resume)
     st = _RunState()
     if ckpt is not None:
-        st = _restore(ckpt, raw, optimizer, scheduler, callbacks, plan, rank)
+        st = _restore(ckpt, raw, optimizer, scheduler, callbacks, plan, rank, cfg)
     else:
         seed_everything(cfg.seed + rank)
     if st.step >= cfg.max_steps:
@@ -185,6 +190,8 @@ def train(
     wrapped = acc.prepare(raw)  # DDP-wrapped when launched with several processes
     params = [p for g in optimizer.param_groups for p in g["params"]]
     writer = MetricsWriter(out if acc.is_main_process else None, resume_step=st.step, tensorboard=cfg.tensorboard)
+    if st.resumes and st.resumes[-1]["step"] == st.step and ckpt is not None:
+        writer.write({"kind": "resume", "checkpoint": str(ckpt.path), **st.resumes[-1]})
     steps = iterate_steps(train_data, collate, plan, rank, st.pos, cfg.num_workers)
     last_ckpt, stopped = (ckpt.path if ckpt else None), False
     wrapped.train()
@@ -318,13 +325,8 @@ def _accumulate(model: nn.Module, loss_fn: LossFn, micro: list[Any], acc: Any) -
 
 
 def _count_tokens(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.numel()
-    if isinstance(batch, dict):
-        t = batch.get("input_ids")
-        if isinstance(t, torch.Tensor):
-            return t.numel()
-    return 0
+    t = batch.get("input_ids") if isinstance(batch, dict) else batch
+    return t.numel() if isinstance(t, torch.Tensor) else 0
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -355,10 +357,9 @@ def _resume_checkpoint(out: Path | None, resume: bool | str | Path) -> Checkpoin
 
 
 def _restore(ckpt: Checkpoint, raw: nn.Module, optimizer: Any, scheduler: Any, callbacks: list[Any],
-             plan: BatchPlan, rank: int) -> _RunState:  # fmt: skip
+             plan: BatchPlan, rank: int, cfg: TrainConfig) -> _RunState:  # fmt: skip
     ckpt.load_model(raw)
-    ckpt.load_optimizer(optimizer)
-    ckpt.load_scheduler(scheduler)
+    changed = ckpt.load_optimization(optimizer, scheduler, cfg)  # applies (and returns) any config change
     ts = ckpt.trainer_state
     if ts.get("num_samples") != plan.num_samples or ts.get("global_batch") != plan.global_batch:
         log.warning(
@@ -375,7 +376,9 @@ def _restore(ckpt: Checkpoint, raw: nn.Module, optimizer: Any, scheduler: Any, c
         log.warning("%s: no RNG state for process %d; reseeding it", ckpt.path, rank)
         seed_everything(int(ts.get("config", {}).get("seed", 0)) + rank + ckpt.step)
     log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
-    return _RunState.from_json(ts)
+    st = _RunState.from_json(ts)
+    st.resumes += [{"step": ckpt.step, "changed": changed}] if changed else []
+    return st
 
 
 def _save(out: Path, st: _RunState, raw: nn.Module, optimizer: Any, scheduler: Any, plan: BatchPlan,

@@ -255,7 +255,7 @@ def register_experts(run_dir: Path, router: Any, names: Sequence[str]) -> Path:
     run_dir = Path(run_dir)
     path = run_dir / MANIFEST_FILE
     run_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(run_dir / f".{MANIFEST_FILE}.lock"):
+    with FileLock(str(run_dir / f".{MANIFEST_FILE}.lock")):
         if path.is_file():
             m = Manifest.from_dict(read_json(path), source=str(path))
         else:
