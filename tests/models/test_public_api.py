@@ -15,9 +15,9 @@ from taskmoe.inference import generate as gen
 from taskmoe.inference import sampling
 
 SIGNATURES = {
-    tmodels.expert_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
-    tmodels.summarizer_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
-    tmodels.transformer_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None, *, "
+    tmodels.expert_lm: "(cfg: 'ExpertLMConfig | LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
+    tmodels.summarizer_lm: "(cfg: 'SummarizerLMConfig | LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
+    tmodels.transformer_lm: "(cfg: 'TransformerLMConfig | LMConfig', embedding: 'nn.Embedding | None' = None, *, "
                         "mlp_factory: 'Callable[[int], nn.Module] | None' = None) -> 'CausalLM'",
     tmodels.save_lm: "(model: 'CausalLM', folder: 'str | Path', kind: 'str' = 'lm', *, "
                  "meta: 'Mapping[str, Any] | None' = None, include_embedding: 'bool' = True) -> 'Path'",
