@@ -321,7 +321,7 @@ class System:
                 models = [store.get(n) for n in names]
                 inputs = [[bos, *prompts[i]] for i in rows]
                 w = torch.tensor([decisions[i].weights for i in rows], dtype=torch.float32)  # (rows, E)
-                for i, o in zip(rows, generate(EnsembleLM(models, inputs, w), inputs, cfg.generation(self.tokenizer.eos_id))):
+                for i, o in zip(rows, generate(EnsembleLM(models), inputs, cfg.generation(self.tokenizer.eos_id), side=list(w))):
                     out[i] = o
         return out
 
@@ -415,8 +415,8 @@ class System:
             use.append(flag)
         if rows:
             with clock("summarize"):
-                model = AdapterRowsLM(self.summarizer, cfg.adapter if any(use) else None, fused, use)
-                for i, o in zip(rows, generate(model, fused, cfg.generation(tok.eos_id))):
+                model = AdapterRowsLM(self.summarizer, cfg.adapter if any(use) else None)
+                for i, o in zip(rows, generate(model, fused, cfg.generation(tok.eos_id), side=use)):
                     answers[i] = o
         return answers
 
