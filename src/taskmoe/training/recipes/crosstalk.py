@@ -217,8 +217,8 @@ def setup(run: Path, cfg: CrosstalkRecipeConfig, *, first: str | None = None, se
     router = Router.load(res.router, tokenizer=tok)
     shared = router.embedding if router.embedding is not None else load_shared_embedding(res.router)
     shared.requires_grad_(False)
-    folders = dict(res.experts)
-    name_of = {i: p.name for i, p in folders.items()}
+    folders = {i: p for i, p in res.experts.items()}
+    name_of = {i: res.expert_name(i) for i in folders}
     index_of = {n: i for i, n in name_of.items()}
     for n in (first, second):
         if n is not None and n not in index_of:

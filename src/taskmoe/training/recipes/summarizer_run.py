@@ -68,17 +68,18 @@ def summarizer_drafter(run_dir: Path, cfg: SummarizerRecipeConfig, pipeline: Pip
     if router.embedding is None or router.tokenizer is None:
         raise CheckpointError(f"{res.router}: the summarizer needs a router with a learned (shared) embedding table "
                               "and its tokenizer.json")
-    missing = [c for i, c in enumerate(router.categories) if i not in res.experts]
+    router.unavailable = frozenset(res.pruned)  # pruned in training: routed to the remaining experts
+    missing = [c for i, c in enumerate(router.categories) if i not in res.experts and i not in res.pruned]
     if missing:
         raise CheckpointError(f"{res.run_dir / MANIFEST_FILE}: categories {missing} have no expert yet "
                               "(run `taskmoe train experts` first)")
     store = ExpertStore(expert_loader(router.embedding), exclude_shared=[router.embedding.weight])
     expert_of, prints = {}, {}
-    for i, c in enumerate(router.categories):
-        folder = res.experts[i]
-        store.register(folder.name, folder)
-        expert_of[c] = folder.name
-        prints[folder.name] = folder_fingerprint(folder)
+    for i, folder in sorted(res.experts.items()):
+        name = res.expert_name(i)
+        store.register(name, folder)
+        expert_of[router.categories[i]] = name
+        prints[name] = folder_fingerprint(folder)
     tok = router.tokenizer
     drafter = Drafter(router, store, draft_generator(tok.eos_id, pipeline.draft_repetition_penalty), bos_id=tok.bos_id,
                       max_new_tokens=cfg.draft_tokens, batch_size=cfg.draft_batch_size, expert_of=expert_of,
