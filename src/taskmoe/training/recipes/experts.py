@@ -11,12 +11,12 @@ Thin by design (setup / train / cleanup) over the shared loop (:func:`taskmoe.tr
   window gets its ``neighbours`` nearest other training windows once, here
   (:class:`taskmoe.experts.semantic_loss.RetrievalWindows`; validation windows query the same
   index).
-- **train** (:func:`train_expert`): build the expert around the shared table (frozen unless
+- **train** (:func:`train`, also named :func:`train_expert`): build the expert around the shared table (frozen unless
   ``fine_tune_embedding``), seeded, and run the loop with :func:`expert_loss`:
   ``(1 - λ) * CE + λ * L_sem``. ``L_sem`` is computed whenever λ > 0 and always at
   evaluation, so ``eval_sem_sim = 1 - L_sem`` (the semantic-similarity score) is reported for
   every λ, and ``eval_ce`` gives the validation perplexity whatever λ is.
-- **cleanup**: the main process saves ``experts/<name>/`` (without the shared table) and
+- **cleanup** (:func:`cleanup`): the main process saves ``experts/<name>/`` (without the shared table) and
   registers it in ``taskmoe.json`` under a file lock (jobs for different experts may finish
   at the same time on a cluster).
 
@@ -35,14 +35,14 @@ is :mod:`taskmoe.training.recipes.mixture` (``taskmoe train mixture``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, doc, load_config
 from taskmoe.data.datasets import PackedLMDataset, pack_documents
 from taskmoe.errors import CheckpointError, ConfigError, DataError
 from taskmoe.experts.assign import Assignment, route_documents
@@ -60,18 +60,14 @@ from taskmoe.io import read_json
 from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds, manifest_lock
 from taskmoe.models.config import ExpertLMConfig
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.loop import TrainResult, make_accelerator, train
+from taskmoe.training.loop import TrainResult, make_accelerator, train as train_loop
 from taskmoe.training.recipes.pruning import expert_pruning, pruned_names, window_route_weights
 from taskmoe.training.losses import lm_cross_entropy
 
-__all__ = ["ExpertsRecipeConfig", "ExpertData", "ExpertsSetup", "setup", "expert_loss", "train_expert",
-           "register_experts", "train_experts"]
+__all__ = ["ExpertsRecipeConfig", "ExpertData", "ExpertsSetup", "setup", "train", "cleanup", "expert_loss", "train_expert",
+           "register_experts", "build_recipe_config", "train_experts"]
 
 INDEX_BACKENDS = ("auto", "exact", "faiss")
-
-
-def _sub(factory: Any, help: str) -> Any:
-    return field(default_factory=factory, metadata={"help": help})
 
 
 @dataclass
@@ -86,11 +82,11 @@ class ExpertsRecipeConfig(Config):
     index_backend: str = doc("auto", "retrieval index: auto (faiss when installed and the index is large), exact, faiss")
     fine_tune_embedding: bool = doc(False, "give each expert its own trainable copy of the shared table (stored in its folder)")
     val_windows: int = doc(256, "at most this many validation windows per expert (evenly spaced)")
-    pruning: PruningConfig = _sub(PruningConfig, "the seed's pruning while each expert trains "
+    pruning: PruningConfig = doc(PruningConfig(), "the seed's pruning while each expert trains "
                                                  "(taskmoe.training.recipes.pruning; enabled=false turns it off)")
-    train: TrainConfig = _sub(lambda: TrainConfig(max_steps=300, batch_size=8, lr=1e-3, warmup_steps=30, eval_every=100,
-                                                  save_every=100, eval_batches=8),
-                              "the training run of each expert")
+    train: TrainConfig = doc(TrainConfig(max_steps=300, batch_size=8, lr=1e-3, warmup_steps=30, eval_every=100,
+                                         save_every=100, eval_batches=8),
+                             "the training run of each expert")
 
     def validate(self) -> None:
         check(self.seq_len >= 2, f"experts.seq_len must be >= 2, got {self.seq_len}")
@@ -221,8 +217,8 @@ def expert_loss(lam: float, table: torch.Tensor, token_weight: torch.Tensor | No
     return fn
 
 
-def train_expert(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume: bool = True,
-                 save: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+def train(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume: bool = True,
+          save: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Train expert ``name`` of ``st`` with the shared loop; save it (main process) unless ``save=False``."""
     cfg = st.cfg
     d = st.data[name]
@@ -235,8 +231,8 @@ def train_expert(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume
         others = len(st.router.categories) - 1 - len(set(pruned_names(st.run_dir)) - {name})
         loss, cb = expert_pruning(name, d.route_weights, cfg.pruning, others, loss)
         callbacks.append(cb)
-    res: TrainResult = train(model, loss, d.train, cfg.train, eval_data=d.eval, callbacks=callbacks,
-                             out_dir=st.run_dir / "train" / "experts" / name, resume=resume, accelerator=acc)
+    res: TrainResult = train_loop(model, loss, d.train, cfg.train, eval_data=d.eval, callbacks=callbacks,
+                                  out_dir=st.run_dir / "train" / "experts" / name, resume=resume, accelerator=acc)
     last = res.eval_history[-1] if res.eval_history else {}
     row: dict[str, Any] = {
         "expert": name, "documents": d.documents, "windows": len(d.train), "steps": res.steps,
@@ -256,6 +252,10 @@ def train_expert(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume
         row["folder"] = str(folder)
     acc.wait_for_everyone()
     return model, row
+
+
+train_expert = train
+"""The recipe's train step under its descriptive name."""
 
 
 # ----------------------------------------------------------------------------------- cleanup
@@ -288,14 +288,27 @@ def register_experts(run_dir: Path, router: Any, names: Sequence[str], *, pruned
         return m.replace(experts=by_key(experts), pruned=by_key(gone)).save(run_dir)
 
 
-def build_recipe_config(config: Optional[Path], **overrides: Any) -> ExpertsRecipeConfig:
-    """The recipe config from a JSON file (or the defaults) with the given non-None overrides applied."""
-    cfg = ExpertsRecipeConfig.load(config) if config is not None else ExpertsRecipeConfig()
-    o = {k: v for k, v in overrides.items() if v is not None}
-    lm = cfg.lm.replace(**{k: o.pop(k) for k in ("n_layers", "n_heads") if k in o})
-    tr = cfg.train.replace(**{k: o.pop(k) for k in ("max_steps", "batch_size", "grad_accum", "lr", "seed", "progress")
-                              if k in o})
-    return cfg.replace(lm=lm, train=tr, **o)
+def cleanup(st: ExpertsSetup, names: Sequence[str]) -> Path:
+    """The recipe's cleanup step: register the trained experts ``names`` in the run's manifest."""
+    return register_experts(st.run_dir, st.router, names)
+
+
+def build_recipe_config(config: Optional[Path], overrides: Sequence[str] | None = None, **flags: Any) -> ExpertsRecipeConfig:
+    """The recipe config from a JSON file (or the defaults), the CLI flags given (None = unset; see
+    :data:`FLAGS`), then the ``--set PATH=VALUE`` overrides (:func:`taskmoe.config.apply_overrides`)."""
+    unknown = sorted(set(flags) - set(FLAGS))
+    if unknown:
+        raise ConfigError(f"unknown experts flag(s) {unknown}; known: {sorted(FLAGS)}")
+    return load_config(ExpertsRecipeConfig, config, flags={FLAGS[k]: v for k, v in flags.items()}, overrides=overrides or ())
+
+
+FLAGS: dict[str, str] = {
+    "max_steps": "train.max_steps", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
+    "lr": "train.lr", "seed": "train.seed", "progress": "train.progress", "n_layers": "lm.n_layers",
+    "n_heads": "lm.n_heads", "seq_len": "seq_len", "lam": "lam", "neighbours": "neighbours",
+    "fine_tune_embedding": "fine_tune_embedding",
+}
+"""``train experts`` flag -> the config path it sets."""
 
 
 def train_experts(
@@ -313,6 +326,7 @@ def train_experts(
     n_layers: Optional[int] = None,
     fine_tune_embedding: Optional[bool] = None,
     config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
     seed: Optional[int] = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -323,14 +337,15 @@ def train_experts(
     document trains all), around the router's shared embedding table (frozen unless
     --fine-tune-embedding). Loss (1 - λ) CE + λ L_sem with --lam λ (semantic similarity to the
     expert's own nearest training windows). --config reads an ExpertsRecipeConfig JSON; the
-    flags given override it. Writes RUN/experts/NAME/ and registers it in RUN/taskmoe.json;
+    flags given override it, and --set PATH=VALUE (repeatable, e.g. --set train.lr=3e-4
+    --set lm.attention.chunk_size=32) overrides any field last. Writes RUN/experts/NAME/ and registers it in RUN/taskmoe.json;
     checkpoints in RUN/train/experts/NAME/ (a rerun resumes). One job per expert on a cluster:
     --expert NAME. Several processes (DDP, gloo on CPU):
     accelerate launch --multi_gpu --num_processes 2 -m taskmoe.cli train experts ...
     """
     from taskmoe.data.commands import get_corpus
 
-    cfg = build_recipe_config(config, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+    cfg = build_recipe_config(config, set, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                               seq_len=seq_len, lam=lam, neighbours=neighbours, n_layers=n_layers,
                               fine_tune_embedding=fine_tune_embedding, seed=seed,
                               progress=None if progress else False)
@@ -345,9 +360,9 @@ def train_experts(
             say(f"expert {name} was pruned ({gone[name]}); skipped (delete it from 'pruned' in taskmoe.json to retrain)")
             continue
         say(f"training expert {name} ({acc.num_processes} process(es))")
-        _, row = train_expert(name, st, accelerator=acc)
+        _, row = train(name, st, accelerator=acc)
         rows.append(row)
         if acc.is_main_process:
-            register_experts(st.run_dir, st.router, [name])
+            cleanup(st, [name])
     acc.wait_for_everyone()
     return rows

@@ -217,7 +217,9 @@ def _samples(system: Any, corpus: Any, cfg: QuickstartConfig) -> list[dict[str, 
         out.append({"domain": p.domain, "prompt": text, "answer": a.text, "routing": tr.routing_line(),
                     "adapter": tr.adapter, "clarify": tr.clarify,
                     "disagreement": round(tr.disagreement["score"], 3) if tr.disagreement else None,
-                    "experts": [e.name for e in tr.experts]})
+                    "experts": [e.name for e in tr.experts],
+                    "crosstalk": None if tr.crosstalk is None else {"pair": tr.crosstalk["pair"], "ran": tr.crosstalk["ran"],
+                                                                    "turns": len(tr.crosstalk["turns"])}})
     return out
 
 
@@ -348,7 +350,8 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
     def samples_stage() -> str:
         ctx["samples"] = samples = _samples(system, corpus, cfg)
         atomic_write_json(out / "reports" / "samples.json", samples)
-        return f"{len(samples)} prompts, {sum(s['clarify'] for s in samples)} clarifications"
+        talked = sum(bool(s["crosstalk"] and s["crosstalk"]["ran"]) for s in samples)
+        return f"{len(samples)} prompts, {sum(s['clarify'] for s in samples)} clarifications, {talked} cross-talks"
 
     st("samples", lambda: (out / "reports" / "samples.json").is_file(), samples_stage, always_after_change=True)
     samples = ctx.get("samples") or read_json(out / "reports" / "samples.json")
