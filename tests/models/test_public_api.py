@@ -31,9 +31,11 @@ SIGNATURES = {
     tlayers.Block.__init__: "(self, mixer: 'nn.Module', mlp: 'nn.Module | None' = None, *, d_model: 'int', "
                         "eps: 'float' = 1e-05, dropout: 'float' = 0.0) -> 'None'",
     gen.generate: "(model: 'nn.Module', prompts: 'list[list[int]]', cfg: 'GenerationConfig | None' = None, "
-                  "generator: 'torch.Generator | None' = None) -> 'list[list[int]]'",
+                  "generator: 'torch.Generator | None' = None, side: 'Sequence[Any] | None' = None) "
+                  "-> 'list[list[int]]'",
     gen.stream: "(model: 'nn.Module', prompts: 'Sequence[Sequence[int]]', cfg: 'GenerationConfig | None' = None, "
-                "generator: 'torch.Generator | None' = None) -> 'Iterator[tuple[int, int]]'",
+                "generator: 'torch.Generator | None' = None, side: 'Sequence[Any] | None' = None) "
+                "-> 'Iterator[tuple[int, int]]'",
     sampling.sample: "(logits: 'Tensor', *, temperature: 'float' = 1.0, top_k: 'int' = 0, top_p: 'float' = 1.0, "
                      "generator: 'torch.Generator | None' = None) -> 'Tensor'",
 }
