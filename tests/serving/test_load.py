@@ -143,12 +143,12 @@ def test_busy_server_refuses_early_with_429_and_retry_after(busy_backend) -> Non
 
 
 def test_overload_burst_gives_only_200_and_429(busy_backend) -> None:
-    limits = Limits(token_budget=2_000, max_request_share=0.25, generation_timeout_s=5.0, max_batch=16)
+    limits = Limits(token_budget=2_000, max_request_share=0.25, generation_timeout_s=15.0, max_batch=16)
     with running(create_app(busy_backend, limits)) as srv:
         body = {"model": "expert", "prompt": "burst", "max_tokens": 64}
-        with cf.ThreadPoolExecutor(64) as pool:
+        with cf.ThreadPoolExecutor(32) as pool:
             codes = list(pool.map(lambda _: httpx.post(srv.url + "/v1/completions", json=body, timeout=60).status_code,
-                                  range(128)))
+                                  range(96)))
     assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
 
 

@@ -10,8 +10,10 @@ Symbols:
 - ``rate`` r: measured work tokens per second while the scheduler is busy, an exponentially
   weighted moving average over time, ``r <- r + (1 - exp(-dt / tau)) (x - r)`` for a step that did
   ``x = tokens / dt`` in ``dt`` seconds (``tau`` = :data:`RATE_TAU_S`);
-- the allowance A: ``min(token_budget, r x admit_fraction x generation_timeout_s)``, or one batch of
-  default requests (``max_batch x default_max_tokens``) before any rate is measured.
+- the allowance A: ``min(token_budget, r x admit_fraction x generation_timeout_s)``; before any
+  rate is measured, one batch of default requests, ``min(token_budget, max_batch x
+  default_max_tokens)`` (the first step measures the rate). The rate grows with the batch, so A
+  grows as admitted work fills the batch: the rule follows what the server really does.
 
 A request is admitted when ``cost <= max_request_share x token_budget`` (else refused: it would
 never fit a fair share, so retrying does not help and no ``Retry-After`` is sent) and either the
