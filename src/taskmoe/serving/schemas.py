@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from pydantic_core import PydanticCustomError
 
 from taskmoe.serving.limits import Limits
@@ -48,6 +48,19 @@ def encodable(text: str) -> str:
                                   {"reason": e.reason, "index": e.start}) from None
     return text
 
+
+def integral(v: Any) -> Any:
+    """JSON Schema counts ``1.0`` as an integer: pass it on as ``1`` (``true``, ``"1"``, ``1.5`` stay errors)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(integral)]
+"""A request integer: a JSON integer (``1`` or ``1.0``), never a boolean or a string."""
+
+
+def int_in(lo: int, hi: int | None = None) -> Any:
+    """:data:`Int` within ``[lo, hi]``, the bounds in the JSON Schema (``minimum``/``maximum``)."""
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(integral)]
 
 Text = Annotated[str, AfterValidator(encodable)]
 """A request string: any encodable Unicode text."""
@@ -99,14 +112,14 @@ class ChatMessage(_Strict):
 
 class _GenerationFields(_Strict):
     model: Text = Field(..., min_length=1, max_length=256, description="one of the ids listed by GET /v1/models")
-    max_tokens: Optional[int] = Field(None, ge=1, description="most tokens to generate per choice")
+    max_tokens: Optional[int_in(1)] = Field(None, description="most tokens to generate per choice")
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 is greedy decoding")
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
-    n: Optional[int] = Field(None, ge=1, description="choices per prompt")
+    n: Optional[int_in(1)] = Field(None, description="choices per prompt")
     stop: Optional[Union[Text, list[Text]]] = Field(None, description="up to 4 sequences where generation stops")
     stream: Optional[bool] = Field(False, description="stream server-sent events")
     stream_options: Optional[StreamOptions] = None
-    seed: Optional[int] = Field(None, description="makes sampling reproducible (any integer; used modulo 2**63)")
+    seed: Optional[Int] = Field(None, description="makes sampling reproducible (any integer; used modulo 2**63)")
     user: Optional[Text] = Field(None, max_length=256)
     taskmoe: Optional[TaskmoeOptions] = None
 
@@ -126,7 +139,7 @@ class _GenerationFields(_Strict):
 
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="newer name of max_tokens")
+    max_completion_tokens: Optional[int_in(1)] = Field(None, description="newer name of max_tokens")
 
     def token_budget(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -146,15 +159,15 @@ def request_models(limits: Limits) -> tuple[type[ChatCompletionRequest], type[Co
     """The chat and completion request models with ``limits`` written into their schema."""
     stop_str = Annotated[Text, Field(max_length=limits.max_stop_chars)]
     common: dict[str, Any] = {
-        "max_tokens": (Optional[int], Field(None, ge=1, le=limits.max_max_tokens, description="most tokens to generate per choice")),
-        "n": (Optional[int], Field(None, ge=1, le=limits.max_n, description="choices per prompt")),
+        "max_tokens": (Optional[int_in(1, limits.max_max_tokens)], Field(None, description="most tokens to generate per choice")),
+        "n": (Optional[int_in(1, limits.max_n)], Field(None, description="choices per prompt")),
         "stop": (Optional[Union[stop_str, Annotated[list[stop_str], Field(max_length=limits.max_stop)]]],
                  Field(None, description=f"up to {limits.max_stop} sequences where generation stops")),
     }
     chat = create_model(
         "ChatCompletionRequest", __base__=ChatCompletionRequest, __module__=__name__,
         messages=(list[ChatMessage], Field(..., min_length=1, max_length=limits.max_messages)),
-        max_completion_tokens=(Optional[int], Field(None, ge=1, le=limits.max_max_tokens,
+        max_completion_tokens=(Optional[int_in(1, limits.max_max_tokens)], Field(None,
                                                      description="newer name of max_tokens")),
         **common,
     )
