@@ -49,7 +49,7 @@ from taskmoe.data.default import load_default_corpus
 from taskmoe.eval.perplexity import build_windows, perplexity, perplexity_matrix, route_prefixes, routed_perplexity
 from taskmoe.eval.routing import nmi
 from taskmoe.experts.expert_lm import build_expert, expert_config
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ExpertLMConfig, LMConfig
 from taskmoe.router.classifier import ClassifierConfig
 from taskmoe.router.clustering import ClusteringConfig
 from taskmoe.router.encoders import LearnedEncoderConfig
@@ -169,7 +169,7 @@ def run(s: dict, work: Path, args) -> None:
     corpus = load_default_corpus(s["max_docs"], progress=False)
     tok = corpus_tokenizer(corpus, s["vocab"], progress=False)
     say(f"corpus: {len(corpus.train)} train / {len(corpus.test)} test documents, vocab {tok.vocab_size}")
-    lm = LMConfig(n_layers=s["n_layers"], n_heads=4, chunk_size=64)
+    lm = ExpertLMConfig(n_layers=s["n_layers"], n_heads=4)
     S = s["steps"]
     tokens_per_system = S * s["batch"] * s["seq_len"]
 

@@ -45,7 +45,8 @@ from taskmoe.crosstalk.dialogue import DialogueTokens
 from taskmoe.data import PackedLMDataset, load_default_corpus
 from taskmoe.data.datasets import pack_documents
 from taskmoe.data.tokenizer import Tokenizer
-from taskmoe.models import LMConfig, expert_lm
+from taskmoe.eval.nll import corpus_nll
+from taskmoe.models import ExpertLMConfig, LinearAttentionConfig, expert_lm
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import train
 from taskmoe.training.losses import lm_cross_entropy
@@ -71,11 +72,10 @@ def lm_loss(model, batch):
     return lm_cross_entropy(out.logits, batch[:, 1:]), {"tokens": int(batch[:, 1:].numel())}
 
 
-@torch.no_grad()
 def perplexity(model, windows: PackedLMDataset, n: int = 32) -> float:
     idx = torch.linspace(0, len(windows) - 1, min(n, len(windows))).long().tolist()
     x = torch.stack([windows[i] for i in idx])
-    return float(torch.exp(lm_cross_entropy(model(x[:, :-1]).logits, x[:, 1:])))
+    return corpus_nll(lambda b: (model(b[:, :-1]).logits, b[:, 1:]), [x], model=model).ppl
 
 
 def prompts_for(tok: Tokenizer, docs_by_domain: dict, n_per_domain: int, P: int) -> CrosstalkPrompts:
@@ -146,7 +146,7 @@ def main() -> None:
     V = tok.vocab_size
 
     # ---- two experts, one per domain
-    lm_cfg = LMConfig(vocab_size=V, d_model=96, n_layers=4, n_heads=4, chunk_size=32)
+    lm_cfg = ExpertLMConfig(vocab_size=V, d_model=96, n_layers=4, n_heads=4, attention=LinearAttentionConfig(chunk_size=32))
     experts, expert_rows, val_windows = [], [], {}
     for d in DOMAINS:
         val_windows[d] = PackedLMDataset(pack_documents(tok.encode_batch([x.text for x in val_docs[d]], allow_special=False),

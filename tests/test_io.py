@@ -13,6 +13,7 @@ from torch import nn
 from taskmoe.errors import CheckpointError
 from taskmoe.io import (
     FORMAT_VERSION,
+    SAVE_LOCK,
     atomic_write,
     atomic_write_json,
     check_state,
@@ -20,9 +21,15 @@ from taskmoe.io import (
     load_state_into,
     load_tensors,
     read_json,
+    resolve_saved,
     save_component,
     save_tensors,
 )
+
+
+def _names(folder: Path) -> list[str]:
+    """The entries of ``folder`` other than the directory's save lock."""
+    return sorted(p.name for p in folder.iterdir() if p.name != SAVE_LOCK)
 
 
 class LM(nn.Module):
@@ -113,7 +120,7 @@ def test_component_round_trip_and_overwrite(tmp_path):
     assert torch.equal(comp.tensors()["proj.weight"], m.proj.weight)
     save_component(folder, "expert", {"vocab": 11, "v": 2}, m.state_dict())
     assert load_component(folder).config["v"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["expert"]  # no temp or aside folders left
+    assert _names(tmp_path) == ["expert"]  # no temp or aside folders left
 
 
 def test_component_errors_name_the_problem(tmp_path):
@@ -155,19 +162,56 @@ def test_crash_before_the_folder_rename_keeps_the_old_component(tmp_path, monkey
         save_component(folder, "expert", {"v": 2}, {"w": torch.zeros(2)})
     monkeypatch.undo()
     assert load_component(folder).config == {"v": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    assert _names(tmp_path) == ["e"]
 
 
-def test_crash_between_the_two_renames_is_recovered_on_load(tmp_path, monkeypatch):
+def _tree(root: Path) -> list[tuple[str, int, int]]:
+    """Every path under ``root`` with its inode and mtime: any rename, write or delete changes it."""
+    return sorted((str(p.relative_to(root)), p.stat().st_ino, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_a_load_between_the_two_renames_is_read_only_and_names_doctor(tmp_path, monkeypatch):
     folder = save_component(tmp_path / "e", "expert", {"v": 1}, {"w": torch.ones(2)})
     monkeypatch.setattr(os, "replace", _fail_on(2))  # old folder moved aside, new one not yet in place
     with pytest.raises(OSError, match="simulated crash"):
         save_component(folder, "expert", {"v": 2}, {"w": torch.zeros(2)})
     monkeypatch.undo()
     assert not folder.exists()
-    comp = load_component(folder)  # restores the moved-aside copy
-    assert comp.config == {"v": 1} and torch.equal(comp.tensors()["w"], torch.ones(2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+    before = _tree(tmp_path)
+    with pytest.raises(CheckpointError, match=r"e\.aside-\w+ \(run `taskmoe doctor .* --fix` to restore it\)"):
+        load_component(folder)
+    assert _tree(tmp_path) == before  # the load renamed nothing
+    aside = resolve_saved(tmp_path, "e")  # what a manifest load reads instead: the last committed copy
+    assert aside.name.startswith("e.aside-") and load_component(aside).config == {"v": 1}
+    assert _tree(tmp_path) == before
+
+
+def test_the_next_save_removes_stale_temp_folders_of_its_component(tmp_path):
+    save_component(tmp_path / "c0", "expert", {"v": 1}, {"w": torch.ones(2)})
+    stale = tmp_path / ".c0.tmp-deadbeef"  # left by a writer killed mid-save
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    other = tmp_path / ".c1.tmp-cafef00d"  # another component's: not this writer's business
+    other.mkdir()
+    save_component(tmp_path / "c0", "expert", {"v": 2}, {"w": torch.ones(2)})
+    assert _names(tmp_path) == [".c1.tmp-cafef00d", "c0"]
+    assert load_component(tmp_path / "c0").config == {"v": 2}
+
+
+def test_written_files_get_the_permissions_open_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = save_component(tmp_path / "c", "expert", {}, {"w": torch.ones(2)},
+                                extra_files={"t.json": lambda p: atomic_write_json(p, {})})
+        single = save_tensors(tmp_path / "x.safetensors", {"w": torch.ones(2)})
+        files = [folder / "model.safetensors", folder / "config.json", folder / "t.json", single]
+        assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
+        os.umask(0o027)
+        atomic_write_json(tmp_path / "y.json", {})
+        assert oct((tmp_path / "y.json").stat().st_mode & 0o777) == "0o640"
+        assert oct(save_tensors(tmp_path / "y.safetensors", {"w": torch.ones(1)}).stat().st_mode & 0o777) == "0o640"
+    finally:
+        os.umask(old)
 
 
 def test_a_save_after_an_unrecovered_crash_removes_the_stale_aside(tmp_path, monkeypatch):
@@ -178,4 +222,4 @@ def test_a_save_after_an_unrecovered_crash_removes_the_stale_aside(tmp_path, mon
     monkeypatch.undo()
     save_component(folder, "expert", {"v": 3}, {"w": torch.zeros(2)})  # no load in between
     assert load_component(folder).config == {"v": 3}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # the old copy does not linger
+    assert _names(tmp_path) == ["e"]  # the old copy does not linger

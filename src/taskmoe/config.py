@@ -1,6 +1,6 @@
 """Typed, validated dataclass configs and their JSON round trip.
 
-Each component keeps its own small dataclass config next to its code (``nn.LMConfig``,
+Each component keeps its own small dataclass config next to its code (``models.LMConfig``,
 ``router.RouterConfig``, ...). They all derive from :class:`Config`, which gives:
 
 - validation in ``__post_init__`` (subclasses override :meth:`validate` and raise
@@ -12,6 +12,7 @@ Each component keeps its own small dataclass config next to its code (``nn.LMCon
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import typing
@@ -24,9 +25,14 @@ C = TypeVar("C", bound="Config")
 
 
 def doc(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a default and a help string (shown by the CLI and in docs)."""
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    """A dataclass field with a default and a help string (shown by the CLI and in docs).
+
+    A mutable default (list, dict, set, or a nested :class:`Config` such as
+    ``doc(TrainConfig(max_steps=300), "the training run")``) becomes a ``default_factory`` that
+    hands every instance its own copy.
+    """
+    if isinstance(default, (list, dict, set, Config)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kw)
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 

@@ -10,10 +10,19 @@ Design choices:
 - **Atomic files.** Every file is written to a temporary sibling, flushed and ``fsync``-ed, then
   ``os.replace``-d over the target, and the directory is ``fsync``-ed. A crash leaves either the
   old file or the new one, never half of one.
-- **Atomic folders.** :func:`save_component` builds the whole folder under a temporary name and
-  renames it into place; an existing folder is first moved aside and removed only after the new
-  one is in place. If a crash lands between the two renames, the next load finds the moved-aside
-  copy and restores it.
+- **Normal permissions.** A temporary file is created the way ``open()`` creates one (mode
+  ``0o666`` minus the umask) and gets that mode back after the writer ran, since some writers
+  (safetensors) replace the file they are given with a new ``0600`` one.
+- **Atomic folders.** :func:`save_component` builds the whole folder under a temporary name
+  (``.NAME.tmp-*``) and renames it into place; an existing folder is first moved aside
+  (``NAME.aside-*``) and removed only after the new one is in place. Saves into one directory hold
+  that directory's save lock (``.taskmoe-save.lock``, :mod:`filelock`), so a writer that finds
+  another ``.NAME.tmp-*`` or ``NAME.aside-*`` knows it was left by a dead writer and removes it:
+  the next save repairs an interrupted one.
+- **Loads are read-only.** They never rename or delete. A folder left between the two renames
+  (``NAME`` missing, ``NAME.aside-*`` present) is read from the aside copy by
+  :func:`resolve_saved` (the last committed state); :func:`load_component` on such a folder says
+  to run ``taskmoe doctor``, which lists and repairs half-finished saves (:mod:`taskmoe.doctor`).
 - **Loud, specific failures.** Loading checks the format version, the kind, every tensor name
   and shape, and names the file and the mismatch (a vocabulary-size mismatch says so).
 """
@@ -21,9 +30,9 @@ Design choices:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +42,15 @@ import torch
 
 from taskmoe.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-_ASIDE = ".aside-"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+ASIDE = ".aside-"  # NAME.aside-<hex>: the previous copy of NAME, moved aside during a save
+TMP_DIR = ".tmp-"  # .NAME.tmp-<hex>: a component folder being built
+TMP_FILE = ".tmp"  # .NAME.<hex>.tmp: a file being written
+SAVE_LOCK = ".taskmoe-save.lock"  # one per directory that component folders are saved into
 
 
 # ---------------------------------------------------------------------------- atomic files
@@ -63,12 +75,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_FILE}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the mode open() gives: 0o666 & ~umask
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # the writer may have replaced the file (safetensors makes a new 0600 one)
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
@@ -188,13 +203,43 @@ class Component:
         return load_tensors(self.folder / name)
 
 
-def _restore_aside(folder: Path) -> None:
-    """Recover from a crash between the two renames of :func:`save_component`."""
-    if folder.exists():
-        return
-    asides = sorted(folder.parent.glob(f"{folder.name}{_ASIDE}*"), key=lambda p: p.stat().st_mtime)
-    if asides:
-        os.replace(asides[-1], folder)
+def asides(folder: Path) -> list[Path]:
+    """The moved-aside copies ``NAME.aside-*`` of ``folder``, newest first."""
+    found = [p for p in folder.parent.glob(f"{folder.name}{ASIDE}*") if p.is_dir()] if folder.parent.is_dir() else []
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+
+
+def build_temps(folder: Path) -> list[Path]:
+    """The half-built folders ``.NAME.tmp-*`` of ``folder``."""
+    return sorted(folder.parent.glob(f".{folder.name}{TMP_DIR}*")) if folder.parent.is_dir() else []
+
+
+def resolve_saved(root: str | Path, rel: str | Path) -> Path:
+    """``root / rel``, reading through a half-finished save read-only.
+
+    Each missing part of the path that has a moved-aside copy (``NAME.aside-*``, left by a save
+    interrupted between its two renames) resolves to the newest such copy: the last committed
+    state. Nothing is renamed; a warning names ``taskmoe doctor``. A path with no aside copy is
+    returned as is (it may not exist).
+    """
+    root = Path(root)
+    out = root
+    for part in Path(rel).parts:
+        nxt = out / part
+        if not nxt.exists() and (found := asides(nxt)):
+            log.warning("%s: an interrupted save left it as %s; reading that copy read-only "
+                        "(repair with `taskmoe doctor %s --fix`)", nxt, found[0].name, root)
+            nxt = found[0]
+        out = nxt
+    return out
+
+
+def save_lock(directory: Path) -> Any:
+    """The exclusive save lock of ``directory`` (a :class:`filelock.FileLock`; use as a context manager)."""
+    from filelock import FileLock
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(directory / SAVE_LOCK), is_singleton=True)  # re-entrant: a save may nest another
 
 
 def save_component(
@@ -211,11 +256,7 @@ def save_component(
     ``extra_files`` maps a relative file name to a writer ``f(path)`` for anything else the
     component stores (another safetensors file, a JSON table, ``tokenizer.json``...).
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def build(tmp: Path) -> None:
         if tensors is not None:
             save_tensors(tmp / WEIGHTS_FILE, tensors)
         for name, writer in (extra_files or {}).items():
@@ -226,27 +267,49 @@ def save_component(
             tmp / CONFIG_FILE,
             {"format_version": FORMAT_VERSION, "kind": kind, "config": dict(config), "meta": dict(meta or {})},
         )
-        _fsync_dir(tmp)
-        aside = None
-        if folder.exists():
-            aside = folder.parent / f"{folder.name}{_ASIDE}{uuid.uuid4().hex[:8]}"
-            os.replace(folder, aside)
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-        # the copy just moved aside, and any left by an earlier crash that no load recovered
-        for old in [p for p in folder.parent.iterdir() if p.name.startswith(f"{folder.name}{_ASIDE}")]:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    return atomic_dir(folder, build)
+
+
+def atomic_dir(folder: str | Path, build: Callable[[Path], None]) -> Path:
+    """Call ``build(tmp_dir)`` to fill a temporary sibling folder, then swap it in as ``folder``.
+
+    Held under the directory's save lock. Stale half-built folders of ``folder`` (left by a writer
+    that died) are removed first. An existing ``folder`` is moved aside and removed only after the
+    new one is in place; a crash in between leaves the aside copy, which loads read-only and which
+    the next save (or ``taskmoe doctor --fix``) cleans. If ``build`` raises, ``folder`` is untouched
+    and the temporary folder removed.
+    """
+    folder = Path(folder)
+    with save_lock(folder.parent):
+        for stale in build_temps(folder):  # we hold the lock: a writer that left these is gone
+            log.info("removing %s, left by an interrupted save", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = folder.parent / f".{folder.name}{TMP_DIR}{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            build(tmp)
+            _fsync_dir(tmp)
+            if folder.exists():
+                os.replace(folder, folder.parent / f"{folder.name}{ASIDE}{uuid.uuid4().hex[:8]}")
+            os.replace(tmp, folder)
+            _fsync_dir(folder.parent)
+            # the copy just moved aside, and any an interrupted save left (the new folder replaces them)
+            for old in asides(folder):
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
 
 
 def load_component(folder: str | Path, kind: str | tuple[str, ...] | None = None) -> Component:
     """Read and validate a component folder's config.json (weights are read on demand)."""
     folder = Path(folder)
-    _restore_aside(folder)
     if not folder.is_dir():
+        if found := asides(folder):
+            raise CheckpointError(f"{folder}: not found; an interrupted save left its previous copy as {found[0].name} "
+                                  f"(run `taskmoe doctor {folder.parent} --fix` to restore it)")
         raise CheckpointError(f"{folder}: component folder not found")
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():

@@ -15,6 +15,14 @@ to its expert, and carries the routing thresholds. :func:`load_manifest` validat
 anything heavy is loaded: the format version, that every named file exists, and that every
 component agrees on the vocabulary size and embedding width of the shared table. Each failure
 names the file and the mismatch.
+
+Loading is read-only: a component left between the two renames of an interrupted save
+(``NAME`` missing, ``NAME.aside-*`` present) resolves to its aside copy
+(:func:`taskmoe.io.resolve_saved`, with a warning naming ``taskmoe doctor``).
+
+Pruned experts (``pruned``: category -> what the training run recorded when it pruned the
+category's expert, see :mod:`taskmoe.experts.pruning`) need no expert folder; the loader routes
+their categories to the remaining experts.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import CheckpointError
-from taskmoe.io import atomic_write_json, load_component, read_json
+from taskmoe.io import atomic_write_json, load_component, read_json, resolve_saved
 from taskmoe.router.policy import PolicyConfig
 
 MANIFEST_FILE = "taskmoe.json"
@@ -44,6 +52,8 @@ class Manifest(Config):
     summarizer: str | None = doc(None, "summarizer component folder, or None for an experts-only system")
     adapters: dict = doc({}, "adapter name (e.g. 'code') -> adapter folder")
     crosstalk: str | None = doc(None, "cross-talk component folder, if trained")
+    pruned: dict = doc({}, "category index (as a string) -> pruning record {expert, stage, window, counts}; "
+                           "a pruned category needs no expert and is routed to the remaining experts")
     thresholds: PolicyConfig = doc(None, "routing thresholds (t_C_base, k, t_CT) of the router policy")
     vocab_size: int = doc(0, "size of the shared vocabulary")
     d_model: int = doc(0, "width of the shared embedding table")
@@ -60,6 +70,8 @@ class Manifest(Config):
               f"manifest format_version {self.format_version} is not supported (this taskmoe reads {MANIFEST_VERSION})")
         check(self.vocab_size > 0, f"vocab_size must be > 0, got {self.vocab_size}")
         check(self.d_model > 0, f"d_model must be > 0, got {self.d_model}")
+        both = sorted(set(self.experts) & set(self.pruned), key=int)
+        check(not both, f"categories {both} are both in 'experts' and in 'pruned'")
 
     def save(self, run_dir: str | Path) -> Path:  # type: ignore[override]
         return atomic_write_json(Path(run_dir) / MANIFEST_FILE, self.to_dict())
@@ -85,6 +97,16 @@ class ResolvedManifest:
     adapters: dict[str, Path] = field(default_factory=dict)
     crosstalk: Path | None = None
 
+    def expert_name(self, category: int) -> str:
+        """The expert's name: its folder's name as the manifest writes it (the resolved folder may
+        be an interrupted save's aside copy, ``NAME.aside-*``)."""
+        return Path(self.manifest.experts[str(category)]).name
+
+    @property
+    def pruned(self) -> list[int]:
+        """The categories whose expert was pruned in training."""
+        return sorted(int(k) for k in self.manifest.pruned)
+
 
 def load_manifest(run_dir: str | Path) -> ResolvedManifest:
     """Read and validate ``run_dir/taskmoe.json`` and resolve every path it names."""
@@ -99,9 +121,10 @@ def load_manifest(run_dir: str | Path) -> ResolvedManifest:
         raise CheckpointError(f"{path}: {e}") from e
 
     def need(rel: str, what: str) -> Path:
-        p = (run_dir / rel).resolve()
-        if run_dir.resolve() not in p.parents and p != run_dir.resolve():
+        q = (run_dir / rel).resolve()
+        if run_dir.resolve() not in q.parents and q != run_dir.resolve():
             raise CheckpointError(f"{path}: {what} path {rel!r} points outside the run folder")
+        p = resolve_saved(run_dir, rel).resolve()  # read-only: an interrupted save's aside copy if need be
         if not p.exists():
             raise CheckpointError(f"{path}: {what} {rel!r} not found")
         return p

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from taskmoe.crosstalk.dialogue import Speaker
-from taskmoe.models import LMConfig, expert_lm
+from taskmoe.models import ConvConfig, ExpertLMConfig, LinearAttentionConfig, expert_lm
 from taskmoe.layers.lora import inject, lora_layers, set_adapter
 
 V = 48
@@ -14,7 +14,8 @@ V = 48
 
 def tiny_expert(seed: int, vocab: int = V, embedding: torch.nn.Embedding | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = LMConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, conv_levels=2, chunk_size=8)
+    cfg = ExpertLMConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, conv=ConvConfig(levels=2),
+                         attention=LinearAttentionConfig(chunk_size=8))
     return expert_lm(cfg, embedding).eval()
 
 

@@ -126,6 +126,56 @@ def test_batch_equals_alone_when_greedy_and_certain(speakers) -> None:
     assert all(t.n_interruptions == c.n_turns - 1 for t in batch if len(t.ids) == c.max_new_tokens)
 
 
+def test_per_row_generators_make_sampled_rows_equal_alone(adapted) -> None:
+    """Sampling (T = 1) and random interruptions: with a generator per row, each row's transcript is
+    that row run alone with the same seed, although finished rows leave the batch along the way."""
+    c = cfg()
+    first = [0, 1, 0, 1, 0]
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(len(PROMPTS))]
+    batch = run_dialogues(adapted, PROMPTS, CONF, c, gens, first=first, tokens=TOKENS)
+    assert len({len(t.ids) for t in batch}) > 1 and any(t.n_interruptions for t in batch)  # ragged, interrupted
+    for i, (p, conf, f) in enumerate(zip(PROMPTS, CONF, first)):
+        alone = run_dialogues(adapted, [p], [conf], c, [torch.Generator().manual_seed(10 + i)], first=[f], tokens=TOKENS)[0]
+        assert dataclasses.replace(alone, logprobs=()) == dataclasses.replace(batch[i], logprobs=())
+    with pytest.raises(ConfigError, match="5 prompts but 2 generators"):
+        run_dialogues(adapted, PROMPTS, CONF, c, gens[:2], first=first, tokens=TOKENS)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_emit_streams_tokens_and_halts_a_row_within_one_step(speakers, per_row) -> None:
+    c = cfg(temperature=0.0, max_new_tokens=12)
+    seen: dict[int, list[tuple[int, int]]] = {i: [] for i in range(len(PROMPTS))}
+    mark: list[int] = []
+
+    def emit(row, tok, who):
+        seen[row].append((tok, who))
+        if row == 1 and len(seen[row]) == 3:  # cancel row 1 at its third token
+            mark.append(len(reads))
+            return False
+        return True
+
+    def dialogue(emit_fn):
+        gens = [torch.Generator().manual_seed(0) for _ in PROMPTS] if per_row else torch.Generator().manual_seed(0)
+        reads.clear()
+        out = run_dialogues(speakers, PROMPTS, CONF, c, gens, tokens=TOKENS, emit=emit_fn)
+        return out, list(reads)
+
+    reads: list[int] = []  # rows in each one-token forward of speaker 0
+    hook = speakers[0].model.register_forward_pre_hook(lambda m, a: reads.append(a[0].shape[0]) if a[0].shape[1] == 1 else None)
+    try:
+        full, full_reads = dialogue(None)
+        got, got_reads = dialogue(emit)
+    finally:
+        hook.remove()
+    assert got[1].stop == "halted" and len(got[1].ids) == 3 and len(seen[1]) == 3  # no token after the cancel
+    assert full[1].stop != "halted" and len(full[1].ids) > 3
+    for i in (0, 2, 3, 4):  # the others are untouched (greedy) and every token was streamed with its speaker
+        assert got[i].ids == full[i].ids and seen[i] == list(zip(got[i].ids, got[i].speakers))
+    # the very next forward already runs without row 1 (and the forwards before it were the same)
+    j = mark[0]
+    assert got_reads[:j] == full_reads[:j] and got_reads[j] == full_reads[j] - 1
+
+
 def test_adapters_only_during_crosstalk(adapted) -> None:
     base = [Speaker(s.name, remove_adapters_copy(s.model), None) for s in adapted]
     # no interruption possible -> no cross-talk -> exactly the base models' dialogue, adapters or not

@@ -1,4 +1,4 @@
-"""Torch datasets: packing windows, the single truncation rule, SFT loss masks, preference batches."""
+"""Torch datasets: packing windows and the single truncation rule (chat datasets: test_data_sft.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ from hypothesis import strategies as st
 from taskmoe.data.datasets import (
     IGNORE_INDEX,
     PackedLMDataset,
-    PreferenceDataset,
-    SFTDataset,
     masked_example,
     pack_documents,
     truncate_pair,
 )
-from taskmoe.data.formats import PreferenceExample, SFTExample
 from taskmoe.errors import DataError
 
 
@@ -76,47 +73,3 @@ def test_masked_example_shifts_and_masks_prompt():
     x, y = masked_example([1, 5, 6], [7, 8, 2], max_len=16)
     assert x.tolist() == [1, 5, 6, 7, 8]
     assert y.tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 2]  # y[t] is the token after x[:t+1]
-
-
-def test_sft_dataset_labels_are_response_plus_eos(small_tokenizer):
-    ex = [
-        SFTExample.from_prompt("Say hi", "hi there"),
-        SFTExample.from_prompt("Count", "one two three four", system="Be exact."),
-    ]
-    ds = SFTDataset(ex, small_tokenizer, max_len=256)
-    for e, item in zip(ex, ds):
-        prompt = small_tokenizer.encode_chat(e.messages)
-        response = small_tokenizer.encode(e.response) + [small_tokenizer.eos_id]
-        assert item["input_ids"].tolist() == (prompt + response)[:-1]
-        assert item["labels"][item["labels"] != IGNORE_INDEX].tolist() == response
-        assert (item["labels"] == IGNORE_INDEX).sum().item() == len(prompt) - 1
-    batch = ds.collate([ds[0], ds[1]])
-    n0 = ds[0]["input_ids"].numel()
-    assert batch["input_ids"].shape == batch["labels"].shape == (2, ds[1]["input_ids"].numel())
-    assert (batch["input_ids"][0, n0:] == small_tokenizer.pad_id).all()
-    assert (batch["labels"][0, n0:] == IGNORE_INDEX).all()
-    assert batch["attention_mask"].sum(1).tolist() == [n0, ds[1]["input_ids"].numel()]
-
-
-def test_sft_truncation_keeps_bos_and_assistant_tag(small_tokenizer):
-    ds = SFTDataset([SFTExample.from_prompt("word " * 200, "answer " * 200)], small_tokenizer, max_len=32)
-    item = ds[0]
-    assert item["input_ids"].numel() == 32
-    ids = item["input_ids"].tolist()
-    assert ids[0] == small_tokenizer.bos_id
-    first_target = int((item["labels"] != IGNORE_INDEX).nonzero()[0])
-    assert ids[first_target] == small_tokenizer.special_ids["<|assistant|>"]
-
-
-def test_preference_dataset_pads_both_sides_to_one_length(small_tokenizer):
-    ex = [PreferenceExample([{"role": "user", "content": "Pick"}], "a long chosen answer here", "no")]
-    ds = PreferenceDataset(ex * 2, small_tokenizer, max_len=64)
-    batch = ds.collate([ds[0], ds[1]])
-    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
-    assert batch["rejected_labels"][0][batch["rejected_labels"][0] != IGNORE_INDEX].tolist() == (
-        small_tokenizer.encode("no") + [small_tokenizer.eos_id]
-    )
-    n = ds[0]["chosen_input_ids"].numel()
-    assert batch["chosen_input_ids"][0, :n].tolist() == ds[0]["chosen_input_ids"].tolist()
-    with pytest.raises(DataError, match="no examples"):
-        PreferenceDataset([], small_tokenizer, max_len=8)

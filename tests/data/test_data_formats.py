@@ -20,12 +20,32 @@ def test_read_alpaca(tmp_path):
     a, b = read_alpaca(p)
     assert a.messages == [{"role": "user", "content": "Translate.\n\nbonjour"}] and a.response == "hello"
     assert b.messages == [{"role": "user", "content": "Say hi."}]
-    p.write_text(json.dumps([{"instruction": "x", "input": ""}]))
-    with pytest.raises(DataError, match=r"a.json\[0\]: missing field 'output'"):
+    p.write_text('[\n  {"instruction": "x", "output": "y"},\n  {"instruction": "x",\n   "input": ""}\n]')
+    with pytest.raises(DataError, match=r"a.json:3 \(record 1\): missing field 'output'"):
+        read_alpaca(p)
+    p.write_text('[{"instruction": "x", "output": 3}]')
+    with pytest.raises(DataError, match=r"a.json:1 \(record 0\): field 'output' must be a string"):
+        read_alpaca(p)
+    p.write_text('[{"instruction": "x", "output": "y"},\n {"instruction": }]')
+    with pytest.raises(DataError, match=r"a.json:2: not valid JSON"):
         read_alpaca(p)
     p.write_text("{}")
     with pytest.raises(DataError, match="expected a JSON list"):
         read_alpaca(p)
+
+
+def test_read_alpaca_jsonl_names_the_bad_line(tmp_path):
+    p = tmp_path / "a.jsonl.gz"
+    rows = [{"instruction": "Add.", "input": "2 + 2", "output": "4"}, {"instruction": "Say hi.", "output": "hi"}]
+    with gzip.open(p, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows) + "\n" + json.dumps(["not", "a", "record"]) + "\n")
+    with pytest.raises(DataError, match=r"a.jsonl.gz:4: expected a JSON object, got list"):
+        read_alpaca(p)
+    p2 = tmp_path / "b.jsonl"
+    p2.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = read_alpaca(p2)
+    assert a.conversation == [{"role": "user", "content": "Add.\n\n2 + 2"}, {"role": "assistant", "content": "4"}]
+    assert b.messages == [{"role": "user", "content": "Say hi."}]
 
 
 def test_parse_hh_dialogue():
@@ -55,6 +75,13 @@ def test_read_hh_rlhf(tmp_path):
         (ex,) = read_hh_rlhf(p)
     assert [m["content"] for m in ex.messages] == ["q1", "a1", "q2"]
     assert (ex.chosen, ex.rejected) == ("good", "bad")
+    p2 = tmp_path / "bad.jsonl"
+    p2.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"chosen": "no turns here", "rejected": shared}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2 chosen: text before the first 'Human:' turn"):
+        read_hh_rlhf(p2)
+    p2.write_text(json.dumps({"chosen": shared + " x"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field 'rejected'"):
+        read_hh_rlhf(p2)
 
 
 def test_read_alpaca_eval(tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from taskmoe.data.corpus import Corpus, Document
 from taskmoe.data.tokenizer import Tokenizer
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ConvConfig, ExpertLMConfig, LinearAttentionConfig
 from taskmoe.router.classifier import ClassifierConfig
 from taskmoe.router.clustering import ClusteringConfig
 from taskmoe.router.encoders import LearnedEncoderConfig
@@ -90,5 +90,6 @@ def make_run(run: Path, c: Corpus | None = None, *, n_categories: int = 3, d_mod
     return run
 
 
-def tiny_lm(**kw) -> LMConfig:
-    return LMConfig(**{"n_layers": 2, "n_heads": 2, "conv_levels": 2, "chunk_size": 16, **kw})
+def tiny_lm(**kw) -> ExpertLMConfig:
+    return ExpertLMConfig(**{"n_layers": 2, "n_heads": 2, "conv": ConvConfig(levels=2),
+                             "attention": LinearAttentionConfig(chunk_size=16), **kw})

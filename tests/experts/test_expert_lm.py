@@ -14,15 +14,16 @@ from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.experts.expert_lm import build_expert, expert_config, load_expert, open_store, owns_embedding, save_expert
 from taskmoe.experts.store import module_nbytes
 from taskmoe.io import load_tensors
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ConvConfig, ExpertLMConfig, LinearAttentionConfig
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import train
 
 V, D = 50, 16
 
 
-def _cfg(shared: nn.Embedding, **kw) -> LMConfig:
-    return expert_config(shared, LMConfig(n_layers=2, n_heads=2, conv_levels=2, chunk_size=8), **kw)
+def _cfg(shared: nn.Embedding, **kw) -> ExpertLMConfig:
+    return expert_config(shared, ExpertLMConfig(n_layers=2, n_heads=2, conv=ConvConfig(levels=2),
+                                                attention=LinearAttentionConfig(chunk_size=8)), **kw)
 
 
 def _steps(model: nn.Module, n: int = 3) -> None:
@@ -92,7 +93,7 @@ def test_store_of_16_real_experts_holds_the_2_used(tmp_path: Path) -> None:
     """16 expert_lm folders registered, 2 used: the store loads 2, charges 2 experts' bytes (the
     shared table is charged to none), and resident memory grows by about 2 experts, not 16."""
     shared = nn.Embedding(512, 128)
-    model = build_expert(expert_config(shared, LMConfig(n_layers=2, n_heads=4, conv_levels=2)), shared)
+    model = build_expert(expert_config(shared, ExpertLMConfig(n_layers=2, n_heads=4, conv=ConvConfig(levels=2))), shared)
     per_expert = module_nbytes(model, [shared.weight.untyped_storage().data_ptr()])
     assert per_expert > 1 << 20
     for i in range(16):

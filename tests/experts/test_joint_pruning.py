@@ -12,7 +12,7 @@ from torch import nn
 from taskmoe.experts.ensemble import RoutedMixture
 from taskmoe.experts.expert_lm import build_expert, expert_config
 from taskmoe.experts.pruning import PruningConfig
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ConvConfig, ExpertLMConfig, LinearAttentionConfig
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.recipes.experts import MixtureWindows, train_joint
 
@@ -25,7 +25,8 @@ def _mixture() -> RoutedMixture:
     shared = nn.Embedding(V, D)
     with torch.no_grad():
         shared.weight.mul_(D**-0.5)  # unit-norm rows, like the router's rescaled table
-    cfg = expert_config(shared, LMConfig(n_layers=2, n_heads=2, conv_levels=2, chunk_size=8))
+    cfg = expert_config(shared, ExpertLMConfig(n_layers=2, n_heads=2, conv=ConvConfig(levels=2),
+                                                     attention=LinearAttentionConfig(chunk_size=8)))
     return RoutedMixture({n: build_expert(cfg, shared) for n in NAMES})
 
 

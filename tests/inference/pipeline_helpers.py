@@ -21,7 +21,7 @@ from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.manifest import Manifest, Thresholds
 from taskmoe.models.builders import expert_lm, summarizer_lm
 from taskmoe.models.checkpoint import save_lm
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ConvConfig, ExpertLMConfig, LinearAttentionConfig, SSMConfig, SummarizerLMConfig
 from taskmoe.layers.lora import inject, lora_layers, save_adapter
 from taskmoe.router.classifier import ClassifierConfig
 from taskmoe.router.clustering import ClusteringConfig
@@ -87,7 +87,9 @@ def build_run(root: Path, *, summarizer: bool = True, t_C_base: float = 0.5, t_C
     router.save(root / "router")
     emb = router.embedding
     emb.requires_grad_(False)
-    cfg = LMConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=2, conv_levels=2, ssm_state=4, chunk_size=8)
+    cfg = ExpertLMConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=2, conv=ConvConfig(levels=2),
+                         attention=LinearAttentionConfig(chunk_size=8))
+    scfg = SummarizerLMConfig(**cfg.base().to_dict(), ssm=SSMConfig(state=4))
     labels = [d.top for d in router.route_batch(tr_ids)]
     experts = {}
     for k in range(router.n_categories):
@@ -100,7 +102,7 @@ def build_run(root: Path, *, summarizer: bool = True, t_C_base: float = 0.5, t_C
     adapters = {}
     if summarizer:
         torch.manual_seed(7)
-        s = summarizer_lm(cfg, emb)
+        s = summarizer_lm(scfg, emb)
         fmt = FusionFormat(tok)
         fused = [fmt.build(x[:12], [], x[12:40]).ids for x in tr_ids]  # prompt -> continuation, no drafts
         train(s, lm_loss, LMData(fused), tcfg(40, 1e-2))  # a little fusion training, so answers are not constant

@@ -8,10 +8,11 @@ import torch
 
 from taskmoe.errors import ConfigError, RequestError
 from taskmoe.inference.generate import GenerationConfig, RowOutput, generate, generate_rows, stream, stream_rows
-from taskmoe.models import LMConfig, expert_lm, summarizer_lm, transformer_lm
+from taskmoe.models import ExpertLMConfig, LinearAttentionConfig, expert_lm, summarizer_lm, transformer_lm
 
 BUILDERS = [expert_lm, summarizer_lm, transformer_lm]
-CFG = LMConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=2, chunk_size=4, init_std=0.3)
+CFG = ExpertLMConfig(vocab_size=53, d_model=32, n_layers=2, n_heads=2, init_std=0.3, attention=LinearAttentionConfig(chunk_size=4))
+"""The expert's config; the other builders take its shared fields (:meth:`LMConfig.coerce`)."""
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [3, 3, 3], [7, 1, 7, 1, 7, 1, 7]]
 
 

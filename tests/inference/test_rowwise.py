@@ -1,5 +1,6 @@
-"""Row-conditioned decoding: a per-row adapter mask and per-row ensemble weights survive generate's
-length grouping and row dropping, and equal running each kind of row on its own."""
+"""Row-conditioned decoding: a per-row adapter mask and per-row ensemble weights, handed to generate as
+side data, survive its length grouping and row dropping, and equal running each kind of row on its own
+(identical prompts may carry different side data: nothing is looked up by prompt)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from taskmoe.errors import ConfigError
 from taskmoe.experts.ensemble import mixture_logprobs
 from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.inference.rowwise import AdapterRowsLM, EnsembleLM
-from taskmoe.models import LMConfig, expert_lm, summarizer_lm
+from taskmoe.models import ConvConfig, ExpertLMConfig, LinearAttentionConfig, SSMConfig, SummarizerLMConfig, expert_lm, summarizer_lm
 from taskmoe.layers.lora import inject, lora_layers, use_adapter
 
-CFG = LMConfig(vocab_size=41, d_model=16, n_layers=2, n_heads=2, conv_levels=2, ssm_state=4, chunk_size=4, init_std=0.3)
+CFG = ExpertLMConfig(vocab_size=41, d_model=16, n_layers=2, n_heads=2, init_std=0.3, conv=ConvConfig(levels=2),
+                     attention=LinearAttentionConfig(chunk_size=4))
+SCFG = SummarizerLMConfig(**CFG.base().to_dict(), ssm=SSMConfig(state=4))
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [3, 3, 3], [7, 1, 7, 1, 7, 1], [2, 2]]
 GREEDY = GenerationConfig(max_new_tokens=7, temperature=0.0, repetition_penalty=1.3, stop_tokens=[5])
 
@@ -21,7 +24,7 @@ GREEDY = GenerationConfig(max_new_tokens=7, temperature=0.0, repetition_penalty=
 @pytest.fixture(scope="module")
 def summ():
     torch.manual_seed(0)
-    m = summarizer_lm(CFG).eval()
+    m = summarizer_lm(SCFG).eval()
     inject(m, ["in_proj", "out_proj"], rank=2, alpha=4.0, adapter_name="code")
     with torch.no_grad():
         for layer in lora_layers(m).values():
@@ -31,7 +34,7 @@ def summ():
 
 def test_adapter_mask_follows_rows(summ) -> None:
     use = [True, False, True, False, False, True]
-    mixed = generate(AdapterRowsLM(summ, "code", PROMPTS, use), PROMPTS, GREEDY)
+    mixed = generate(AdapterRowsLM(summ, "code"), PROMPTS, GREEDY, side=use)
     with use_adapter(summ, "code"):
         on = generate(summ, PROMPTS, GREEDY)
     with use_adapter(summ, None):
@@ -43,23 +46,30 @@ def test_adapter_mask_follows_rows(summ) -> None:
     assert all(layer.row_mask is None for layer in lora_layers(summ).values())
 
 
-def test_identical_prompts_must_agree_and_state_needs_prefill(summ) -> None:
-    with pytest.raises(ConfigError, match="identical prompts carry different tags"):
-        AdapterRowsLM(summ, "code", [[1, 2], [1, 2]], [True, False])
+def test_identical_prompts_may_differ_and_side_data_is_required(summ) -> None:
+    same = [[1, 2, 3]] * 2
+    got = generate(AdapterRowsLM(summ, "code"), same, GREEDY, side=[True, False])
+    with use_adapter(summ, "code"):
+        on = generate(summ, same[:1], GREEDY)[0]
+    with use_adapter(summ, None):
+        off = generate(summ, same[:1], GREEDY)[0]
+    assert got == [on, off] and on != off
     with pytest.raises(ConfigError, match="no adapter 'poetry'"):
-        AdapterRowsLM(summ, "poetry", [[1]], [True])
-    m = AdapterRowsLM(summ, "code", [[1, 2]], [True])
+        AdapterRowsLM(summ, "poetry")
+    with pytest.raises(ConfigError, match="asks for an adapter but none was named"):
+        generate(AdapterRowsLM(summ, None), [[1]], GREEDY, side=[True])
+    m = AdapterRowsLM(summ, "code")
+    with pytest.raises(ConfigError, match="side data"):
+        generate(m, [[1, 2]], GREEDY)
     with pytest.raises(ConfigError, match="decoding wrapper"):
         m(torch.tensor([[1, 2]]))
-    with pytest.raises(ConfigError, match="not one of the prompts"):
-        m(torch.tensor([[3, 4]]), m.init_state(1))
 
 
 def test_ensemble_is_the_per_row_mixture() -> None:
     torch.manual_seed(1)
     experts = [expert_lm(CFG).eval() for _ in range(3)]
     w = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.2, 0.6], [1.0, 0.0, 0.0], [0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
-    got = generate(EnsembleLM(experts, PROMPTS, w), PROMPTS, GREEDY)
+    got = generate(EnsembleLM(experts), PROMPTS, GREEDY, side=list(w))
     for p, wi, out in list(zip(PROMPTS, w, got))[:4]:
         seq, ref = list(p), []
         with torch.no_grad():
@@ -75,6 +85,6 @@ def test_ensemble_is_the_per_row_mixture() -> None:
                 seq.append(t)
         assert out == ref
     # weight 1 on one expert == that expert alone
-    one = generate(EnsembleLM(experts, PROMPTS, torch.tensor([[0.0, 1.0, 0.0]] * len(PROMPTS))), PROMPTS,
-                   GREEDY.replace(repetition_penalty=1.0))
+    one = generate(EnsembleLM(experts), PROMPTS, GREEDY.replace(repetition_penalty=1.0),
+                   side=[torch.tensor([0.0, 1.0, 0.0])] * len(PROMPTS))
     assert one == generate(experts[1], PROMPTS, GREEDY.replace(repetition_penalty=1.0))

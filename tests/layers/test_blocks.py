@@ -9,7 +9,17 @@ import torch
 
 from taskmoe.errors import ConfigError
 from taskmoe.layers import SSM, Attention, Block, LinearAttention, RMSNorm, SwiGLU, TemporalConv, elu_plus_one
-from taskmoe.models import LMConfig, expert_lm, summarizer_lm, transformer_lm
+from taskmoe.models import (
+    ExpertLMConfig,
+    LinearAttentionConfig,
+    LMConfig,
+    SSMConfig,
+    SummarizerLMConfig,
+    TransformerLMConfig,
+    expert_lm,
+    summarizer_lm,
+    transformer_lm,
+)
 from taskmoe.layers.linear_attention import DataDecay
 
 
@@ -97,28 +107,32 @@ def test_block_threads_state_into_a_stateful_mlp() -> None:
     torch.testing.assert_close(torch.cat([a, b, c], 1), full)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(d_model=30, n_heads=4), "divisible by n_heads"),
-    (dict(la_normalize=True), "positive feature map"),
-    (dict(la_decay="sometimes"), "la_decay"),
-    (dict(n_layers=0), "n_layers"),
+@pytest.mark.parametrize("make,match", [
+    (lambda: LMConfig(d_model=30, n_heads=4), "divisible by n_heads"),
+    (lambda: LinearAttentionConfig(normalize=True), "positive feature map"),
+    (lambda: LinearAttentionConfig(decay="sometimes"), "LinearAttentionConfig.decay"),
+    (lambda: ExpertLMConfig(n_layers=0), "ExpertLMConfig.n_layers"),
+    (lambda: SSMConfig(state=0), "SSMConfig.state"),
+    (lambda: TransformerLMConfig(rope_base=1.0), "rope_base"),
 ])
-def test_config_validation(bad, match) -> None:
+def test_config_validation(make, match) -> None:
     with pytest.raises(ConfigError, match=match):
-        LMConfig(**bad)
+        make()
 
 
 def test_config_round_trip_rejects_unknown_keys() -> None:
-    cfg = LMConfig(d_model=64, n_heads=2)
-    assert LMConfig.from_dict(cfg.to_dict()) == cfg and cfg.mlp_dim == 192 and cfg.dt_rank == 4
+    cfg = SummarizerLMConfig(d_model=64, n_heads=2)
+    assert SummarizerLMConfig.from_dict(cfg.to_dict()) == cfg and cfg.mlp_dim == 192 and cfg.dt_rank == 4
     with pytest.raises(ConfigError, match="unknown field"):
-        LMConfig.from_dict({**cfg.to_dict(), "d_modle": 3})
+        SummarizerLMConfig.from_dict({**cfg.to_dict(), "d_modle": 3})
+    with pytest.raises(ConfigError, match="unknown field"):
+        SummarizerLMConfig.from_dict({**cfg.to_dict(), "ssm": {"state": 4, "sate": 2}})
 
 
 @pytest.mark.parametrize("builder", [expert_lm, summarizer_lm, transformer_lm], ids=lambda b: b.__name__)
 def test_models_learn_a_repeating_sequence(builder) -> None:
     """Gradients flow end to end: 40 Adam steps cut the loss on a fixed periodic sequence by > 3x."""
-    model = builder(LMConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, chunk_size=8))
+    model = builder(LMConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2))  # each builder's defaults
     ids = torch.tensor([[1, 5, 3, 9, 2, 7] * 6])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []

@@ -6,15 +6,32 @@ import pytest
 import torch
 
 from taskmoe.layers import LMState
-from taskmoe.models import LMConfig, expert_lm, summarizer_lm, transformer_lm
+from taskmoe.models import (
+    ExpertLMConfig,
+    LinearAttentionConfig,
+    LMConfig,
+    SSMConfig,
+    SummarizerLMConfig,
+    TransformerLMConfig,
+    expert_lm,
+    summarizer_lm,
+    transformer_lm,
+)
 
 BUILDERS = [expert_lm, summarizer_lm, transformer_lm]
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def _cfg(**kw) -> LMConfig:
-    base = dict(vocab_size=61, d_model=32, n_layers=4, n_heads=4, chunk_size=8, ssm_chunk=5, init_std=0.2)
-    return LMConfig(**{**base, **kw})
+BASE = dict(vocab_size=61, d_model=32, n_layers=4, n_heads=4, init_std=0.2)
+
+
+def _cfg(builder=expert_lm, **attention) -> LMConfig:
+    """Each builder's own config: chunk 8 linear attention (+ ``attention`` overrides), a chunk-5 scan."""
+    if builder is expert_lm:
+        return ExpertLMConfig(**BASE, attention=LinearAttentionConfig(chunk_size=8, **attention))
+    if builder is summarizer_lm:
+        return SummarizerLMConfig(**BASE, ssm=SSMConfig(chunk=5))
+    return TransformerLMConfig(**BASE)
 
 
 def _incremental(model, ids: torch.Tensor, pieces: list[int]) -> torch.Tensor:
@@ -30,7 +47,7 @@ def _incremental(model, ids: torch.Tensor, pieces: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
 @pytest.mark.parametrize("pieces", [[13], [5, 9, 3], []], ids=["prefill+steps", "chunked-prefill", "all-steps"])
 def test_state_decoding_equals_full_forward(builder, pieces) -> None:
-    model = builder(_cfg()).eval()
+    model = builder(_cfg(builder)).eval()
     ids = torch.randint(0, 61, (3, 29))
     with torch.no_grad():
         full = model(ids)
@@ -40,12 +57,12 @@ def test_state_decoding_equals_full_forward(builder, pieces) -> None:
 
 
 @pytest.mark.parametrize("variant", [
-    dict(la_decay="none", la_feature_map="elu1", la_normalize=True),
-    dict(la_decay="fixed", la_feature_map="identity"),
-    dict(la_decay="data", la_feature_map="elu1", la_normalize=True),
+    dict(decay="none", feature_map="elu1", normalize=True),
+    dict(decay="fixed", feature_map="identity"),
+    dict(decay="data", feature_map="elu1", normalize=True),
 ], ids=["elu1-normalized", "retnet-fixed", "data-gated-normalized"])
 def test_expert_variants_decode_exactly(variant) -> None:
-    model = expert_lm(_cfg(**variant)).eval()
+    model = expert_lm(_cfg(expert_lm, **variant)).eval()
     ids = torch.randint(0, 61, (2, 25))
     with torch.no_grad():
         torch.testing.assert_close(_incremental(model, ids, [10]), model(ids).logits, **TOL)
@@ -54,7 +71,7 @@ def test_expert_variants_decode_exactly(variant) -> None:
 @pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
 def test_merged_ragged_states_equal_rows_alone(builder) -> None:
     """States prefilled at different lengths, concatenated, then stepped together == each row alone."""
-    model = builder(_cfg()).eval()
+    model = builder(_cfg(builder)).eval()
     a, b = torch.randint(0, 61, (2, 7)), torch.randint(0, 61, (1, 12))
     nxt = torch.randint(0, 61, (3, 4))
     with torch.no_grad():
@@ -73,7 +90,7 @@ def test_merged_ragged_states_equal_rows_alone(builder) -> None:
 
 @pytest.mark.parametrize("builder", BUILDERS, ids=lambda b: b.__name__)
 def test_select_and_clone(builder) -> None:
-    model = builder(_cfg()).eval()
+    model = builder(_cfg(builder)).eval()
     ids = torch.randint(0, 61, (3, 9))
     nxt = torch.randint(0, 61, (3, 1))
     with torch.no_grad():

@@ -15,9 +15,9 @@ from taskmoe.inference import generate as gen
 from taskmoe.inference import sampling
 
 SIGNATURES = {
-    tmodels.expert_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
-    tmodels.summarizer_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
-    tmodels.transformer_lm: "(cfg: 'LMConfig', embedding: 'nn.Embedding | None' = None, *, "
+    tmodels.expert_lm: "(cfg: 'ExpertLMConfig | LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
+    tmodels.summarizer_lm: "(cfg: 'SummarizerLMConfig | LMConfig', embedding: 'nn.Embedding | None' = None) -> 'CausalLM'",
+    tmodels.transformer_lm: "(cfg: 'TransformerLMConfig | LMConfig', embedding: 'nn.Embedding | None' = None, *, "
                         "mlp_factory: 'Callable[[int], nn.Module] | None' = None) -> 'CausalLM'",
     tmodels.save_lm: "(model: 'CausalLM', folder: 'str | Path', kind: 'str' = 'lm', *, "
                  "meta: 'Mapping[str, Any] | None' = None, include_embedding: 'bool' = True) -> 'Path'",
@@ -31,9 +31,11 @@ SIGNATURES = {
     tlayers.Block.__init__: "(self, mixer: 'nn.Module', mlp: 'nn.Module | None' = None, *, d_model: 'int', "
                         "eps: 'float' = 1e-05, dropout: 'float' = 0.0) -> 'None'",
     gen.generate: "(model: 'nn.Module', prompts: 'list[list[int]]', cfg: 'GenerationConfig | None' = None, "
-                  "generator: 'torch.Generator | None' = None) -> 'list[list[int]]'",
+                  "generator: 'torch.Generator | None' = None, side: 'Sequence[Any] | None' = None) "
+                  "-> 'list[list[int]]'",
     gen.stream: "(model: 'nn.Module', prompts: 'Sequence[Sequence[int]]', cfg: 'GenerationConfig | None' = None, "
-                "generator: 'torch.Generator | None' = None) -> 'Iterator[tuple[int, int]]'",
+                "generator: 'torch.Generator | None' = None, side: 'Sequence[Any] | None' = None) "
+                "-> 'Iterator[tuple[int, int]]'",
     sampling.sample: "(logits: 'Tensor', *, temperature: 'float' = 1.0, top_k: 'int' = 0, top_p: 'float' = 1.0, "
                      "generator: 'torch.Generator | None' = None) -> 'Tensor'",
 }

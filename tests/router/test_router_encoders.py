@@ -193,3 +193,24 @@ def test_pretrained_encoder_errors() -> None:
         PretrainedEncoder(PretrainedEncoderConfig(path="/nonexistent/model"), decode=str).fit([[1]])
     with pytest.raises(ConfigError, match="decode"):
         PretrainedEncoder(PretrainedEncoderConfig(path=_minilm_path())).encode([[1]])
+
+
+def test_pretrained_encoder_reads_safetensors_only_never_a_pickle(tmp_path) -> None:
+    """A folder whose weights are only ``pytorch_model.bin`` (a pickle) is refused, not unpickled;
+    the same tiny BERT saved as safetensors loads."""
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "licence", "software", "code"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=len(words), hidden_size=8, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=16))
+    for name in ("pickle", "safe"):
+        tok.save_pretrained(tmp_path / name)
+    model.save_pretrained(tmp_path / "safe")
+    model.config.save_pretrained(tmp_path / "pickle")
+    torch.save(model.state_dict(), tmp_path / "pickle" / "pytorch_model.bin")  # the legacy pickle layout
+    with pytest.raises(ConfigError, match="cannot load an encoder"):
+        PretrainedEncoder(PretrainedEncoderConfig(path=str(tmp_path / "pickle")), decode=str).fit([[1]])
+    enc = PretrainedEncoder(PretrainedEncoderConfig(path=str(tmp_path / "safe")), decode=lambda ids: "licence code")
+    assert enc.encode([[1]]).shape == (1, 8)

@@ -103,12 +103,24 @@ def test_crosstalk_boundary_is_inclusive() -> None:
     assert crosstalk_pair([1.0], 0.5) is None  # one category cannot talk
 
 
-def test_crosstalk_only_between_experts_that_run() -> None:
-    pol = PolicyConfig(t_C_base=0.3, k=10, t_CT=0.3)
-    d = decide([0.5, 0.25, 0.25], 0.0, pol)  # top two within 0.25 <= 0.3, but c1 = 0.25 is not selected
-    assert d.selected == [0] and d.crosstalk is None
-    d = decide([0.45, 0.4, 0.15], 0.0, pol)
-    assert d.selected == [0, 1] and d.crosstalk == (0, 1)
+def test_crosstalk_as_the_seed_says_the_second_speaker_joins() -> None:
+    """Scores (0.34, 0.29, 0.2, 0.17), c_S = 0 so t_C = t_C_base = 0.3, t_CT = 0.1: only 0.34 passes
+    t_C, but the top two are 0.05 <= 0.1 apart, so cross-talk triggers and category 1 joins; the
+    weights are renormalised over both: 0.34 / 0.63 and 0.29 / 0.63."""
+    pol = PolicyConfig(t_C_base=0.3, k=10, t_CT=0.1)
+    c = [0.34, 0.29, 0.2, 0.17]
+    for d in (decide(c, 0.0, pol), decide_batch(np.array([c]), np.array([0.0]), pol)[0]):
+        assert d.crosstalk == (0, 1) and d.selected == [0, 1] and d.joined == [1] and not d.fallback
+        assert d.weights == pytest.approx([0.34 / 0.63, 0.29 / 0.63])
+        assert d.to_dict()["joined"] == [1]
+    d = decide([0.29, 0.34, 0.2, 0.17], 0.0, pol)  # the order of the categories does not matter
+    assert d.crosstalk == (1, 0) and d.selected == [1, 0] and d.joined == [0]
+    d = decide([0.5, 0.25, 0.25], 0.0, PolicyConfig(t_C_base=0.3, k=10, t_CT=0.3))  # gap 0.25 <= 0.3
+    assert d.selected == [0, 1] and d.crosstalk == (0, 1) and d.joined == [1]
+    d = decide([0.45, 0.4, 0.15], 0.0, PolicyConfig(t_C_base=0.3, k=10, t_CT=0.3))  # both pass: nobody joins
+    assert d.selected == [0, 1] and d.crosstalk == (0, 1) and d.joined == []
+    d = decide([0.34, 0.2, 0.23, 0.23], 0.0, pol)  # gap 0.11 > t_CT: no cross-talk, nobody joins
+    assert d.selected == [0] and d.crosstalk is None and d.joined == []
 
 
 def test_decide_batch_equals_rowwise() -> None:
@@ -119,9 +131,10 @@ def test_decide_batch_equals_rowwise() -> None:
     pol = PolicyConfig(t_C_base=0.35, k=5, t_CT=0.15)
     batch = decide_batch(conf, c_S, pol, [f"c{i}" for i in range(5)])
     assert any(d.fallback for d in batch) and any(d.crosstalk for d in batch) and any(len(d.selected) > 1 for d in batch)
+    assert any(d.joined for d in batch)
     for row, b in zip(range(200), batch):
         d = decide(conf[row], c_S[row], pol, [f"c{i}" for i in range(5)])
-        assert (d.selected, d.fallback, d.crosstalk) == (b.selected, b.fallback, b.crosstalk)
+        assert (d.selected, d.fallback, d.crosstalk, d.joined) == (b.selected, b.fallback, b.crosstalk, b.joined)
         assert d.weights == pytest.approx(b.weights) and d.t_C == pytest.approx(b.t_C)
     pairs, trig = crosstalk_batch(conf, 0.15)
     assert [tuple(p) if t else None for p, t in zip(pairs.tolist(), trig)] == [crosstalk_pair(c, 0.15) for c in conf]

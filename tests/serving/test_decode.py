@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from taskmoe.inference.generate import GenerationConfig, generate
-from taskmoe.models import LMConfig, expert_lm
+from taskmoe.models import ExpertLMConfig, LinearAttentionConfig, expert_lm
 from taskmoe.serving.backend import Row, SamplingParams
 from taskmoe.serving.backends.decode import decode_rows
 
@@ -15,7 +15,8 @@ PROMPTS = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 9], [3, 1, 4, 1, 5]]
 
 def _model():
     torch.manual_seed(0)
-    return expert_lm(LMConfig(vocab_size=41, d_model=32, n_layers=2, n_heads=2, chunk_size=4, init_std=0.3)).eval()
+    return expert_lm(ExpertLMConfig(vocab_size=41, d_model=32, n_layers=2, n_heads=2, init_std=0.3,
+                                    attention=LinearAttentionConfig(chunk_size=4))).eval()
 
 
 def test_rows_equal_alone_with_finish_reasons_and_halting() -> None:

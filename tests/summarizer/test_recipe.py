@@ -14,7 +14,7 @@ from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.experts.store import ExpertStore
 from taskmoe.models.builders import expert_lm, summarizer_lm
 from taskmoe.models.checkpoint import load_lm, save_lm
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ConvConfig, ExpertLMConfig
 from taskmoe.layers.lora import adapter_names, load_adapter
 from taskmoe.router.policy import RoutingDecision
 from taskmoe.summarizer.drafts import DraftCache, Drafter
@@ -75,7 +75,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("summ")
     tok = Tokenizer.train(CODE + LEGAL + CHAT, vocab_size=320)
     torch.manual_seed(0)
-    cfg = LMConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, conv_levels=2, ssm_state=4)
+    cfg = ExpertLMConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, conv=ConvConfig(levels=2))
     emb = torch.nn.Embedding(tok.vocab_size, 16)
     for name in ("code", "legal"):
         save_lm(expert_lm(cfg, emb), root / "experts" / name, kind="expert", include_embedding=False)

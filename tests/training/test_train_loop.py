@@ -217,3 +217,50 @@ def test_worker_processes_and_bf16_fallback_change_nothing(caplog):
     assert runs[1] == runs[0]
     if not torch.cuda.is_available():
         assert runs[2] == runs[0] and "needs CUDA" in caplog.text
+
+
+class _StopAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, step, record):
+        return step >= self.step
+
+
+def test_a_resume_with_another_lr_applies_it_and_records_that_it_did(tmp_path, caplog):
+    """Both resumes start from the step-6 checkpoint with the same weights, Adam moments, data and
+    RNG, so step 7's Adam direction is the same and the update scales with the lr used: a resume at
+    lr 3e-3 moves every parameter 0.3 times as far as a resume at the checkpoint's 1e-2."""
+    import shutil
+
+    from taskmoe.training.optim import lr_factor
+
+    data = AffineSequences(38, seed=0)
+    cfg = _cfg(eval_every=0, save_every=3, keep_last=5)
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        train(TinyLM(), _crash_on_call(14), data, cfg, out_dir=tmp_path / "a")  # dies in step 7
+    assert load_latest(tmp_path / "a").step == 6
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    start = TinyLM()
+    load_latest(tmp_path / "a").load_model(start)
+
+    same, new = TinyLM(), TinyLM()
+    train(same, lm_loss, data, cfg, out_dir=tmp_path / "a", callbacks=[_StopAt(7)])
+    with caplog.at_level("WARNING", logger="taskmoe.training.checkpoint"):
+        train(new, lm_loss, data, cfg.replace(lr=3e-3), out_dir=tmp_path / "b", callbacks=[_StopAt(7)])
+    assert "resume: lr changed 0.01 -> 0.003 (applied from step 7)" in caplog.text
+    s0 = start.state_dict()
+    for k, v in s0.items():
+        d_same, d_new = same.state_dict()[k] - v, new.state_dict()[k] - v
+        assert torch.allclose(d_new, 0.3 * d_same, rtol=1e-4, atol=1e-7), k
+
+    lines = _metric_lines(tmp_path / "b" / "metrics.jsonl")
+    resume = [r for r in lines if r["kind"] == "resume"]
+    assert resume == [{"kind": "resume", "checkpoint": str(tmp_path / "b" / "checkpoints" / "step-000006"),
+                       "step": 6, "changed": {"lr": [0.01, 0.003]}}]
+    step7 = [r for r in lines if r["kind"] == "train" and r["step"] == 7][-1]
+    assert step7["lr"] == pytest.approx(3e-3 * lr_factor(6, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio), rel=1e-12)
+    ts = load_latest(tmp_path / "b").trainer_state
+    assert ts["config"]["lr"] == 3e-3 and ts["resumes"] == [{"step": 6, "changed": {"lr": [0.01, 0.003]}}]
+    assert load_latest(tmp_path / "a").trainer_state["resumes"] == []  # an unchanged resume records nothing

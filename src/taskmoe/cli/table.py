@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from taskmoe.data.commands import data_build, data_stats, tokenizer_train
+from taskmoe.doctor import doctor
 from taskmoe.eval.perplexity import eval_experts
 from taskmoe.eval.routing import route_report
 from taskmoe.inference.commands import chat, generate_text
@@ -35,6 +36,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "train doe": train_doe,
     "doe report": doe_report,
     "doe add-expert": doe_add_expert,
+    "doctor": doctor,
 }
 
 GROUP_HELP: dict[str, str] = {

@@ -40,10 +40,17 @@ Design choices:
 - **A given opening** (``openings``): the opener's first turn may be supplied instead of sampled
   and the listener then interrupts right after it (probability 1, ``forced``). The GAN uses this
   so the interrupted and the uninterrupted texts share their opening.
-- **Randomness**: one ``torch.Generator`` drives the tokens (one draw per row per step, finished
-  rows included) and then the Bernoulli draws (rows in order), so a seed reproduces a batch
-  exactly. Rows of a batch share the generator: a row's transcript depends on the batch it is
-  in, unless decoding is greedy and every probability is 0 or 1.
+- **Randomness**: either one shared ``torch.Generator`` drives the tokens (one draw per row per
+  step, finished rows included) and then the Bernoulli draws (rows in order), so a seed
+  reproduces a batch exactly but a row's transcript depends on its batch (unless decoding is
+  greedy and every probability is 0 or 1); or a **generator per row** (a sequence): each row
+  draws its tokens and its Bernoullis from its own generator, so a row equals that row run alone
+  with the same seed whatever its batch-mates (tested), and finished rows leave the batch.
+- **Stopping** (``emit``): after each token a row appends, ``emit(row, token, speaker)`` is
+  called (streaming); returning False ends that row at once (``stop = "halted"``) and the row
+  leaves the batch before the next forward, so a cancelled row costs no further decode step.
+  (With a shared generator, rows that ended by length or a stop token stay in the batch, as
+  above; halted rows always leave.)
 
 To the summarizer the transcript becomes **one draft per speaker** (:meth:`Transcript.drafts`):
 each expert's turns, joined in order, under its own name and router confidence. That keeps the
@@ -58,7 +65,6 @@ alpha, beta, shr as in :mod:`taskmoe.crosstalk.policy`; ``B`` batch rows, ``V`` 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -67,11 +73,20 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from taskmoe.config import Config, check, doc
-from taskmoe.crosstalk.policy import InterruptConfig, InterruptState, interrupt_probability, sample_interrupt
+from taskmoe.crosstalk.policy import InterruptState, interrupt_probability, sample_interrupt
+from taskmoe.crosstalk.transcript import (
+    DialogueConfig,
+    DialogueTokens,
+    Decision,
+    Speaker,
+    Transcript,
+    Turn,
+    choose_tokens,
+    token_logprobs,
+    token_scores,
+)
 from taskmoe.errors import ConfigError, RequestError
 from taskmoe.layers.lora import use_adapter
-from taskmoe.summarizer.fuser import Draft, order_drafts
 
 __all__ = [
     "DialogueConfig",
@@ -80,6 +95,7 @@ __all__ = [
     "Decision",
     "Turn",
     "Transcript",
+    "DialogueEmit",
     "token_logprobs",
     "choose_tokens",
     "run_dialogues",
@@ -87,186 +103,8 @@ __all__ = [
     "token_scores",
 ]
 
-SENTENCE_END_CHARS = (".", "!", "?")
-
-
-@dataclass
-class DialogueConfig(Config):
-    """How a cross-talk dialogue is generated (lengths, turns, boundaries, sampling, the policy)."""
-
-    max_new_tokens: int = doc(48, "tokens of the whole transcript (every turn, a given opening included)")
-    n_turns: int = doc(4, "[n_T] most turns (speaker stretches); no interruption once the n_T-th turn started")
-    segment_tokens: int = doc(12, "a segment boundary (interrupt opportunity) after this many tokens without one")
-    min_segment_tokens: int = doc(4, "a sentence end is a boundary only once this many tokens passed since the last")
-    temperature: float = doc(0.8, "token policy softmax(z / T); 0 = greedy")
-    interrupt: InterruptConfig = field(default_factory=InterruptConfig,
-                                       metadata={"help": "constants of P_interrupt (alpha, beta, shr, squash)"})
-
-    def validate(self) -> None:
-        for f in ("max_new_tokens", "n_turns", "segment_tokens", "min_segment_tokens"):
-            v = getattr(self, f)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                  f"DialogueConfig.{f} must be an integer >= 1, got {v!r}")
-        check(self.min_segment_tokens <= self.segment_tokens,
-              f"DialogueConfig.min_segment_tokens ({self.min_segment_tokens}) must be <= segment_tokens "
-              f"({self.segment_tokens})")
-        check(self.temperature >= 0, f"DialogueConfig.temperature must be >= 0, got {self.temperature}")
-        if isinstance(self.interrupt, dict):
-            self.interrupt = InterruptConfig.from_dict(self.interrupt, source="DialogueConfig.interrupt")
-
-
-@dataclass(frozen=True)
-class DialogueTokens:
-    """Token ids the dialogue treats specially: stops (end a dialogue) and sentence ends (boundaries)."""
-
-    stop_ids: frozenset[int] = frozenset()
-    sentence_end_ids: frozenset[int] = frozenset()
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: Any, *, stop_at_eos: bool = True) -> "DialogueTokens":
-        """Sentence ends: every non-special token whose text, right-stripped of spaces and tabs, ends
-        in ``. ! ?``, or that holds a newline. Stops: ``<|eos|>`` (unless ``stop_at_eos=False``)."""
-        special = set(getattr(tokenizer, "special_ids", {}).values())
-        ends = set()
-        for i in range(int(tokenizer.vocab_size)):
-            if i in special:
-                continue
-            text = tokenizer.decode([i])
-            if "\n" in text or text.rstrip(" \t").endswith(SENTENCE_END_CHARS):
-                ends.add(i)
-        stops = frozenset({int(tokenizer.eos_id)}) if stop_at_eos else frozenset()
-        return cls(stop_ids=stops, sentence_end_ids=frozenset(ends))
-
-
-@dataclass(frozen=True)
-class Speaker:
-    """One side of the dialogue: a name (the expert's), its LM, and its cross-talk LoRA adapter (or None)."""
-
-    name: str
-    model: nn.Module
-    adapter: str | None = None
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One interrupt opportunity: at ``position`` (tokens in the transcript so far) ``listener``
-    drew Bernoulli(``p``); ``t_since`` / ``i_recent`` are its state when deciding."""
-
-    position: int
-    listener: int
-    p: float
-    interrupted: bool
-    t_since: int
-    i_recent: int
-    forced: bool = False
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One speaker's stretch: ``ids`` start at ``start`` in the transcript; ``interrupted`` is True
-    when the turn began by interrupting the previous speaker, with probability ``p_interrupt``
-    (None for the opening turn); ``declined`` lists the probabilities of the opportunities the
-    listener let pass during this turn."""
-
-    speaker: int
-    expert: str
-    start: int
-    ids: tuple[int, ...]
-    interrupted: bool
-    p_interrupt: float | None
-    declined: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class Transcript:
-    """A finished dialogue. Speaker indices refer to ``experts`` (the order the speakers were given)."""
-
-    experts: tuple[str, str]
-    confidences: tuple[float, float]
-    prompt: tuple[int, ...]
-    opener: int
-    ids: tuple[int, ...]
-    """Every transcript token in order (a given opening included; stop tokens excluded)."""
-    speakers: tuple[int, ...]
-    """Who wrote each token of ``ids``."""
-    logprobs: tuple[float, ...]
-    """log pi of each token under the token policy when it was sampled (NaN for a given opening)."""
-    decisions: tuple[Decision, ...]
-    crosstalk_start: int | None
-    """Index in ``ids`` of the first token sampled with cross-talk engaged (None: no interruption)."""
-    states: tuple[InterruptState, InterruptState]
-    stop: str
-    """``"length"`` (max_new_tokens reached) or ``"stop"`` (a stop token was drawn)."""
-
-    @property
-    def n_interruptions(self) -> int:
-        return sum(d.interrupted for d in self.decisions)
-
-    @property
-    def turns(self) -> list[Turn]:
-        """The turns, one per speaker change (an interruption is the only way the floor changes)."""
-        starts = [0] + [d.position for d in self.decisions if d.interrupted]
-        ends = starts[1:] + [len(self.ids)]
-        hits = [None] + [d for d in self.decisions if d.interrupted]
-        out, speaker = [], self.opener
-        for k, (a, b) in enumerate(zip(starts, ends)):
-            declined = tuple(d.p for d in self.decisions if not d.interrupted and a < d.position <= b
-                             and d.listener != speaker)
-            hit = hits[k]
-            out.append(Turn(speaker, self.experts[speaker], a, tuple(self.ids[a:b]), hit is not None,
-                            None if hit is None else hit.p, declined))
-            speaker = 1 - speaker
-        return out
-
-    def tokens_of(self, speaker: int) -> list[int]:
-        """Every token ``speaker`` wrote, in transcript order."""
-        return [t for t, s in zip(self.ids, self.speakers) if s == speaker]
-
-    def drafts(self, fallback: Sequence[Draft] = ()) -> list[Draft]:
-        """One draft per expert (its turns joined), most confident first. An expert that never got the
-        floor keeps its draft from ``fallback`` (matched by name) if there is one, else is left out."""
-        out = []
-        by_name = {d.expert: d for d in fallback}
-        for s in (0, 1):
-            ids = self.tokens_of(s)
-            if ids:
-                out.append(Draft(self.experts[s], float(self.confidences[s]), tuple(ids)))
-            elif self.experts[s] in by_name:
-                out.append(by_name[self.experts[s]])
-        return order_drafts(out)
-
-    def trace(self, decode: Callable[[list[int]], str]) -> list[dict[str, Any]]:
-        """The turns as JSON-safe dicts for the pipeline trace."""
-        return [{"expert": t.expert, "speaker": t.speaker, "text": decode(list(t.ids)), "tokens": len(t.ids),
-                 "interrupted": t.interrupted, "p_interrupt": t.p_interrupt,
-                 "declined": [round(p, 6) for p in t.declined]} for t in self.turns]
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["logprobs"] = [None if math.isnan(x) else x for x in self.logprobs]
-        return d
-
-
-# --------------------------------------------------------------------------------- token policy
-def token_logprobs(logits: Tensor, temperature: float) -> Tensor:
-    """``log pi(. | context) = log_softmax(z / T)`` over the last axis, in float32.
-
-    ``T = 0`` (greedy decoding) returns ``log_softmax(z)``, the model's own distribution, so the
-    recorded log-probabilities stay meaningful.
-    """
-    z = logits.float()
-    return torch.log_softmax(z / temperature if temperature > 0 else z, dim=-1)
-
-
-def choose_tokens(logits: Tensor, temperature: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Draw one token per row from ``pi`` (argmax when ``T = 0``) -> ``(tokens (B,), log pi(token) (B,))``."""
-    logp = token_logprobs(logits, temperature)  # (B, V)
-    if temperature == 0:
-        tokens = logits.argmax(dim=-1)
-    else:
-        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
+DialogueEmit = Callable[[int, int, int], bool]
+"""``emit(row, token, speaker) -> keep going``: called after each token a row appends."""
 
 # ------------------------------------------------------------------------------------- engine
 def _adapter_switch(adapter: str | None, rows: Tensor) -> tuple[str | None, Tensor | None]:
@@ -386,11 +224,12 @@ def run_dialogues(
     prompts: Sequence[Sequence[int]],
     confidences: Sequence[Sequence[float]],
     cfg: DialogueConfig,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None,
     *,
     first: Sequence[int] | None = None,
     openings: Sequence[Sequence[int]] | None = None,
     tokens: DialogueTokens = DialogueTokens(),
+    emit: DialogueEmit | None = None,
 ) -> list[Transcript]:
     """Run one cross-talk dialogue per prompt, all rows decoded together (see the module docstring).
 
@@ -402,11 +241,17 @@ def run_dialogues(
         openings: per row, the opener's first turn, given instead of sampled; the other speaker then
             interrupts right after it (a forced decision with p = 1).
         tokens: stop ids and sentence-end ids (:meth:`DialogueTokens.from_tokenizer`).
+        generator: one shared generator, or one per row (see "Randomness" in the module docstring).
+        emit: ``emit(row, token, speaker) -> bool`` after each appended token; False halts the row.
     """
     first = [0] * len(prompts) if first is None else [int(f) for f in first]
     _check(speakers, prompts, confidences, cfg, first, openings)
     if not prompts:
         return []
+    per_row = isinstance(generator, (list, tuple))
+    if per_row and len(generator) != len(prompts):  # type: ignore[arg-type]
+        raise ConfigError(f"{len(prompts)} prompts but {len(generator)} generators")  # type: ignore[arg-type]
+    gens: list[Any] = list(generator) if per_row else [generator] * len(prompts)  # type: ignore[arg-type]
     models = [s.model for s in speakers]
     device = next(models[0].parameters()).device
     was_training = [m.training for m in models]
@@ -421,6 +266,7 @@ def run_dialogues(
         for m in models:
             m.eval()
         with torch.no_grad():
+            live = list(range(len(rows)))  # batch position -> row index
             crosstalk = torch.tensor([r.crosstalk_start is not None for r in rows], device=device)  # (B,)
             last = torch.tensor([x[-1] for x in inputs], dtype=torch.long, device=device)  # (B,)
             logits, states = [], []
@@ -430,15 +276,25 @@ def run_dialogues(
                 logits.append(lg)
                 states.append(st)
             while True:
-                spk = torch.tensor([r.speaker for r in rows], device=device)  # (B,)
+                spk = torch.tensor([rows[i].speaker for i in live], device=device)  # (B,)
                 z = torch.where((spk == 0).unsqueeze(-1), logits[0], logits[1])  # (B, V)
-                tok, lp = choose_tokens(z, cfg.temperature, generator)
-                for r, t, p in zip(rows, tok.tolist(), lp.tolist()):
-                    if not r.done:
-                        _advance(r, t, p, cfg, tokens, generator)
-                if all(r.done for r in rows):
+                tok, lp = _draw(z, cfg.temperature, generator, [gens[i] for i in live], per_row)
+                for i, t, p in zip(live, tok.tolist(), lp.tolist()):
+                    r = rows[i]
+                    if r.done:
+                        continue
+                    n = len(r.ids)
+                    _advance(r, t, p, cfg, tokens, gens[i])
+                    if emit is not None and len(r.ids) > n and not emit(i, t, r.who[-1]) and not r.done:
+                        r.done, r.stop = True, "halted"
+                keep = [j for j, i in enumerate(live) if not (rows[i].done and (per_row or rows[i].stop == "halted"))]
+                if all(r.done for r in rows) or not keep:
                     break
-                crosstalk = torch.tensor([r.crosstalk_start is not None for r in rows], device=device)
+                if len(keep) < len(live):  # finished (per-row) or halted rows leave the batch
+                    sel = torch.tensor(keep, dtype=torch.long, device=device)  # (B',)
+                    live, tok = [live[j] for j in keep], tok[sel]
+                    states = [st.select(sel) for st in states]
+                crosstalk = torch.tensor([rows[i].crosstalk_start is not None for i in live], device=device)
                 for e, s in enumerate(speakers):
                     logits[e], states[e] = _read(s.model, s.adapter, tok, states[e], crosstalk)
     finally:
@@ -448,6 +304,14 @@ def run_dialogues(
     return [Transcript(names, r.conf, tuple(map(int, p)), r.opener, tuple(r.ids), tuple(r.who), tuple(r.logp),
                        tuple(r.decisions), r.crosstalk_start, (r.states[0], r.states[1]), r.stop)
             for r, p in zip(rows, prompts)]
+
+
+def _draw(z: Tensor, temperature: float, shared: Any, gens: Sequence[Any], per_row: bool) -> tuple[Tensor, Tensor]:
+    """One token per live row: one draw from the shared generator, or one per row from its own."""
+    if not per_row or temperature == 0:
+        return choose_tokens(z, temperature, shared if not per_row else None)
+    picks = [choose_tokens(z[j : j + 1], temperature, g) for j, g in enumerate(gens)]  # (1,) each
+    return torch.cat([t for t, _ in picks]), torch.cat([p for _, p in picks])
 
 
 def _advance(r: _Row, tok: int, logp: float, cfg: DialogueConfig, marks: DialogueTokens,
@@ -484,63 +348,7 @@ def run_crosstalk(
     generator: torch.Generator | None,
     *,
     tokens: DialogueTokens = DialogueTokens(),
+    emit: DialogueEmit | None = None,
 ) -> Transcript:
     """One dialogue: ``first`` opens, ``second`` may interrupt (``confidences`` = (C_first, C_second))."""
-    return run_dialogues([first, second], [prompt_ids], [confidences], cfg, generator, tokens=tokens)[0]
-
-
-# ------------------------------------------------------------------------- teacher-forced scores
-def token_scores(
-    model: nn.Module,
-    rows: Sequence[Sequence[int]],
-    temperature: float,
-    *,
-    adapter: str | None = None,
-    adapter_from: Sequence[int] | None = None,
-) -> Tensor:
-    """Teacher-forced ``log pi(x_{i+1} | x_{<=i})`` for every row -> ``(B, L - 1)`` (0 past a row's end).
-
-    With ``adapter``, row ``b`` reads positions ``< adapter_from[b]`` with every adapter off (under
-    ``no_grad``: no gradient flows into them) and the rest with ``adapter`` on, carrying the
-    decode state across, which is how :func:`run_dialogues` decodes (a transcript whose cross-talk
-    starts at token ``j`` after a prompt of ``P`` tokens has ``adapter_from = P + j - 1``).
-    Without an adapter, one plain forward (adapters off) scores everything. Rows are grouped by
-    ``adapter_from`` and right-padded (padding comes after every scored token, so it changes nothing).
-    """
-    B = len(rows)
-    L = max(len(r) for r in rows)
-    device = next(model.parameters()).device
-    out = torch.zeros(B, max(L - 1, 0), device=device)
-    splits = [0] * B if adapter is None else [int(s) for s in (adapter_from or [])]
-    if len(splits) != B:
-        raise ConfigError(f"token_scores: {B} rows but {len(splits)} adapter_from positions")
-    groups: dict[int, list[int]] = defaultdict(list)
-    for b, s in enumerate(splits):
-        if adapter is not None and not 0 <= s < len(rows[b]):
-            raise ConfigError(f"token_scores: row {b} switches the adapter on at {s}, outside its {len(rows[b])} tokens")
-        groups[s].append(b)
-    for s, idx in sorted(groups.items()):
-        n = max(len(rows[b]) for b in idx)
-        ids = torch.zeros(len(idx), n, dtype=torch.long, device=device)  # (b, n), right-padded
-        for k, b in enumerate(idx):
-            ids[k, : len(rows[b])] = torch.tensor(list(rows[b]), dtype=torch.long)
-        if adapter is None:
-            with use_adapter(model, None):
-                logits = model(ids).logits  # (b, n, V)
-        else:
-            parts = []
-            state = model.init_state(len(idx))
-            if s > 0:
-                with torch.no_grad(), use_adapter(model, None):
-                    pre = model(ids[:, :s], state)
-                parts.append(pre.logits.detach())
-                state = pre.state
-            with use_adapter(model, adapter):
-                parts.append(model(ids[:, s:], state).logits)
-            logits = torch.cat(parts, dim=1)  # (b, n, V)
-        logp = token_logprobs(logits[:, :-1], temperature)  # (b, n - 1, V)
-        picked = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (b, n - 1)
-        for k, b in enumerate(idx):
-            m = len(rows[b]) - 1
-            out[b, :m] = picked[k, :m]
-    return out
+    return run_dialogues([first, second], [prompt_ids], [confidences], cfg, generator, tokens=tokens, emit=emit)[0]

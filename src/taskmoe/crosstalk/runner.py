@@ -11,17 +11,20 @@ On disk (``runs/<name>/crosstalk/``, written by ``taskmoe train crosstalk``)::
 ``config.json`` is written last, so a folder with it is complete. :func:`load_crosstalk`
 validates it and every folder it names.
 
-:class:`CrosstalkRunner` implements the pipeline's ``CrosstalkRunner`` protocol
-(``runner(prompt_ids, speakers, drafts) -> (drafts, turns)``, see
-:mod:`taskmoe.inference.pipeline`): it runs :func:`~taskmoe.crosstalk.dialogue.run_crosstalk`
-with the more confident expert opening, then hands the summarizer one draft per speaker
+:class:`CrosstalkRunner` implements the pipeline's batched cross-talk protocol
+(:meth:`CrosstalkRunner.run_batch`, see :mod:`taskmoe.inference.stages.crosstalk`): it runs every
+flagged row of one expert pair in ONE :func:`~taskmoe.crosstalk.dialogue.run_dialogues` call, the
+more confident expert of each row opening, each row drawing from its own generator seeded with
+``seed`` (so a row's transcript is the one it gets alone) and ``emit`` streaming the tokens and
+stopping cancelled rows; ``runner(prompt_ids, speakers, drafts)`` is the one-prompt form. It hands the summarizer one draft per speaker
 (:meth:`~taskmoe.crosstalk.dialogue.Transcript.drafts`; an expert that never got the floor keeps
 its independent draft) and the trace one dict per turn (expert, text, tokens, interrupted,
 p_interrupt, declined probabilities). Adapters are loaded lazily into the experts the store hands
 over (once per loaded model: an evicted and reloaded expert gets it again) and switched off right
 away, so the expert's ordinary drafts stay those of the base model; the dialogue switches them
 on only during cross-talk. An expert without a trained adapter talks with its base weights.
-Each call seeds its own generator with ``seed``, so a prompt always gets the same transcript.
+An untrained runner (``CrosstalkRunner(tokenizer)``, no adapters) lets the experts talk with their
+base weights: what a run without a ``crosstalk/`` folder uses (see :func:`taskmoe.load`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from taskmoe.crosstalk.dialogue import DialogueConfig, DialogueTokens, Speaker, run_crosstalk
+from taskmoe.crosstalk.dialogue import DialogueConfig, DialogueEmit, DialogueTokens, Speaker, run_dialogues
 from taskmoe.crosstalk.discriminator import Discriminator, load_discriminator, save_discriminator
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, FORMAT_VERSION, atomic_write_json, load_component
@@ -141,14 +144,41 @@ class CrosstalkRunner:
             set_adapter(model, None)  # ordinary drafts stay base; the dialogue switches it on in cross-talk
         return Speaker(name, model, self.adapter)
 
+    @property
+    def trained(self) -> bool:
+        """True when the experts talk with trained cross-talk adapters (False: base weights)."""
+        return bool(self.adapters)
+
+    def run_batch(self, prompts: Sequence[Sequence[int]], speakers: Sequence[tuple[str, nn.Module]],
+                  confidences: Sequence[tuple[float, float]], drafts: Sequence[Sequence[Draft]],
+                  emit: DialogueEmit | None = None) -> list[tuple[list[Draft], list[dict[str, Any]]]]:
+        """One dialogue per row between the same two experts, decoded together.
+
+        ``prompts``: prompt ids per row (no BOS); ``speakers``: ``[(name, model)] * 2``;
+        ``confidences``: per row, the router confidences of the two speakers (the more confident
+        opens; a tie: speaker 0); ``drafts``: per row, the independent drafts (kept for a speaker
+        that never gets the floor); ``emit(row, token, speaker) -> bool`` streams each token and
+        halts a row on False. Returns per row the drafts for the summarizer and the trace's turns.
+        """
+        if len(speakers) != 2:
+            raise ConfigError(f"cross-talk runs between two experts, got {len(speakers)}")
+        (na, ma), (nb, mb) = speakers
+        first = [0 if float(ca) >= float(cb) else 1 for ca, cb in confidences]
+        gens = [torch.Generator().manual_seed(self.seed) if self.seed is not None else None for _ in prompts]
+        bos = int(self.tokenizer.bos_id)
+        transcripts = run_dialogues([self.speaker(na, ma), self.speaker(nb, mb)], [[bos, *map(int, p)] for p in prompts],
+                                    [(float(a), float(b)) for a, b in confidences], self.cfg, gens, first=first,
+                                    tokens=self.tokens, emit=emit)
+
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special=True)
+
+        return [(t.drafts(fallback=list(d)), t.trace(decode)) for t, d in zip(transcripts, drafts)]
+
     def __call__(self, prompt_ids: list[int], speakers: list[tuple[str, float, nn.Module]],
                  drafts: list[Draft]) -> tuple[list[Draft], list[dict[str, Any]]]:
+        """One prompt: ``speakers`` = ``[(name, confidence, model)] * 2``; see :meth:`run_batch`."""
         if len(speakers) != 2:
             raise ConfigError(f"cross-talk runs between two experts, got {len(speakers)}")
         (na, ca, ma), (nb, cb, mb) = speakers
-        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        prompt = [int(self.tokenizer.bos_id), *map(int, prompt_ids)]
-        transcript = run_crosstalk(self.speaker(na, ma), self.speaker(nb, mb), prompt, (float(ca), float(cb)),
-                                   self.cfg, generator, tokens=self.tokens)
-        turns = transcript.trace(lambda ids: self.tokenizer.decode(ids, skip_special=True))
-        return transcript.drafts(fallback=drafts), turns
+        return self.run_batch([prompt_ids], [(na, ma), (nb, mb)], [(ca, cb)], [drafts])[0]

@@ -1,4 +1,4 @@
-"""Torch datasets: packed language-model windows, SFT examples with a loss mask, preference pairs.
+"""Torch datasets: packed language-model windows, and THE truncation rule for prompt/response pairs.
 
 Torch is used only for tensors and the ``Dataset`` base class; nothing here knows about models.
 
@@ -8,24 +8,19 @@ Torch is used only for tensors and the ``Dataset`` base class; nothing here know
   so consecutive windows share one token and every token after the first is a target exactly
   once (inputs ``w[:-1]``, targets ``w[1:]``). Deterministic, map-style; the tail that does not
   fill a window is dropped.
-- :class:`SFTDataset` / :class:`PreferenceDataset`: the prompt is rendered with the
-  tokenizer's chat template (:meth:`Tokenizer.encode_chat`, which ends in an open
-  ``<|assistant|>``); the response is plain text followed by ``<|eos|>``. Items are already
-  shifted: ``input_ids = seq[:-1]``, ``labels = seq[1:]`` with ``-100`` wherever the target is a
-  prompt token, so a loss is ``cross_entropy(logits, labels, ignore_index=-100)`` with no
-  further shifting.
-- **Truncation happens in exactly one place**, :func:`truncate_pair`, used by both.
+- **Truncation happens in exactly one place**, :func:`truncate_pair`; the chat datasets
+  (:mod:`taskmoe.data.sft`: SFT with an assistant mask, preference pairs) use it through
+  :func:`~taskmoe.data.sft.truncate_masked`.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from taskmoe.data._progress import progress_bar
-from taskmoe.data.formats import PreferenceExample, SFTExample
+from taskmoe.progress import progress_bar
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.errors import DataError
 
@@ -138,81 +133,3 @@ def pad_right(rows: Sequence[torch.Tensor], value: int, length: int | None = Non
     for i, r in enumerate(rows):
         out[i, : r.numel()] = r
     return out  # (B, T)
-
-
-class _ChatPairs:
-    """Shared encoding of chat prompts and responses (prompt via the template, response + eos)."""
-
-    def __init__(self, tokenizer: Tokenizer, max_len: int) -> None:
-        if max_len < 2:
-            raise DataError(f"max_len must be >= 2, got {max_len}")
-        self.tokenizer, self.max_len = tokenizer, max_len
-
-    def prompts(self, messages: Iterable[Sequence[Mapping[str, str]]]) -> list[list[int]]:
-        return [self.tokenizer.encode_chat(m, add_generation_prompt=True) for m in messages]
-
-    def responses(self, texts: Sequence[str]) -> list[list[int]]:
-        return [ids + [self.tokenizer.eos_id] for ids in self.tokenizer.encode_batch(list(texts), allow_special=False)]
-
-
-class SFTDataset(Dataset):
-    """Chat prompt -> response examples; items ``{"input_ids": (L,), "labels": (L,)}``, L <= max_len."""
-
-    def __init__(self, examples: Sequence[SFTExample], tokenizer: Tokenizer, max_len: int) -> None:
-        if not examples:
-            raise DataError("SFTDataset: no examples")
-        enc = _ChatPairs(tokenizer, max_len)
-        self.pad_id = tokenizer.pad_id
-        prompts = enc.prompts(e.messages for e in examples)
-        responses = enc.responses([e.response for e in examples])
-        self.items = [masked_example(p, r, max_len) for p, r in zip(prompts, responses)]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        input_ids, labels = self.items[i]
-        return {"input_ids": input_ids, "labels": labels}
-
-    def collate(self, batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest item: input_ids with pad_id, labels with -100; plus attention_mask."""
-        ids = [b["input_ids"] for b in batch]
-        return {
-            "input_ids": pad_right(ids, self.pad_id),  # (B, T)
-            "labels": pad_right([b["labels"] for b in batch], IGNORE_INDEX),  # (B, T)
-            "attention_mask": pad_right([torch.ones_like(x) for x in ids], 0).bool(),  # (B, T)
-        }
-
-
-class PreferenceDataset(Dataset):
-    """Prompt with chosen and rejected responses, each encoded exactly like an SFT example."""
-
-    def __init__(self, examples: Sequence[PreferenceExample], tokenizer: Tokenizer, max_len: int) -> None:
-        if not examples:
-            raise DataError("PreferenceDataset: no examples")
-        enc = _ChatPairs(tokenizer, max_len)
-        self.pad_id = tokenizer.pad_id
-        prompts = enc.prompts(e.messages for e in examples)
-        chosen = enc.responses([e.chosen for e in examples])
-        rejected = enc.responses([e.rejected for e in examples])
-        self.items = [
-            (masked_example(p, c, max_len), masked_example(p, r, max_len)) for p, c, r in zip(prompts, chosen, rejected)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        (ci, cl), (ri, rl) = self.items[i]
-        return {"chosen_input_ids": ci, "chosen_labels": cl, "rejected_input_ids": ri, "rejected_labels": rl}
-
-    def collate(self, batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Pad chosen and rejected to ONE common length T so they can be stacked into (2B, T)."""
-        t = max(max(b["chosen_input_ids"].numel(), b["rejected_input_ids"].numel()) for b in batch)
-        out: dict[str, torch.Tensor] = {}
-        for side in ("chosen", "rejected"):
-            ids = [b[f"{side}_input_ids"] for b in batch]
-            out[f"{side}_input_ids"] = pad_right(ids, self.pad_id, t)  # (B, T)
-            out[f"{side}_labels"] = pad_right([b[f"{side}_labels"] for b in batch], IGNORE_INDEX, t)  # (B, T)
-            out[f"{side}_attention_mask"] = pad_right([torch.ones_like(x) for x in ids], 0, t).bool()  # (B, T)
-        return out

@@ -44,7 +44,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from taskmoe.data._progress import progress_bar
+from taskmoe.progress import progress_bar
 from taskmoe.data.corpus import Corpus, CorpusConfig, Document, DomainBudget, chunk_documents
 from taskmoe.errors import DataError
 

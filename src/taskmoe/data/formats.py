@@ -7,8 +7,8 @@ later, in :mod:`taskmoe.data.datasets` (one place); readers here only parse and 
 
 Readers (each error names the file, the record and the field):
 
-- :func:`read_alpaca`: Alpaca JSON, a list of ``{instruction, input, output}``; the user turn is
-  the instruction, followed by a blank line and the input when there is one.
+- :func:`read_alpaca`: Alpaca JSON (a list) or JSON Lines of ``{instruction, input, output}``;
+  the user turn is the instruction, followed by a blank line and the input when there is one.
 - :func:`read_hh_rlhf`: Anthropic HH-RLHF JSONL (optionally ``.gz``), ``{chosen, rejected}``
   dialogues written as ``\\n\\nHuman: ...\\n\\nAssistant: ...``; the shared turns before the
   last assistant turn become the prompt. Pairs whose earlier turns differ (a handful in the
@@ -44,6 +44,12 @@ class SFTExample:
         return cls(msgs, response)
 
 
+    @property
+    def conversation(self) -> list[dict[str, str]]:
+        """The prompt messages followed by the assistant response."""
+        return [*self.messages, {"role": "assistant", "content": self.response}]
+
+
 @dataclass(frozen=True)
 class PreferenceExample:
     """A chat prompt and two assistant responses, the first preferred over the second."""
@@ -51,19 +57,6 @@ class PreferenceExample:
     messages: list[dict[str, str]]
     chosen: str
     rejected: str
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from e
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -97,14 +90,6 @@ def _field(rec: Any, name: str, where: str, *, required: bool = True) -> str:
     return v
 
 
-def _list_of_records(data: Any, path: Path) -> list[Any]:
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    if not data:
-        raise DataError(f"{path}: file holds no examples")
-    return data
-
-
 # ---------------------------------------------------------------------------------- alpaca
 def alpaca_prompt(instruction: str, input: str = "") -> str:
     """The user turn of an Alpaca record: the instruction, then a blank line and the input if any."""
@@ -112,14 +97,73 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return f"{instruction}\n\n{input}" if input else instruction
 
 
+def json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` of a JSON list file or a JSON Lines file (``.jsonl``, optionally ``.gz``).
+
+    ``where`` is ``file:line`` (for a JSON list: the line the record starts on, and its index), so
+    an error about a malformed record points at it.
+    """
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        for n, rec in _read_jsonl(path):
+            yield f"{path}:{n}", rec
+        return
+    text = _read_text(path)
+    data = _json_list_with_lines(text, path)
+    if not data:
+        raise DataError(f"{path}: file holds no examples")
+    for i, (line, rec) in enumerate(data):
+        yield f"{path}:{line} (record {i})", rec
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+            return f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+
+
+def _json_list_with_lines(text: str, path: Path) -> list[tuple[int, Any]]:
+    """Decode a top-level JSON list record by record, keeping each record's starting line."""
+    dec = json.JSONDecoder()
+    ws = re.compile(r"[\s,]*")
+    pos = ws.match(text, 0).end()  # type: ignore[union-attr]
+    if not text.startswith("[", pos):
+        try:
+            kind = type(json.loads(text)).__name__
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+        raise DataError(f"{path}: expected a JSON list of objects, got {kind}")
+    pos += 1
+    out = []
+    while True:
+        pos = ws.match(text, pos).end()  # type: ignore[union-attr]
+        if text.startswith("]", pos):
+            return out
+        try:
+            rec, end = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+        out.append((text.count("\n", 0, pos) + 1, rec))
+        pos = end
+
+
 def read_alpaca(path: str | Path) -> list[SFTExample]:
-    """Alpaca-format JSON (``[{instruction, input, output}, ...]``) as SFT examples."""
+    """Alpaca-format JSON list or JSON Lines (``{instruction, input, output}`` records) as SFT examples.
+
+    ``instruction`` and ``output`` are required strings, ``input`` an optional string; a record
+    breaking that is a DataError naming the file, line and field.
+    """
     path = Path(path)
     out = []
-    for i, rec in enumerate(_list_of_records(_read_json(path), path)):
-        where = f"{path}[{i}]"
+    for where, rec in json_records(path):
         prompt = alpaca_prompt(_field(rec, "instruction", where), _field(rec, "input", where, required=False))
         out.append(SFTExample.from_prompt(prompt, _field(rec, "output", where).strip()))
+    if not out:
+        raise DataError(f"{path}: file holds no examples")
     return out
 
 
@@ -165,8 +209,7 @@ def read_alpaca_eval(path: str | Path) -> list[PreferenceExample]:
     """AlpacaEval annotations as preference examples; ties and missing preferences are skipped."""
     path = Path(path)
     out = []
-    for i, rec in enumerate(_list_of_records(_read_json(path), path)):
-        where = f"{path}[{i}]"
+    for where, rec in json_records(path):
         instruction = _field(rec, "instruction", where)
         o1, o2 = _field(rec, "output_1", where), _field(rec, "output_2", where)
         pref = rec.get("preference")

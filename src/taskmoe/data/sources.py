@@ -14,7 +14,9 @@ is missing, empty, unreadable or lacks the configured field.
   data files through a packaged builder (``load_dataset("json", data_files=...)``), or a hub
   name (needs network; the error says so when it is unreachable).
 
-:func:`open_source` picks one from a path or name, which is what the CLI's ``--source`` uses.
+:func:`open_source` picks one from a path or name, which is what the CLI's ``--source`` uses;
+legal folders (``legal:PATH``, or a folder of US Code / USLM / CAP files) go to
+:class:`~taskmoe.data.legal.LegalFolder`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
 from taskmoe.data.corpus import Document
+from taskmoe.data.legal import LEGAL_PREFIX, LegalFolder, looks_legal
 from taskmoe.errors import DataError
 
 
@@ -302,10 +305,13 @@ def open_source(
     domain_field: str | None = None,
     domain: str | None = None,
     pattern: str = "**/*.txt",
-) -> TextFolder | JsonlFile | ParquetFile | HFDataset:
+) -> TextFolder | JsonlFile | ParquetFile | HFDataset | LegalFolder:
     """Choose a source from a path or name.
 
     - ``hf:NAME`` -> :class:`HFDataset` (hub name or local dataset folder),
+    - ``legal:PATH``, or a folder that :func:`~taskmoe.data.legal.looks_legal` (USLM XML, OLRC
+      XHTML or CAP JSONL inside) -> :class:`~taskmoe.data.legal.LegalFolder` (``domain``
+      defaults to ``"legal"``),
     - a ``save_to_disk`` folder -> :class:`HFDataset`,
     - ``*.parquet`` or a folder of them -> :class:`ParquetFile`,
     - ``*.jsonl``, ``*.jsonl.gz``, ``*.json`` -> :class:`JsonlFile`,
@@ -315,6 +321,8 @@ def open_source(
     kw: dict[str, Any] = {"text_field": text_field, "domain_field": domain_field, "domain": domain}
     if s.startswith("hf:"):
         return HFDataset(s[3:], **kw)
+    if s.startswith(LEGAL_PREFIX):
+        return LegalFolder(s[len(LEGAL_PREFIX) :], domain=domain or "legal")
     path = Path(s)
     if _is_saved_dataset(path):
         return HFDataset(path, **kw)
@@ -322,6 +330,8 @@ def open_source(
         return ParquetFile(path, **kw)
     if s.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
         return JsonlFile(path, **kw)
+    if path.is_dir() and looks_legal(path):
+        return LegalFolder(path, domain=domain or "legal")
     if path.is_dir():
         return TextFolder(path, pattern=pattern, domain=domain)
     if not path.exists():

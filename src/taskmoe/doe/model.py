@@ -44,7 +44,7 @@ from taskmoe.doe.seq_moe import SequenceGate, SequenceMoE, check_name
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, check_state, load_component, save_component
 from taskmoe.layers import LMState, SwiGLU
-from taskmoe.models import CausalLM, LMConfig, LMOutput, init_lm_weights, transformer_lm
+from taskmoe.models import CausalLM, LMOutput, TransformerLMConfig, init_lm_weights, transformer_lm
 from taskmoe.layers.block import BlockState
 
 KIND = "doe"
@@ -53,7 +53,7 @@ GATE_SUPERVISION = ("none", "router")
 
 @dataclass
 class DOEConfig(Config):
-    lm: LMConfig = dataclasses.field(default_factory=LMConfig, metadata={"help": "the transformer (width, depth, heads, vocab)"})
+    lm: TransformerLMConfig = doc(TransformerLMConfig(), "the transformer (width, depth, heads, vocab)")
     experts: list[str] = doc(["e0", "e1", "e2", "e3"], "expert names (one SwiGLU per MoE layer and one gate each)")
     late_experts: list[str] = doc([], "experts added after training: they serve only what their gate accepts")
     moe_every: int = doc(1, "layer i is a SequenceMoE when i % moe_every == moe_every - 1 (1 = every layer)")

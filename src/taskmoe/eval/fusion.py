@@ -27,7 +27,6 @@ shared by the quickstart report, ``taskmoe train summarizer`` (threshold calibra
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from taskmoe.errors import DataError
+from taskmoe.eval.nll import IGNORE_INDEX, evaluating, perplexity, row_nll
 from taskmoe.layers.lora import use_adapter
 from taskmoe.summarizer.disagreement import calibrate_threshold, precision_recall
 from taskmoe.summarizer.examples import FusionPair, fusion_pairs
@@ -64,7 +64,6 @@ def heldout_pairs(docs: Sequence[Any], tokenizer: Any, *, prompt_tokens: int = 6
     return pairs
 
 
-@torch.no_grad()
 def target_nll(model: nn.Module, seqs: Sequence[tuple[Sequence[int], int, int]], *, pad_id: int, batch_size: int = 16,
                adapter: str | None = None, adapter_rows: Sequence[bool] | None = None) -> list[float]:
     """Summed NLL of ``ids[start : start + n]`` for each ``(ids, start, n)``, one full forward per batch.
@@ -72,29 +71,24 @@ def target_nll(model: nn.Module, seqs: Sequence[tuple[Sequence[int], int, int]],
     Batches are right-padded (a causal model's scored positions never see the padding).
     ``adapter`` with ``adapter_rows`` runs that LoRA adapter on exactly those rows.
     """
-    was = model.training
-    model.eval()
     out: list[float] = []
-    try:
+    with evaluating(model):
         for s in range(0, len(seqs), batch_size):
             chunk = seqs[s : s + batch_size]
             T = max(len(ids) for ids, _, _ in chunk)
             x = torch.full((len(chunk), T), int(pad_id), dtype=torch.long)
-            for b, (ids, _, _) in enumerate(chunk):
+            y = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)  # logits at t predict token t + 1
+            for b, (ids, start, n) in enumerate(chunk):
                 x[b, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+                y[b, start - 1 : start - 1 + n] = torch.tensor(list(ids[start : start + n]), dtype=torch.long)
             name, rows = adapter, None
             if adapter is not None and adapter_rows is not None:
                 rows = torch.tensor([bool(r) for r in adapter_rows[s : s + batch_size]])
                 if not bool(rows.any()):
                     name, rows = None, None
             with use_adapter(model, name, rows):
-                logp = model(x).logits.float().log_softmax(-1)  # (B, T, V)
-            for b, (ids, start, n) in enumerate(chunk):
-                pos = torch.arange(start - 1, start - 1 + n)  # logits at t predict token t + 1
-                tgt = torch.tensor(list(ids[start : start + n]), dtype=torch.long)
-                out.append(-float(logp[b, pos, tgt].double().sum()))
-    finally:
-        model.train(was)
+                nll, _ = row_nll(model(x).logits, y)  # (B,)
+            out.extend(nll.tolist())
     return out
 
 
@@ -106,7 +100,7 @@ def _ppl_rows(columns: dict[str, list[float]], tokens: list[int], domains: list[
         n_tok = sum(tokens[i] for i in idx)
         row: dict[str, Any] = {"domain": dom, "examples": len(idx), "tokens": n_tok}
         for name, nll in columns.items():
-            row[name] = math.exp(sum(nll[i] for i in idx) / max(n_tok, 1))
+            row[name] = perplexity(sum(nll[i] for i in idx) / max(n_tok, 1))
         rows.append(row)
     return rows
 
@@ -181,8 +175,8 @@ def adapter_eval(system: Any, pairs: Sequence[FusionPair], *, code_domain: str =
         base = target_nll(system.summarizer, seqs, pad_id=tok.pad_id, batch_size=batch_size)
         ad = target_nll(system.summarizer, seqs, pad_id=tok.pad_id, batch_size=batch_size, adapter=name,
                         adapter_rows=[True] * len(seqs))
-        out.update({"code_examples": len(code), "code_tokens": n_tok, "code_ppl_without_adapter": math.exp(sum(base) / n_tok),
-                    "code_ppl_with_adapter": math.exp(sum(ad) / n_tok)})
+        out.update({"code_examples": len(code), "code_tokens": n_tok, "code_ppl_without_adapter": perplexity(sum(base) / n_tok),
+                    "code_ppl_with_adapter": perplexity(sum(ad) / n_tok)})
     return out
 
 

@@ -9,7 +9,7 @@ What is scored (the same tokens for every model, so every number in a table is c
   choose experts from them alone (as a task is routed on its prompt), and **no model is scored
   on them**, so no routed number ever saw the tokens it is scored on. Documents with no token
   after the prefix are left out.
-- ``PPL = exp(sum of token NLL / number of scored tokens)``, per domain (the document's
+- ``PPL = exp(sum of token NLL / number of scored tokens)`` (:mod:`taskmoe.eval.nll`), per domain (the document's
   evaluation-only label) and over all documents (``"all"``, token-weighted).
 
 Entry points: :func:`build_windows`, :func:`perplexity` (any LM), :func:`perplexity_matrix`
@@ -21,7 +21,6 @@ c-BTM confidence-weighted ensemble), and the CLI command ``taskmoe eval experts`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -29,11 +28,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.data._progress import progress_bar
+from taskmoe.progress import progress_bar
 from taskmoe.errors import ConfigError, DataError
+from taskmoe.eval.nll import IGNORE_INDEX as IGNORE, perplexity as _ppl, row_nll
 from taskmoe.experts.ensemble import RoutedMixture, routing_weights
 
-IGNORE = -100
 ALL = "all"
 
 __all__ = ["EvalWindows", "build_windows", "window_nll", "perplexity", "perplexity_matrix", "routed_perplexity",
@@ -117,12 +116,9 @@ def window_nll(score: Scorer, windows: EvalWindows, *, batch_size: int = 16, pro
         for s in range(0, N, batch_size):
             rows = torch.arange(s, min(s + batch_size, N))
             ids, tgt = windows.input_ids[rows], windows.targets[rows]  # (B, T)
-            logp = score(ids, rows)  # (B, T, V)
-            mask = tgt != IGNORE
-            picked = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-            per_window = -(picked.double() * mask).sum(1)  # (B,)
+            per_window, n = row_nll(score(ids, rows), tgt, log_probs=True)  # (B,) each; score: (B, T, V) log-probs
             nll.index_add_(0, windows.doc[rows], per_window)
-            cnt.index_add_(0, windows.doc[rows], mask.sum(1).double())
+            cnt.index_add_(0, windows.doc[rows], n)
             bar.advance(task, len(rows))
     return nll, cnt
 
@@ -132,8 +128,8 @@ def _by_domain(nll: torch.Tensor, cnt: torch.Tensor, windows: EvalWindows) -> di
     dom = windows.domains
     for d in windows.domain_names():
         m = torch.tensor([x == d for x in dom])
-        out[d] = math.exp(float(nll[m].sum() / cnt[m].sum()))
-    out[ALL] = math.exp(float(nll.sum() / cnt.sum()))
+        out[d] = _ppl(float(nll[m].sum() / cnt[m].sum()))
+    out[ALL] = _ppl(float(nll.sum() / cnt.sum()))
     return out
 
 

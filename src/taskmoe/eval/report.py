@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from taskmoe.data._progress import progress_bar
+from taskmoe.progress import progress_bar
 from taskmoe.eval.fusion import adapter_eval, fusion_perplexity, heldout_pairs
 from taskmoe.eval.perplexity import ALL, build_windows, perplexity_matrix, plot_matrix, route_prefixes, routed_perplexity
 from taskmoe.eval.routing import evaluate_routing, plot_map

@@ -98,7 +98,7 @@ def route_documents(router: Any, seqs: Sequence[Sequence[int]], experts: Sequenc
 
     Returns the assignment and the decisions (one per sequence, in order).
     """
-    from taskmoe.data._progress import progress_bar
+    from taskmoe.progress import progress_bar
 
     decisions: list[Any] = []
     with progress_bar(progress) as bar:

@@ -18,7 +18,7 @@ Design choices:
   run's ``experts/`` folder and tells the store not to charge the shared table to any expert.
 
 On disk (``runs/<name>/experts/<expert>/``): ``config.json`` (kind ``"expert"``, the builder and
-the ``LMConfig``, ``includes_embedding``) and ``model.safetensors``.
+the ``ExpertLMConfig``, ``includes_embedding``) and ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from taskmoe.experts.store import ExpertStore
 from taskmoe.io import load_component
 from taskmoe.models.builders import expert_lm
 from taskmoe.models.checkpoint import load_lm, save_lm
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ExpertLMConfig, LMConfig
 from taskmoe.models.model import CausalLM
 
 KIND = "expert"
@@ -43,8 +43,9 @@ __all__ = ["KIND", "expert_config", "build_expert", "save_expert", "load_expert"
            "owns_embedding"]
 
 
-def expert_config(shared: nn.Embedding, base: LMConfig | None = None, **overrides: Any) -> LMConfig:
-    """``base`` (default ``LMConfig()``) with ``vocab_size`` / ``d_model`` taken from the shared table.
+def expert_config(shared: nn.Embedding, base: LMConfig | None = None, **overrides: Any) -> ExpertLMConfig:
+    """``base`` (default ``ExpertLMConfig()``; a plain ``LMConfig`` gets the expert defaults) with
+    ``vocab_size`` / ``d_model`` taken from the shared table.
 
     A ``vocab_size`` or ``d_model`` override that disagrees with the table is an error, since the
     expert could not share it.
@@ -54,10 +55,10 @@ def expert_config(shared: nn.Embedding, base: LMConfig | None = None, **override
         if key in overrides and overrides[key] != want:
             raise ConfigError(f"expert {key}={overrides[key]} disagrees with the shared embedding table ({V} x {D})")
     overrides.update(vocab_size=V, d_model=D)
-    return (base or LMConfig()).replace(**overrides)
+    return ExpertLMConfig.coerce(base or ExpertLMConfig()).replace(**overrides)
 
 
-def build_expert(cfg: LMConfig, shared: nn.Embedding, *, fine_tune_embedding: bool = False) -> CausalLM:
+def build_expert(cfg: ExpertLMConfig, shared: nn.Embedding, *, fine_tune_embedding: bool = False) -> CausalLM:
     """A fresh expert around ``shared``.
 
     ``fine_tune_embedding=False`` (default): the expert uses ``shared`` itself, frozen

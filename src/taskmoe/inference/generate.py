@@ -4,8 +4,9 @@
 yields ``(row, token)`` pairs as they are produced: one :class:`GenerationConfig` and one
 ``torch.Generator`` shared by the batch. Both are thin over :func:`stream_rows`, the loop itself,
 which takes **per-row** configs (``max_new_tokens``, sampling settings, stop tokens, seed), per-row
-generators and an optional per-row ``emit(token) -> bool`` callback that halts its row by returning
-False; :func:`generate_rows` collects it into :class:`RowOutput` (tokens + why the row ended).
+generators, an optional per-row ``emit(token) -> bool`` callback that halts its row by returning
+False, and optional per-row **side data** (``side``); :func:`generate_rows` collects it into
+:class:`RowOutput` (tokens + why the row ended).
 Serving (:mod:`taskmoe.serving.backends.decode`) is an adapter over :func:`generate_rows`.
 The model is anything with ``init_state(batch_size)`` and ``forward(ids, state, logits_to_keep=1)
 -> LMOutput`` whose state supports ``cat``/``select`` (every :class:`taskmoe.models.CausalLM`).
@@ -18,6 +19,13 @@ lengths and mask the unused slots) and **decoded together**, one token per row p
 that emits a stop token, reaches its ``max_new_tokens`` or is halted by its ``emit`` is dropped
 from the batch (``state.select``), so finished rows cost nothing, and no forward is run for a
 token nobody will sample. Greedy results for each row equal running that row alone (tested).
+
+Per-row side data: the loop reorders rows (prefill by length) and drops finished ones, so a model
+whose behaviour differs per row (an adapter on some rows, per-row mixture weights: see
+:mod:`taskmoe.inference.rowwise`) cannot be told "row i" from outside. With ``side``, each prefill
+group's state is built by ``model.init_state(b, side=[side[i] for i in group])``: the side data
+enters the decoding state with its rows, and the state's ``select``/``cat`` carry it through every
+reordering and drop. Without ``side`` the model is called exactly as before (``init_state(b)``).
 
 Randomness: each step, rows with equal sampling settings that draw from the **same generator
 object** are sampled in one :func:`~taskmoe.inference.sampling.sample` call, in batch order (rows
@@ -35,7 +43,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -113,8 +121,10 @@ class _Batch:
     seen: torch.Tensor  # (B, V) bool, for the repetition penalty
 
 
-def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[int], device: torch.device) -> _Batch:
-    """Prefill ``prompts[i] for i in rows`` in groups of equal length (ascending), then concatenate."""
+def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[int], device: torch.device,
+             side: Sequence[Any] | None = None) -> _Batch:
+    """Prefill ``prompts[i] for i in rows`` in groups of equal length (ascending), then concatenate;
+    with ``side``, each group's initial state receives its rows' side data."""
     groups: dict[int, list[int]] = defaultdict(list)
     for i in rows:
         groups[len(prompts[i])].append(i)
@@ -123,7 +133,8 @@ def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[
         for length in sorted(groups):
             idx = groups[length]
             ids = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long, device=device)  # (b, length)
-            out = model(ids, model.init_state(len(idx)), logits_to_keep=1)
+            state = model.init_state(len(idx)) if side is None else model.init_state(len(idx), side=[side[i] for i in idx])
+            out = model(ids, state, logits_to_keep=1)
             order += idx
             states.append(out.state)
             logits.append(out.logits[:, -1])  # (b, V)
@@ -166,17 +177,19 @@ def stream_rows(
     cfgs: Sequence[GenerationConfig],
     generators: Sequence[torch.Generator | None] | None = None,
     emits: Sequence[Emit | None] | None = None,
+    side: Sequence[Any] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """The decoding loop: yield ``(prompt_index, token_id)`` as tokens are produced, row ``i``
     decoded under ``cfgs[i]``, drawing from ``generators[i]`` and halted when ``emits[i](token)``
-    returns False (called before the token is yielded; the token counts as emitted).
+    returns False (called before the token is yielded; the token counts as emitted; a halted row
+    gets no further forward). ``side[i]`` is row ``i``'s side data for the model (module docstring).
 
     ``generators=None`` gives every row its own generator seeded from ``cfgs[i].seed`` (the global
     RNG when that is None), so seeded rows do not depend on their batch-mates. Rows in a step come
     in prefill order (by prompt length); see the module docstring.
     """
     _check_prompts(prompts, model.vocab_size)
-    _check_per_row(len(prompts), cfgs=cfgs, generators=generators, emits=emits)
+    _check_per_row(len(prompts), cfgs=cfgs, generators=generators, emits=emits, side=side)
     live = [i for i, c in enumerate(cfgs) if c.max_new_tokens > 0]
     if not live:
         return
@@ -188,7 +201,7 @@ def stream_rows(
     was_training = model.training
     model.eval()
     try:
-        batch = _prefill(model, prompts, live, device)
+        batch = _prefill(model, prompts, live, device, side)
         while True:
             with torch.inference_mode():
                 tokens = _draw(batch, cfgs, generators)  # (B,)
@@ -221,6 +234,7 @@ def generate_rows(
     cfgs: Sequence[GenerationConfig],
     generators: Sequence[torch.Generator | None] | None = None,
     emits: Sequence[Emit | None] | None = None,
+    side: Sequence[Any] | None = None,
 ) -> list[RowOutput]:
     """Each row's tokens and finish reason under its own config; see :func:`stream_rows`."""
     _check_per_row(len(prompts), cfgs=cfgs, emits=emits)
@@ -235,7 +249,7 @@ def generate_rows(
 
     watched = [watch(i, None if emits is None else emits[i]) for i in range(len(prompts))]
     out: list[list[int]] = [[] for _ in prompts]
-    for row, tok in stream_rows(model, prompts, cfgs, generators, watched):
+    for row, tok in stream_rows(model, prompts, cfgs, generators, watched, side):
         out[row].append(tok)
     # a row ends for exactly one reason: sampling stops once it holds max_new_tokens tokens
     return [RowOutput(o, "halted" if h else "length" if len(o) == c.max_new_tokens else "stop")
@@ -247,10 +261,12 @@ def stream(
     prompts: Sequence[Sequence[int]],
     cfg: GenerationConfig | None = None,
     generator: torch.Generator | None = None,
+    side: Sequence[Any] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Yield ``(prompt_index, token_id)`` as tokens are produced (rows in a step: by prompt length).
 
-    One config and one generator (passed in, or seeded from ``cfg.seed``) for the whole batch.
+    One config and one generator (passed in, or seeded from ``cfg.seed``) for the whole batch;
+    ``side``: per-row side data for the model (module docstring).
     """
     cfg = cfg or GenerationConfig()
     _check_prompts(prompts, model.vocab_size)
@@ -258,7 +274,7 @@ def stream(
         return
     if generator is None and cfg.seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
-    yield from stream_rows(model, prompts, [cfg] * len(prompts), [generator] * len(prompts))
+    yield from stream_rows(model, prompts, [cfg] * len(prompts), [generator] * len(prompts), side=side)
 
 
 def generate(
@@ -266,9 +282,10 @@ def generate(
     prompts: list[list[int]],
     cfg: GenerationConfig | None = None,
     generator: torch.Generator | None = None,
+    side: Sequence[Any] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (stop tokens excluded); see :func:`stream`."""
     out: list[list[int]] = [[] for _ in prompts]
-    for row, tok in stream(model, prompts, cfg, generator):
+    for row, tok in stream(model, prompts, cfg, generator, side):
         out[row].append(tok)
     return out

@@ -6,7 +6,9 @@ Order, each step failing with :class:`~taskmoe.errors.CheckpointError` naming th
    named path exists, vocabulary size and embedding width agree across components);
 2. the tokenizer, then the router; the manifest's thresholds (t_C_base, k, t_CT) are the
    deployed routing policy and replace the router's own;
-3. every router category must have an expert in the manifest (and nothing else may be named);
+3. every router category must have an expert in the manifest (and nothing else may be named),
+   except the categories whose expert training pruned (``manifest.pruned``): the router routes
+   them to the remaining experts (``router.unavailable``, :mod:`taskmoe.router.availability`);
 4. the expert store is *lazy*: experts are registered, not read; its loader rebuilds an
    expert around the router's embedding table (one shared ``nn.Embedding``: experts and the
    summarizer saved without the table get it injected; a component that stored its own
@@ -53,18 +55,20 @@ def _expert_names(res: ResolvedManifest, router: Router) -> dict[str, str]:
     """category name -> expert name (the expert folder's name), checking coverage both ways."""
     path = res.run_dir / "taskmoe.json"
     k = router.n_categories
-    extra = sorted(i for i in res.experts if not 0 <= i < k)
+    extra = sorted(i for i in [*res.experts, *res.pruned] if not 0 <= i < k)
     if extra:
         raise CheckpointError(f"{path}: experts named for categories {extra}, but the router has categories 0..{k - 1}")
-    missing = [f"{i} ({router.categories[i]})" for i in range(k) if i not in res.experts]
+    if len(res.pruned) >= k:
+        raise CheckpointError(f"{path}: every router category's expert is listed as pruned")
+    missing = [f"{i} ({router.categories[i]})" for i in range(k) if i not in res.experts and i not in res.pruned]
     if missing:
         raise CheckpointError(f"{path}: router categories {missing} have no expert in 'experts' "
                               f"(it maps {sorted(res.experts)})")
     names: dict[str, str] = {}
     seen: dict[str, Path] = {}
-    for i in range(k):
+    for i in sorted(res.experts):
         folder = res.experts[i]
-        name = folder.name
+        name = res.expert_name(i)
         if name in seen and seen[name] != folder:
             raise CheckpointError(f"{path}: two different expert folders are both named '{name}' ({seen[name]}, {folder})")
         seen[name] = folder
@@ -109,6 +113,7 @@ def load_system(
         raise CheckpointError(f"{res.router}: shared embedding is {emb.num_embeddings} x {emb.embedding_dim}, manifest "
                               f"{mpath} says vocab_size x d_model = {m.vocab_size} x {m.d_model}")
     expert_of = _expert_names(res, router)
+    router.unavailable = frozenset(res.pruned)
     store = ExpertStore(expert_loader(emb, device=device), max_experts=max_experts, max_bytes=max_bytes,
                         exclude_shared=[emb.weight])
     for cat, name in expert_of.items():

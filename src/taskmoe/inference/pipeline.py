@@ -196,7 +196,8 @@ class System:
     ) -> None:
         self.tokenizer, self.router, self.store = tokenizer, router, store
         self.expert_of = dict(expert_of)
-        missing = [c for c in router.categories if c not in self.expert_of]
+        pruned = {router.categories[i] for i in getattr(router, "unavailable", ())}  # routed around, need no expert
+        missing = [c for c in router.categories if c not in self.expert_of and c not in pruned]
         if missing:
             raise ConfigError(f"router categories {missing} have no expert (expert_of maps {sorted(self.expert_of)})")
         unknown = sorted({e for e in self.expert_of.values() if e not in store})
@@ -209,7 +210,8 @@ class System:
         self.source = Path(source) if source is not None else None
         self.meta = dict(meta or {})  # the manifest's free-form meta (training summary, calibration)
         self.fmt = FusionFormat(tokenizer, max_len=self.config.max_len) if summarizer is not None else None
-        self.topics = {self.expert_of[c]: d for c, d in zip(router.categories, getattr(router, "descriptions", []) or []) if d}
+        self.topics = {self.expert_of[c]: d for c, d in zip(router.categories, getattr(router, "descriptions", []) or [])
+                       if d and c in self.expert_of}
         if intent is not None and summarizer is not None and intent.feature != "summarizer_hidden":
             raise ConfigError(f"intent head was fitted on '{intent.feature}' features; the pipeline feeds it "
                               "the summarizer's pooled hidden states ('summarizer_hidden')")
@@ -229,7 +231,7 @@ class System:
             "source": str(self.source) if self.source else None,
             "mode": self.mode,
             "categories": list(self.router.categories),
-            "experts": {c: self.expert_of[c] for c in self.router.categories},
+            "experts": {c: self.expert_of.get(c, "(pruned)") for c in self.router.categories},
             "resident_experts": self.store.stats().resident,
             "adapters": self.adapters,
             "intent_labels": list(self.intent.labels) if self.intent is not None else [],
@@ -319,7 +321,7 @@ class System:
                 models = [store.get(n) for n in names]
                 inputs = [[bos, *prompts[i]] for i in rows]
                 w = torch.tensor([decisions[i].weights for i in rows], dtype=torch.float32)  # (rows, E)
-                for i, o in zip(rows, generate(EnsembleLM(models, inputs, w), inputs, cfg.generation(self.tokenizer.eos_id))):
+                for i, o in zip(rows, generate(EnsembleLM(models), inputs, cfg.generation(self.tokenizer.eos_id), side=list(w))):
                     out[i] = o
         return out
 
@@ -413,8 +415,8 @@ class System:
             use.append(flag)
         if rows:
             with clock("summarize"):
-                model = AdapterRowsLM(self.summarizer, cfg.adapter if any(use) else None, fused, use)
-                for i, o in zip(rows, generate(model, fused, cfg.generation(tok.eos_id))):
+                model = AdapterRowsLM(self.summarizer, cfg.adapter if any(use) else None)
+                for i, o in zip(rows, generate(model, fused, cfg.generation(tok.eos_id), side=use)):
                     answers[i] = o
         return answers
 

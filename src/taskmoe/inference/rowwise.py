@@ -13,13 +13,11 @@ Two pipeline steps run one batched decode over rows that need different treatmen
 
 The difficulty is that :func:`taskmoe.inference.generate.generate` reorders rows (it prefills in
 groups of equal prompt length) and drops finished rows, so a fixed per-row mask would point at
-the wrong rows. Design choice: the per-row condition (a *tag*) travels **inside the decoding
-state** (:class:`TaggedState`, whose ``select``/``cat``/``clone`` move the tags with the rows),
-and it is attached at prefill by looking each prompt up: the wrapper is built for one call with
-the list of prompts and their tags, and the prefill forward (the only call that sees whole
-prompts) maps each input row to its tag. Identical prompts must carry identical tags (checked:
-the pipeline's tags are functions of the prompt, so they do). ``generate`` itself stays
-untouched and unaware of any of this.
+the wrong rows. Design choice: the per-row condition (a *tag*: the row's side data) travels
+**inside the decoding state** (:class:`TaggedState`, whose ``select``/``cat``/``clone`` move the
+tags with the rows). ``generate(..., side=tags)`` hands each prefill group its rows' tags through
+``init_state(b, side=...)``, so the wrapper never has to recognise a row by its prompt (identical
+prompts may carry different tags) and is not tied to one list of prompts.
 
 Glossary: ``B`` rows in the current forward, ``T`` tokens, ``V`` vocabulary, ``E`` experts.
 """
@@ -62,31 +60,15 @@ class TaggedState:
 
 
 class RowTaggedLM(nn.Module):
-    """Base: a decode-only LM whose rows carry tags looked up from their prompts at prefill.
+    """Base: a decode-only LM whose rows carry tags given at ``init_state(b, side=tags)``.
 
-    Subclasses implement :meth:`init_inner` and :meth:`step`. ``forward`` needs a state (it is
-    meant for :func:`~taskmoe.inference.generate.generate`, which always passes one).
+    Subclasses implement :meth:`init_inner`, :meth:`step` and :meth:`tag` (one row's side data ->
+    its tag tensor). ``forward`` needs a prefilled state (it is meant for
+    :func:`~taskmoe.inference.generate.generate` with ``side``).
     """
 
-    def __init__(self, prompts: Sequence[Sequence[int]], tags: Tensor) -> None:
-        super().__init__()
-        if len(prompts) != tags.shape[0]:
-            raise ConfigError(f"{type(self).__name__}: {len(prompts)} prompts but {tags.shape[0]} tags")
-        self._tag_of: dict[tuple[int, ...], Tensor] = {}
-        for p, t in zip(prompts, tags):
-            key = tuple(int(x) for x in p)
-            old = self._tag_of.get(key)
-            if old is not None and not torch.equal(old, t):
-                raise ConfigError(f"{type(self).__name__}: two identical prompts carry different tags; "
-                                  "decode them in separate calls")
-            self._tag_of[key] = t
-
-    def tags_for(self, input_ids: Tensor) -> Tensor:
-        """The tags of prefill rows, found by their whole prompt."""
-        try:
-            return torch.stack([self._tag_of[tuple(row)] for row in input_ids.tolist()])
-        except KeyError:
-            raise ConfigError(f"{type(self).__name__}: prefill row is not one of the prompts it was built for") from None
+    def tag(self, side: Any) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def init_inner(self, batch_size: int, device: Any, dtype: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -95,30 +77,33 @@ class RowTaggedLM(nn.Module):
         """``(logits (B, T', V), new inner state, hidden (B, T, D))`` for rows tagged ``tags``."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> TaggedState:
-        return TaggedState(self.init_inner(batch_size, device, dtype), None)
+    def init_state(self, batch_size: int, device: Any = None, dtype: Any = None, *,
+                   side: Sequence[Any] | None = None) -> TaggedState:
+        if side is None:
+            raise ConfigError(f"{type(self).__name__} needs each row's side data: decode it with generate(..., side=...)")
+        if len(side) != batch_size:
+            raise ConfigError(f"{type(self).__name__}: {batch_size} rows but {len(side)} side entries")
+        tags = torch.stack([self.tag(x) for x in side]) if batch_size else None
+        return TaggedState(self.init_inner(batch_size, device, dtype), tags)
 
     def forward(self, input_ids: Tensor, state: TaggedState | None = None, *, logits_to_keep: int = 0) -> LMOutput:
-        if state is None:
-            raise ConfigError(f"{type(self).__name__} is a decoding wrapper: pass a state from init_state()")
-        tags = state.tags if state.tags is not None else self.tags_for(input_ids).to(input_ids.device)
+        if state is None or state.tags is None:
+            raise ConfigError(f"{type(self).__name__} is a decoding wrapper: pass a state from init_state(b, side=...)")
+        tags = state.tags.to(input_ids.device)
         logits, inner, hidden = self.step(input_ids, state.inner, tags, logits_to_keep)
         return LMOutput(logits, TaggedState(inner, tags), hidden)
 
 
 class AdapterRowsLM(RowTaggedLM):
-    """``model`` with LoRA adapter ``adapter`` on the rows whose tag is True, off on the others.
+    """``model`` with LoRA adapter ``adapter`` on the rows whose side data is True, off on the others.
 
     Each forward switches the adapter on with that forward's row mask and restores the previous
     switch state afterwards (:func:`~taskmoe.layers.lora.use_adapter`), so the shared model is left
     as it was found.
     """
 
-    def __init__(self, model: nn.Module, adapter: str | None, prompts: Sequence[Sequence[int]], use: Sequence[bool]) -> None:
-        flags = torch.tensor([bool(u) for u in use], dtype=torch.bool)
-        super().__init__(prompts, flags)
-        if adapter is None and bool(flags.any()):
-            raise ConfigError("AdapterRowsLM: rows ask for an adapter but none was named")
+    def __init__(self, model: nn.Module, adapter: str | None) -> None:
+        super().__init__()
         if adapter is not None and adapter not in adapter_names(model):
             raise ConfigError(f"AdapterRowsLM: the model has no adapter '{adapter}' (it has {adapter_names(model)})")
         self.model = model
@@ -128,6 +113,11 @@ class AdapterRowsLM(RowTaggedLM):
     @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
+
+    def tag(self, side: Any) -> Tensor:
+        if bool(side) and self.adapter is None:
+            raise ConfigError("AdapterRowsLM: a row asks for an adapter but none was named")
+        return torch.tensor(bool(side))
 
     def init_inner(self, batch_size: int, device: Any, dtype: Any) -> Any:
         return self.model.init_state(batch_size, device, dtype)
@@ -146,18 +136,15 @@ class AdapterRowsLM(RowTaggedLM):
 
 
 class EnsembleLM(RowTaggedLM):
-    """The mixture ``p(x) = sum_e w_e p_e(x)`` of ``experts``, with per-row weights ``w`` (N, E).
+    """The mixture ``p(x) = sum_e w_e p_e(x)`` of ``experts``; each row's side data is its weights ``w`` (E,).
 
     Its "logits" are the mixture's log-probabilities (softmax of log p is p, so sampling,
     temperature and top-k/top-p act on the mixture). ``hidden`` is the weight-averaged hidden
     state of the experts.
     """
 
-    def __init__(self, experts: Sequence[nn.Module], prompts: Sequence[Sequence[int]], weights: Tensor) -> None:
-        weights = torch.as_tensor(weights, dtype=torch.float32)
-        if weights.dim() != 2 or weights.shape[1] != len(experts):
-            raise ConfigError(f"EnsembleLM: weights must be (prompts, {len(experts)}), got {tuple(weights.shape)}")
-        super().__init__(prompts, weights)
+    def __init__(self, experts: Sequence[nn.Module]) -> None:
+        super().__init__()
         if not experts:
             raise ConfigError("EnsembleLM: no experts")
         vocab = {int(m.vocab_size) for m in experts}
@@ -168,6 +155,12 @@ class EnsembleLM(RowTaggedLM):
     @property
     def vocab_size(self) -> int:
         return int(self.experts[0].vocab_size)
+
+    def tag(self, side: Any) -> Tensor:
+        w = torch.as_tensor(side, dtype=torch.float32)
+        if w.shape != (len(self.experts),):
+            raise ConfigError(f"EnsembleLM: a row's weights must be ({len(self.experts)},), got {tuple(w.shape)}")
+        return w
 
     def init_inner(self, batch_size: int, device: Any, dtype: Any) -> Any:
         return [m.init_state(batch_size, device, dtype) for m in self.experts]

@@ -2,13 +2,14 @@
 
 On disk (via :func:`taskmoe.io.save_component`)::
 
-    <folder>/config.json         {"format_version", "kind", "config": {"builder", "lm": LMConfig}, "meta"}
+    <folder>/config.json         {"format_version", "kind", "config": {"builder", "lm": <its config>}, "meta"}
     <folder>/model.safetensors   the state dict (the tied head is the embedding, stored once)
 
 Loading rebuilds the model with the named builder and checks every tensor name and shape against
 it, so a vocabulary or width mismatch raises :class:`~taskmoe.errors.CheckpointError` naming the
 file. A shared embedding can be passed in; it is then kept as is (its owner saves it) and
-``include_embedding=False`` omits it from the file.
+``include_embedding=False`` omits it from the file. ``"lm"`` is read with the builder's own config
+class (:data:`~taskmoe.models.builders.CONFIGS`), which also reads the old flat union form.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from torch import nn
 
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, check_state, load_component, save_component
-from taskmoe.models.builders import BUILDERS
-from taskmoe.models.config import LMConfig
+from taskmoe.models.builders import BUILDERS, CONFIGS
 from taskmoe.models.model import CausalLM
 
 EMBEDDING_KEY = "embedding.weight"
@@ -50,7 +50,7 @@ def load_lm(folder: str | Path, kind: str | tuple[str, ...] | None = None, *, em
     builder = comp.config.get("builder")
     if builder not in BUILDERS:
         raise CheckpointError(f"{source}: builder {builder!r} is not one of {sorted(BUILDERS)}")
-    cfg = LMConfig.from_dict(comp.config.get("lm", {}), source=f"{source}: lm")
+    cfg = CONFIGS[builder].from_dict(comp.config.get("lm", {}), source=f"{source}: lm")  # reads old flat configs too
     includes = comp.config.get("includes_embedding", True)
     if not includes and embedding is None:
         raise CheckpointError(f"{comp.weights}: saved without its embedding; pass the shared embedding to load_lm")

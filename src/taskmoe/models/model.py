@@ -1,4 +1,4 @@
-"""``CausalLM``: token embedding -> injected blocks -> final RMSNorm -> tied output head.
+"""``CausalLM``: token embedding -> injected blocks -> final RMSNorm -> output head (tied by default).
 
 Design choices:
 
@@ -8,8 +8,9 @@ Design choices:
 - **Explicit state.** ``forward(ids, state)`` returns the next :class:`~taskmoe.layers.state.LMState`;
   no module remembers anything between calls, so states can be selected, concatenated and
   cloned (batching, grouping by expert, branching). ``state=None`` is the training pass.
-- **Tied head.** The output head is the embedding matrix; ``logits_to_keep`` skips the head for
-  positions nobody reads (prefill needs only the last one).
+- **Tied head.** The output head is the embedding matrix unless an untied ``lm_head`` is passed
+  (pretrained backbones that do not tie, see :mod:`taskmoe.models.backbones`); ``logits_to_keep``
+  skips the head for positions nobody reads (prefill needs only the last one).
 - **Init** (:func:`init_lm_weights`): every projection and the embedding ~ N(0, std); residual
   output projections (marked ``residual_out``) ~ N(0, std / sqrt(2 n_layers)) (GPT-2); then each
   module's own ``reset_special_parameters`` (SSM dt/A, decay biases, conv filters).
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from taskmoe.layers.norm import RMSNorm
 from taskmoe.layers.state import LMState
-from taskmoe.models.config import LMConfig
+from taskmoe.config import Config
 
 
 @dataclass
@@ -44,16 +45,18 @@ class CausalLM(nn.Module):
         blocks: Iterable[nn.Module],
         norm: nn.Module | None = None,
         *,
-        config: LMConfig | None = None,
+        config: Config | None = None,
         builder: str | None = None,
+        lm_head: nn.Linear | None = None,
     ) -> None:
         super().__init__()
         self.embedding = embedding
         self.blocks = nn.ModuleList(blocks)
         d_model = embedding.embedding_dim
-        self.norm = norm if norm is not None else RMSNorm(d_model, config.norm_eps if config else 1e-5)
+        self.norm = norm if norm is not None else RMSNorm(d_model, getattr(config, "norm_eps", 1e-5))
         self.config = config
         self.builder = builder  # name of the builder that can rebuild this model (for load_lm)
+        self.lm_head = lm_head  # None: the head is the embedding (tied)
 
     @property
     def vocab_size(self) -> int:
@@ -64,7 +67,7 @@ class CausalLM(nn.Module):
         return self.embedding.embedding_dim
 
     def num_params(self) -> int:
-        """Parameters counted once each (the tied head is the embedding)."""
+        """Parameters counted once each (a tied head is the embedding)."""
         return sum(p.numel() for p in self.parameters())
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
@@ -74,6 +77,9 @@ class CausalLM(nn.Module):
         return LMState([blk.init_state(batch_size, device, dtype) for blk in self.blocks])
 
     def head(self, hidden: Tensor) -> Tensor:
+        """Logits (..., V) of final hidden states (..., D)."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
         return F.linear(hidden, self.embedding.weight)
 
     def forward(self, input_ids: Tensor, state: LMState | None = None, *, logits_to_keep: int = 0) -> LMOutput:

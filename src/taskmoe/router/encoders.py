@@ -521,7 +521,7 @@ class PretrainedEncoder:
             raise ConfigError(f"pretrained.path: model folder not found: {self.cfg.path!r}")
         try:
             self._tok = AutoTokenizer.from_pretrained(self.cfg.path, local_files_only=True)
-            self._model = AutoModel.from_pretrained(self.cfg.path, local_files_only=True).eval()
+            self._model = AutoModel.from_pretrained(self.cfg.path, local_files_only=True, use_safetensors=True).eval()
         except (OSError, ValueError) as e:
             raise ConfigError(f"pretrained.path: cannot load an encoder from {self.cfg.path}: {e}") from e
 

@@ -6,7 +6,8 @@ IMoE seed's "Classifier" inference rule, step by step:
 1. ``t_C = t_C_base * (1 - log(1 + k*c_S) / log(1 + k))``   (:func:`threshold`)
 2. selected = every category with confidence ``> t_C`` (strict; several allowed) (:func:`select`)
 3. none selected -> *fallback*: every expert runs                         (:func:`decide`)
-4. the top two confidences within ``t_CT`` -> cross-talk between those two (:func:`crosstalk_pair`)
+4. the top two confidences within ``t_CT`` -> cross-talk between those two (:func:`crosstalk_pair`),
+   whether or not both passed ``t_C``: a member that did not joins the selection
 
 Glossary (seed symbol -> variable):
 
@@ -30,9 +31,12 @@ Design choices (each is tested):
   is a difference of floats, it is compared with an absolute tolerance ``GAP_EPS = 1e-6`` so
   that inputs written as decimals (0.55, 0.45, t_CT = 0.1) behave as written, in float32 too.
   Ties in confidence are broken by the lower category index.
-- **Cross-talk only between experts that run**: :func:`decide` keeps the pair only when both
-  members are selected (or the fallback runs everyone). Two high-but-unselected categories
-  cannot talk, because neither produces a draft.
+- **Cross-talk as the seed writes it** ("if two categories are within t_CT of each other in the
+  softmax scores, expert cross-talk is allowed"): the trigger looks at the top two scores only,
+  not at ``t_C``. The ambiguous case, e.g. scores (0.34, 0.29, ...) with ``t_C = 0.3``, is exactly
+  what cross-talk is for, so the second speaker **joins the selection** (``joined`` lists the
+  categories selected only for the dialogue) and the weights are renormalised over the enlarged
+  set. In a fallback every expert already runs.
 """
 
 from __future__ import annotations
@@ -158,9 +162,10 @@ class RoutingDecision:
       weights (sum 1), aligned with ``selected``.
     - ``fallback``: True when no category cleared ``t_C`` (or the input gave the router nothing
       to go on, see ``reason``) and every expert runs.
-    - ``crosstalk``: ``(i, j)`` when the two top categories are within ``t_CT`` and both run.
+    - ``crosstalk``: ``(i, j)`` when the two top categories are within ``t_CT`` (both then run).
     - ``categories``: category names, aligned with ``confidences``; ``reason``: why a fallback
-      happened ("" for a normal decision).
+      happened ("" for a normal decision); ``joined``: categories selected only because they are
+      in the cross-talk pair (they did not pass ``t_C``).
     """
 
     confidences: list[float]
@@ -172,6 +177,7 @@ class RoutingDecision:
     crosstalk: tuple[int, int] | None
     categories: list[str] = field(default_factory=list)
     reason: str = ""
+    joined: list[int] = field(default_factory=list)
 
     @property
     def selected_names(self) -> list[str]:
@@ -193,6 +199,7 @@ class RoutingDecision:
             "fallback": bool(self.fallback),
             "crosstalk": list(self.crosstalk) if self.crosstalk is not None else None,
             "reason": self.reason,
+            "joined": list(self.joined),
         }
 
 
@@ -207,19 +214,19 @@ def decide(
     t_C = threshold(policy.t_C_base, policy.k, c_S)
     sel = select(c, t_C)
     fallback = not sel
+    pair = crosstalk_pair(c, policy.t_CT)
+    joined = [] if fallback or pair is None else [i for i in pair if i not in sel]
     if fallback:
         sel = [int(i) for i in np.argsort(-c, kind="stable")]
         total = float(c.sum())
         weights = [float(c[i] / total) if total > 0 else 1.0 / c.size for i in sel]
     else:
+        sel = sorted(sel + joined, key=lambda i: (-c[i], i))
         total = float(c[sel].sum())
-        weights = [float(c[i] / total) for i in sel]
-    pair = crosstalk_pair(c, policy.t_CT)
-    if pair is not None and not (pair[0] in sel and pair[1] in sel):
-        pair = None
+        weights = [float(c[i] / total) if total > 0 else 1.0 / len(sel) for i in sel]
     return RoutingDecision(
         confidences=[float(x) for x in c], c_S=float(c_S), t_C=t_C, selected=sel, weights=weights,
-        fallback=fallback, crosstalk=pair, categories=list(categories),
+        fallback=fallback, crosstalk=pair, categories=list(categories), joined=joined,
     )
 
 
@@ -242,14 +249,17 @@ def decide_batch(
     t_C = threshold_batch(policy.t_C_base, policy.k, c_S)  # (N,)
     mask = select_batch(c, t_C)  # (N, K)
     fallback = ~mask.any(axis=1)  # (N,)
-    run = mask | fallback[:, None]  # (N, K) experts that run
+    pairs, trig = crosstalk_batch(c, policy.t_CT)  # (N, 2), (N,)
+    join = np.zeros_like(mask)  # (N, K): pair members selected only for the dialogue
+    if c.shape[1] >= 2:
+        rows = np.flatnonzero(trig & ~fallback)
+        for col in (0, 1):
+            join[rows, pairs[rows, col]] = True
+        join &= ~mask
+    run = mask | join | fallback[:, None]  # (N, K) experts that run
     w = np.where(run, c, 0.0)
     tot = w.sum(axis=1, keepdims=True)
     w = np.divide(w, tot, out=np.full_like(w, 1.0 / c.shape[1]), where=tot > 0)
-    pairs, trig = crosstalk_batch(c, policy.t_CT)
-    if c.shape[1] >= 2:
-        both = np.take_along_axis(run, pairs, axis=1).all(axis=1)
-        trig = trig & both
     order = np.argsort(-c, axis=1, kind="stable")  # (N, K)
     out = []
     for n in range(c.shape[0]):
@@ -259,7 +269,7 @@ def decide_batch(
                 confidences=c[n].tolist(), c_S=float(c_S[n]), t_C=float(t_C[n]), selected=sel,
                 weights=[float(w[n, i]) for i in sel], fallback=bool(fallback[n]),
                 crosstalk=(int(pairs[n, 0]), int(pairs[n, 1])) if trig[n] else None,
-                categories=list(categories),
+                categories=list(categories), joined=[int(i) for i in order[n] if join[n, i]],
             )
         )
     return out

@@ -44,6 +44,7 @@ from taskmoe.io import atomic_write_json, load_component, load_tensors, read_jso
 from taskmoe.router.classifier import CategoryHead, ClassifierConfig, add_class, head_from_tensors
 from taskmoe.router.complexity import FEATURES, ComplexityScorer
 from taskmoe.router.encoders import Encoder, LearnedEncoder, NotFittedError, load_encoder
+from taskmoe.router.availability import restrict, without
 from taskmoe.router.policy import PolicyConfig, RoutingDecision, decide_batch, input_fallback
 
 KIND = "router"
@@ -136,6 +137,8 @@ class Router:
         self.descriptions = list(descriptions) if descriptions is not None else [""] * k
         self.tokenizer = tokenizer
         self.report = dict(report or {})
+        # categories without an expert (pruned in training): routed around (router/availability.py)
+        self.unavailable: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------------- properties
     @property
@@ -160,7 +163,7 @@ class Router:
         ok = self.encoder.readable(seqs)
         if ok.any():
             out[ok] = self.head.probs(self.encoder.encode([s for s, o in zip(seqs, ok) if o]))
-        return out
+        return restrict(out, self.unavailable)
 
     def route(self, ids: Any) -> RoutingDecision | list[RoutingDecision]:
         """Route one sequence of token ids (-> a decision) or a batch of them (-> a list).
@@ -192,11 +195,11 @@ class Router:
         if idx.size:
             rows = [seqs[i] for i in idx]
             x[idx] = self.encoder.encode(rows)
-            conf = self.head.probs(x[idx])  # (n, K)
+            conf = restrict(self.head.probs(x[idx]), self.unavailable)  # (n, K)
             c_S = self.complexity.score(rows)  # (n,)
             for i, d in zip(idx, decide_batch(conf, c_S, self.policy, self.categories)):
                 out[i] = d
-        return [d for d in out if d is not None], x
+        return [without(d, self.unavailable) for d in out if d is not None], x
 
     def route_text(self, text: str | Sequence[str]) -> RoutingDecision | list[RoutingDecision]:
         """Tokenise with the router's tokenizer, then :meth:`route`."""

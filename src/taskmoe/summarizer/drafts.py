@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from torch import nn
 
-from taskmoe.data._progress import progress_bar
+from taskmoe.progress import progress_bar
 from taskmoe.errors import ConfigError
 from taskmoe.summarizer.fuser import Draft
 

@@ -27,6 +27,10 @@ Design choices:
 - **No pickle**: optimizer/scheduler state dicts are flattened by :func:`flatten_state` into a
   JSON tree plus a flat ``{name: tensor}`` map (tuples and non-string dict keys are tagged so
   they round-trip exactly).
+- **A resume applies the current config**: :func:`config_changes` lists what differs from the
+  checkpoint's config and :func:`apply_hyperparameters` puts the current values into the
+  restored optimizer and schedule (the loop logs and records each change), so a checkpoint never
+  records one lr while the run trains with another.
 - **One timeline**: after saving step ``s`` the folder keeps ``s`` and the ``keep_last - 1``
   newest steps *before* ``s``; steps after ``s`` (left by a run that was resumed from an older
   checkpoint) are deleted, so "latest" always means the current run's newest state.
@@ -34,6 +38,7 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -53,8 +58,10 @@ from taskmoe.io import (
     load_tensors,
     read_json,
     save_component,
+    save_lock,
     save_tensors,
 )
+from taskmoe.training.config import TrainConfig
 from taskmoe.training.rng import RNGState
 
 log = logging.getLogger(__name__)
@@ -154,8 +161,9 @@ def save_checkpoint(
     """
     root = checkpoints_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step-*.tmp-*"):  # left by a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    with save_lock(root):  # every step save holds it, so any temp folder found now is a dead writer's
+        for stale in root.glob(".step-*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     opt_tree, opt_tensors = flatten_state(optimizer_state)
     sched_tree, sched_tensors = flatten_state(scheduler_state)
@@ -195,6 +203,26 @@ def _prune(out_dir: str | Path, current: int, keep_last: int) -> None:
         if p in newer:
             log.warning("removing %s: it is newer than the checkpoint just saved (an abandoned run)", p)
         shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- resume
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, list[Any]]:
+    """``{key: [checkpoint value, current value]}`` for every TrainConfig field that differs
+    (``progress``, a display flag, is ignored)."""
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as the checkpoint's JSON has them
+    return {k: [saved.get(k), v] for k, v in now.items() if k != "progress" and k in saved and saved[k] != v}
+
+
+def apply_hyperparameters(optimizer: Any, scheduler: Any, fresh_groups: list[dict[str, Any]], fresh_base: list[float]) -> None:
+    """Give a restored optimizer/schedule the current config's hyperparameters (resume rule):
+    each group's settings from the freshly built optimizer, the schedule's base lrs, and the lr
+    ``base * factor(last_epoch)`` the schedule gives the resumed step."""
+    for group, fresh in zip(optimizer.param_groups, fresh_groups):
+        group.update(fresh)
+    scheduler.base_lrs = list(fresh_base)
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -241,6 +269,20 @@ class Checkpoint:
 
     def load_scheduler(self, scheduler: Any) -> None:
         scheduler.load_state_dict(unflatten_state(read_json(self.path / SCHED_JSON), {}, self.path / SCHED_JSON))
+
+    def load_optimization(self, optimizer: Any, scheduler: Any, cfg: TrainConfig) -> dict[str, list[Any]]:
+        """Load optimizer and schedule state, then apply the current ``cfg`` where it differs from the
+        checkpoint's (module docstring); returns and logs the changes (:func:`config_changes`)."""
+        fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        fresh_base = list(scheduler.base_lrs)
+        self.load_optimizer(optimizer)
+        self.load_scheduler(scheduler)
+        changed = config_changes(self.trainer_state.get("config", {}), cfg)
+        if changed:
+            apply_hyperparameters(optimizer, scheduler, fresh_groups, fresh_base)
+            for k, (old, new) in changed.items():
+                log.warning("resume: %s changed %s -> %s (applied from step %d)", k, old, new, self.step + 1)
+        return changed
 
     def rng_state(self, rank: int) -> RNGState | None:
         """The RNG state saved by process ``rank`` (None if that rank did not exist)."""

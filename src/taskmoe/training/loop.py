@@ -39,6 +39,9 @@ built by the caller beforehand, so its initialisation is the caller's). Resume i
 model, optimizer, scheduler, every RNG (per rank), the data position, the loss history and
 callback state are restored, so an interrupted run continued to ``max_steps`` reproduces the
 uninterrupted run's per-step losses bit for bit (same hardware and world size).
+
+A resume with a changed config (``--lr``...) applies it and records each change (log, a
+``{"kind": "resume"}`` line in metrics.jsonl, ``resumes`` in checkpoints): what is recorded trained.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import torch
 from torch import nn
 
 from taskmoe.errors import TrainingError
+from taskmoe.eval.nll import perplexity
 from taskmoe.training.checkpoint import (
     Checkpoint,
     checkpoints_dir,
@@ -65,12 +69,15 @@ from taskmoe.training.checkpoint import (
     step_dirname,
 )
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.metrics import MetricsWriter, progress_bar
+from taskmoe.progress import progress_bar
+from taskmoe.training.metrics import MetricsWriter
 from taskmoe.training.optim import build_optimizer, build_scheduler
 from taskmoe.training.rng import capture_rng, restore_rng, seed_everything
 from taskmoe.training.sampler import BatchPlan, DataPosition, iterate_steps, resolve_collate
 
 log = logging.getLogger(__name__)
+
+_BAR_FIELDS = ("loss {task.fields[loss]}", "{task.fields[tps]} tok/s")
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, Any]]"]
 
@@ -98,6 +105,7 @@ class _RunState:
     eval_history: list[dict[str, float]] = field(default_factory=list)
     tokens: int = 0
     train_time: float = 0.0
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # {"step", "changed": {key: [old, new]}}
 
     def to_json(self, plan: BatchPlan, cfg: TrainConfig, callbacks: Sequence[Any]) -> dict[str, Any]:
         return {
@@ -106,7 +114,7 @@ class _RunState:
             "losses": self.losses, "eval_history": self.eval_history,
             "tokens": self.tokens, "train_time": self.train_time,
             "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in callbacks],
-            "config": cfg.to_dict(),
+            "config": cfg.to_dict(), "resumes": self.resumes,
         }  # fmt: skip
 
     @classmethod
@@ -114,6 +122,7 @@ class _RunState:
         return cls(
             step=int(d["step"]), pos=DataPosition(int(d["epoch"]), int(d["index"])), losses=list(d["losses"]),
             eval_history=list(d["eval_history"]), tokens=int(d["tokens"]), train_time=float(d["train_time"]),
+            resumes=list(d.get("resumes", [])),
         )  # fmt: skip
 
 
@@ -172,7 +181,7 @@ def train(
     ckpt = _resume_checkpoint(out, resume)
     st = _RunState()
     if ckpt is not None:
-        st = _restore(ckpt, raw, optimizer, scheduler, callbacks, plan, rank)
+        st = _restore(ckpt, raw, optimizer, scheduler, callbacks, plan, rank, cfg)
     else:
         seed_everything(cfg.seed + rank)
     if st.step >= cfg.max_steps:
@@ -181,11 +190,13 @@ def train(
     wrapped = acc.prepare(raw)  # DDP-wrapped when launched with several processes
     params = [p for g in optimizer.param_groups for p in g["params"]]
     writer = MetricsWriter(out if acc.is_main_process else None, resume_step=st.step, tensorboard=cfg.tensorboard)
+    if st.resumes and st.resumes[-1]["step"] == st.step and ckpt is not None:
+        writer.write({"kind": "resume", "checkpoint": str(ckpt.path), **st.resumes[-1]})
     steps = iterate_steps(train_data, collate, plan, rank, st.pos, cfg.num_workers)
     last_ckpt, stopped = (ckpt.path if ckpt else None), False
     wrapped.train()
     try:
-        with progress_bar(cfg.progress and acc.is_main_process) as bar:
+        with progress_bar(cfg.progress and acc.is_main_process, fields=_BAR_FIELDS) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=st.step, loss="-", tps="-")
             while st.step < cfg.max_steps and not stopped:
                 step = st.step + 1
@@ -247,7 +258,8 @@ def evaluate(
     all-reduced, so every rank gets the same numbers and W processes evaluate exactly the
     samples one process with ``batch_size * W`` does. Each batch weighs its ``metrics["tokens"]``
     (else its sample count): with a token-mean loss this is the token-level mean over the whole
-    prefix, and ``eval_ppl = exp(eval_loss)`` is the corpus perplexity.
+    prefix (the token NLL of :mod:`taskmoe.eval.nll`: summed NLL / token count), and
+    ``eval_ppl = exp(eval_loss)`` is the corpus perplexity.
     """
     collate = resolve_collate(data, None if hasattr(data, "collate") else collate_fn)
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
@@ -278,7 +290,7 @@ def evaluate(
     tot = dict(zip(keys, vec.tolist()))
     total_weight = tot.pop("weight")
     out = {f"eval_{k}": v / total_weight for k, v in tot.items()}
-    out["eval_ppl"] = math.exp(out["eval_loss"]) if out["eval_loss"] < 700 else math.inf
+    out["eval_ppl"] = perplexity(out["eval_loss"])
     return out
 
 
@@ -313,13 +325,8 @@ def _accumulate(model: nn.Module, loss_fn: LossFn, micro: list[Any], acc: Any) -
 
 
 def _count_tokens(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.numel()
-    if isinstance(batch, dict):
-        t = batch.get("input_ids")
-        if isinstance(t, torch.Tensor):
-            return t.numel()
-    return 0
+    t = batch.get("input_ids") if isinstance(batch, dict) else batch
+    return t.numel() if isinstance(t, torch.Tensor) else 0
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -350,10 +357,9 @@ def _resume_checkpoint(out: Path | None, resume: bool | str | Path) -> Checkpoin
 
 
 def _restore(ckpt: Checkpoint, raw: nn.Module, optimizer: Any, scheduler: Any, callbacks: list[Any],
-             plan: BatchPlan, rank: int) -> _RunState:  # fmt: skip
+             plan: BatchPlan, rank: int, cfg: TrainConfig) -> _RunState:  # fmt: skip
     ckpt.load_model(raw)
-    ckpt.load_optimizer(optimizer)
-    ckpt.load_scheduler(scheduler)
+    changed = ckpt.load_optimization(optimizer, scheduler, cfg)  # applies (and returns) any config change
     ts = ckpt.trainer_state
     if ts.get("num_samples") != plan.num_samples or ts.get("global_batch") != plan.global_batch:
         log.warning(
@@ -370,7 +376,9 @@ def _restore(ckpt: Checkpoint, raw: nn.Module, optimizer: Any, scheduler: Any, c
         log.warning("%s: no RNG state for process %d; reseeding it", ckpt.path, rank)
         seed_everything(int(ts.get("config", {}).get("seed", 0)) + rank + ckpt.step)
     log.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
-    return _RunState.from_json(ts)
+    st = _RunState.from_json(ts)
+    st.resumes += [{"step": ckpt.step, "changed": changed}] if changed else []
+    return st
 
 
 def _save(out: Path, st: _RunState, raw: nn.Module, optimizer: Any, scheduler: Any, plan: BatchPlan,

@@ -1,4 +1,4 @@
-"""What a run reports while it trains: metrics JSONL (+ optional TensorBoard) and a progress bar.
+"""What a run reports while it trains: metrics JSONL (+ optional TensorBoard).
 
 - ``out_dir/metrics.jsonl`` gets one JSON object per line: ``{"kind": "train", "step", "loss",
   "lr", "grad_norm", "tokens_per_s", "epoch", ...loss_fn metrics}`` every ``log_every`` steps and
@@ -6,8 +6,8 @@
   lines after the resumed step (written by the interrupted run) are dropped first, so the file
   reads as one uninterrupted run.
 - TensorBoard is optional: used only when asked and ``torch.utils.tensorboard`` imports.
-- The progress bar (rich) shows loss and tokens/s; it is off when not on a terminal, off on
-  non-main processes, and off when ``TrainConfig.progress`` is False.
+- The loop's progress bar is :func:`taskmoe.progress.progress_bar` (loss and tokens/s fields):
+  off when not on a terminal, off on non-main processes, off when ``TrainConfig.progress`` is False.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ import logging
 import math
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from taskmoe.io import atomic_write_text
 
@@ -72,19 +69,3 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def progress_bar(enabled: bool) -> Progress:
-    """A rich progress bar with ``loss`` and ``tps`` fields; disabled unless on a terminal."""
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not (enabled and console.is_terminal),
-    )

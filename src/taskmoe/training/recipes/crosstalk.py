@@ -25,7 +25,6 @@ Thin setup / train / cleanup over the shared loop (:func:`taskmoe.training.loop.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from taskmoe.crosstalk.discriminator import Discriminator, DiscriminatorConfig, 
 from taskmoe.crosstalk.gan import CrosstalkGAN, GANConfig, Rollout, attach_adapter, discriminator_loss, gan_loss
 from taskmoe.crosstalk.runner import save_crosstalk
 from taskmoe.errors import ConfigError, DataError
+from taskmoe.eval.nll import NLL
 from taskmoe.io import atomic_write, atomic_write_json, read_json
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, train
@@ -172,17 +172,16 @@ def detection(discriminator: Discriminator, rollouts: Sequence[Rollout]) -> dict
 def rollout_perplexity(model: nn.Module, rollouts: Sequence[Rollout], *, interrupted: bool) -> float:
     """Perplexity under ``model`` (adapters off) of the texts after their opening: the cross-talk part of
     the interrupted texts, or the same positions of the uninterrupted ones. ``exp(-sum log p / count)``."""
-    total, count = 0.0, 0
+    acc = NLL()
     for r in rollouts:
         ts: list[Transcript] = r.fake if interrupted else r.real
         rows = [list(t.prompt) + list(t.ids) for t in ts]
-        scores = token_scores(model, rows, 1.0)  # (B, L - 1), adapters off
-        for b, t in enumerate(ts):
-            P = len(t.prompt)
-            sel = scores[b, P + r.opening - 1 : P + len(t.ids) - 1]
-            total += float(sel.sum())
-            count += int(sel.numel())
-    return math.exp(-total / max(count, 1))
+        scores = token_scores(model, rows, 1.0)  # (B, L - 1) log p(x_{i+1}), adapters off
+        pos = torch.arange(scores.shape[1], device=scores.device)
+        start = torch.tensor([len(t.prompt) + r.opening - 1 for t in ts], device=scores.device)
+        end = torch.tensor([len(t.prompt) + len(t.ids) - 1 for t in ts], device=scores.device)
+        acc = acc + NLL.of_picked(scores, (pos >= start[:, None]) & (pos < end[:, None]))  # (B, L - 1) mask
+    return acc.ppl if acc.tokens else 1.0
 
 
 def compare_rollouts(gan: CrosstalkGAN, before: Sequence[Rollout], after: Sequence[Rollout]) -> dict[str, Any]:

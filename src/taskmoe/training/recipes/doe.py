@@ -22,7 +22,6 @@ and the model in :mod:`taskmoe.doe`:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from taskmoe.data.commands import DEFAULT_VOCAB_SIZE, corpus_tokenizer, get_corpus
 from taskmoe.data.corpus import Corpus
@@ -38,9 +37,10 @@ from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.model import DOEConfig, DOETransformer, build_doe, load_doe, save_doe
 from taskmoe.doe.routing import gate_loss
 from taskmoe.errors import ConfigError, DataError
+from taskmoe.eval.nll import batched, corpus_nll
 from taskmoe.eval.routing import contingency, nmi, purity
 from taskmoe.io import atomic_write_json
-from taskmoe.models import LMConfig, transformer_lm
+from taskmoe.models import TransformerLMConfig, transformer_lm
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 from taskmoe.training.loop import train as train_loop
@@ -124,25 +124,15 @@ def dense_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     return lm, {"lm": lm.detach(), "tokens": int((batch["targets"] != IGNORE_INDEX).sum())}
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, data: DocumentWindows, batch_size: int = 16) -> float:
     """``exp(sum NLL / #targets)`` over every window (eval mode: DOE routes by threshold)."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, len(data), batch_size):
-            b = [data[j] for j in range(i, min(len(data), i + batch_size))]
-            ids = torch.stack([x["input_ids"] for x in b])
-            tgt = torch.stack([x["targets"] for x in b])
-            kw = {"prompt_mask": torch.stack([x["prompt_mask"] for x in b])} if isinstance(model, DOETransformer) else {}
-            logits = model(ids, **kw).logits
-            n = int((tgt != IGNORE_INDEX).sum())
-            total += float(lm_cross_entropy(logits, tgt)) * n
-            count += n
-    finally:
-        model.train(was)
-    return math.exp(total / max(1, count))
+    doe = isinstance(model, DOETransformer)
+
+    def forward(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        kw = {"prompt_mask": b["prompt_mask"]} if doe else {}
+        return model(b["input_ids"], **kw).logits, b["targets"]
+
+    return corpus_nll(forward, batched(data, batch_size, default_collate), model=model).ppl
 
 
 @torch.no_grad()
@@ -294,7 +284,7 @@ def train_doe(
     s, cats = setup(source, tokenizer, vocab_size, max_docs_per_domain, seq_len, prompt_len, progress,
                     labels_from=router if gate_supervision == "router" else None)
     names = [c.replace(" ", "_") for c in cats] if cats else [f"e{i}" for i in range(experts)]
-    lm = LMConfig(vocab_size=s.tok.vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
+    lm = TransformerLMConfig(vocab_size=s.tok.vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
     cfg = DOEConfig(lm=lm, experts=names, moe_every=moe_every, tau=tau, max_experts=max_experts,
                     capacity_factor=capacity_factor, gate_supervision=gate_supervision, gate_loss_weight=gate_loss_weight)
     model = build_doe(cfg)

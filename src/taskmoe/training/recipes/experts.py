@@ -35,13 +35,13 @@ window of passes is pruned from the mixture.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from taskmoe.config import Config, check, doc
@@ -61,7 +61,7 @@ from taskmoe.experts.semantic_loss import (
 )
 from taskmoe.io import read_json
 from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ExpertLMConfig
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, make_accelerator, train
 from taskmoe.training.losses import lm_cross_entropy
@@ -80,8 +80,8 @@ def _sub(factory: Any, help: str) -> Any:
 class ExpertsRecipeConfig(Config):
     """Expert size, data windows, the semantic loss and the training run (per expert)."""
 
-    lm: LMConfig = _sub(lambda: LMConfig(n_layers=4, n_heads=4, chunk_size=64),
-                        "expert LMConfig; vocab_size and d_model are taken from the router's shared table")
+    lm: ExpertLMConfig = doc(ExpertLMConfig(n_layers=4, n_heads=4),
+                             "the expert's ExpertLMConfig; vocab_size and d_model are taken from the router's shared table")
     seq_len: int = doc(128, "tokens per training window")
     lam: float = doc(0.0, "λ: loss = (1 - λ) * CE + λ * L_sem (1 = the seed's pure semantic loss)")
     neighbours: int = doc(4, "k nearest training windows the semantic loss compares with")
@@ -249,28 +249,12 @@ def train_expert(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume
 
 
 # ----------------------------------------------------------------------------------- cleanup
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (fcntl; a no-op where fcntl does not exist)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - non-POSIX
-            yield
-            return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def register_experts(run_dir: Path, router: Any, names: Sequence[str]) -> Path:
     """Add ``experts/<name>`` for each name to ``run_dir/taskmoe.json`` (created if missing), under a lock."""
     run_dir = Path(run_dir)
     path = run_dir / MANIFEST_FILE
-    with _file_lock(run_dir / f".{MANIFEST_FILE}.lock"):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(run_dir / f".{MANIFEST_FILE}.lock")):
         if path.is_file():
             m = Manifest.from_dict(read_json(path), source=str(path))
         else:

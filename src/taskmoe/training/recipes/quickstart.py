@@ -47,7 +47,7 @@ from taskmoe.config import Config, check, doc
 from taskmoe.errors import ConfigError
 from taskmoe.io import atomic_write_json, read_json
 from taskmoe.manifest import MANIFEST_FILE
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import ExpertLMConfig, LinearAttentionConfig
 from taskmoe.training.config import TrainConfig
 
 __all__ = ["QuickstartConfig", "PRESETS", "QuickstartResult", "run_quickstart", "quickstart"]
@@ -171,7 +171,8 @@ def _experts_config(cfg: QuickstartConfig, progress: bool) -> Any:
 
     heads = 4 if cfg.d_model % 4 == 0 and cfg.d_model >= 64 else 2
     return ExpertsRecipeConfig(
-        lm=LMConfig(n_layers=cfg.expert_layers, n_heads=heads, chunk_size=min(64, cfg.seq_len)),
+        lm=ExpertLMConfig(n_layers=cfg.expert_layers, n_heads=heads,
+                          attention=LinearAttentionConfig(chunk_size=min(64, cfg.seq_len))),
         seq_len=cfg.seq_len, val_windows=32,
         train=TrainConfig(max_steps=cfg.expert_steps, batch_size=cfg.expert_batch, lr=2e-3,
                           warmup_steps=max(1, cfg.expert_steps // 10), eval_every=0, save_every=max(50, cfg.expert_steps // 2),

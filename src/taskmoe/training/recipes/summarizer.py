@@ -31,7 +31,6 @@ built summarizer) is passed in; the CLI / quickstart assemble them.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,6 +40,7 @@ from torch import nn
 
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import DataError
+from taskmoe.eval.nll import batched, corpus_nll
 from taskmoe.io import atomic_write_json
 from taskmoe.layers.lora import inject, mark_only_adapter_trainable, save_adapter, use_adapter
 from taskmoe.summarizer.drafts import DraftCache, Drafter, DraftSet
@@ -145,21 +145,10 @@ def fusion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     return loss, {"tokens": int((batch["targets"] != IGNORE_INDEX).sum())}
 
 
-@torch.no_grad()
 def answer_perplexity(model: nn.Module, data: FusionDataset, batch_size: int = 16) -> float:
     """exp(token-weighted mean answer cross-entropy) over the whole dataset."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for s in range(0, len(data), batch_size):
-            b = data.collate([data[i] for i in range(s, min(s + batch_size, len(data)))])
-            n = int((b["targets"] != IGNORE_INDEX).sum())
-            total += float(lm_cross_entropy(model(b["input_ids"]).logits, b["targets"])) * n
-            count += n
-    finally:
-        model.train(was)
-    return math.exp(total / max(count, 1))
+    forward = lambda b: (model(b["input_ids"]).logits, b["targets"])  # noqa: E731
+    return corpus_nll(forward, batched(data, batch_size, data.collate), model=model).ppl
 
 
 # ---------------------------------------------------------------------------- training

@@ -37,7 +37,7 @@ from taskmoe.inference.pipeline import PipelineConfig, draft_generator
 from taskmoe.io import read_json
 from taskmoe.manifest import MANIFEST_FILE, Manifest, load_manifest
 from taskmoe.models.builders import summarizer_lm
-from taskmoe.models.config import LMConfig
+from taskmoe.models.config import LMConfig, SummarizerLMConfig
 from taskmoe.router.router import Router
 from taskmoe.summarizer.drafts import Drafter, folder_fingerprint
 from taskmoe.training.recipes.summarizer import ADAPTER, SummarizerRecipeConfig, run as run_recipe
@@ -45,7 +45,7 @@ from taskmoe.training.recipes.summarizer import ADAPTER, SummarizerRecipeConfig,
 __all__ = ["SUMMARIZER_LM", "update_manifest", "summarizer_drafter", "train_summarizer_run", "calibrate_run",
            "train_summarizer"]
 
-SUMMARIZER_LM = LMConfig(n_layers=4, ssm_state=16, ssm_expand=2)
+SUMMARIZER_LM = SummarizerLMConfig(n_layers=4)
 """Default summarizer shape; vocab_size and d_model always come from the shared table."""
 
 
@@ -96,7 +96,7 @@ def train_summarizer_run(run_dir: Path, corpus: Any, cfg: SummarizerRecipeConfig
     emb = router.embedding
     emb.requires_grad_(False)
     torch.manual_seed(seed)
-    model = summarizer_lm(lm.replace(vocab_size=emb.num_embeddings, d_model=emb.embedding_dim), emb)
+    model = summarizer_lm(SummarizerLMConfig.coerce(lm).replace(vocab_size=emb.num_embeddings, d_model=emb.embedding_dim), emb)
     report = run_recipe(model, corpus, router.tokenizer, drafter, run_dir, cfg, progress=progress)
     update_manifest(run_dir, summarizer="summarizer", adapters={ADAPTER: f"summarizer/adapters/{ADAPTER}"},
                     meta={"pipeline": pipeline.to_dict(), "summarizer": {"lm": model.config.to_dict(), "recipe": cfg.to_dict()}})
