@@ -13,6 +13,7 @@ from taskmoe.serving.serve import serve
 from taskmoe.training.recipes.crosstalk import train_crosstalk
 from taskmoe.training.recipes.doe import add_expert as doe_add_expert, doe_report, train_doe
 from taskmoe.training.recipes.experts import train_experts
+from taskmoe.training.recipes.modality import train_modality
 from taskmoe.training.recipes.quickstart import quickstart
 from taskmoe.training.recipes.router import route_fit
 from taskmoe.training.recipes.summarizer_run import train_summarizer
@@ -35,10 +36,11 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "train doe": train_doe,
     "doe report": doe_report,
     "doe add-expert": doe_add_expert,
+    "train modality": train_modality,
 }
 
 GROUP_HELP: dict[str, str] = {
-    "train": "Train one stage of a run: experts, summarizer, cross-talk, or a DOE model.",
+    "train": "Train one stage of a run: experts, summarizer, cross-talk, a DOE model, or a modality expert.",
     "data": "Inspect or export a corpus (the embedded default or --source).",
     "tokenizer": "Train the shared byte-level BPE tokenizer.",
     "route": "Fit the router, route a text, or report routing quality.",

@@ -21,7 +21,9 @@ from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.model import KIND as DOE_KIND
 from taskmoe.doe.model import load_doe
 from taskmoe.inference.generate import GenerationConfig, generate
+from taskmoe.doe.modality.model import KIND as MM_KIND
 from taskmoe.inference.loader import load_system
+from taskmoe.inference.media import answer_with_media
 from taskmoe.inference.trace import Answer
 from taskmoe.io import CONFIG_FILE, load_component
 from taskmoe.manifest import MANIFEST_FILE
@@ -46,6 +48,8 @@ def generate_text(
     temperature: Optional[float] = None,
     seed: Optional[int] = None,
     max_experts: Optional[int] = None,
+    image: Optional[Path] = None,
+    audio: Optional[Path] = None,
 ) -> Answer | dict[str, Any]:
     """Answer one prompt with a trained system: taskmoe generate RUN "prompt" [--trace].
 
@@ -55,12 +59,20 @@ def generate_text(
     routing (confidences, c_S, t_C, selected experts, fallback, cross-talk), experts loaded or
     cached, drafts, disagreement score, intent and adapter, and timings per stage. Decoding
     defaults come from the run's manifest; --max-new-tokens / --temperature / --seed override
-    them. --max-experts bounds the experts kept in memory.
+    them. --max-experts bounds the experts kept in memory. --image FILE.png / --audio FILE.wav ask a
+    multimodal model (taskmoe train modality) about a picture or a recording; its result names the
+    modality expert that took the question.
     """
+    if image is not None or audio is not None or _kind(path) == MM_KIND:
+        return answer_with_media(path, prompt, image=image, audio=audio, **_gen(max_new_tokens, temperature, seed))
     if not (Path(path) / MANIFEST_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file():
         return generate_with_model(path, prompt, **_gen(max_new_tokens, temperature, seed))
     system = load_system(path, max_experts=max_experts)
     return system.generate(prompt, trace=trace, **_gen(max_new_tokens, temperature, seed))
+
+
+def _kind(path: Path) -> str | None:
+    return load_component(path).kind if (Path(path) / CONFIG_FILE).is_file() else None
 
 
 def generate_with_model(path: Path, prompt: str, **gen: Any) -> dict[str, Any]:
