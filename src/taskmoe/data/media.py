@@ -224,5 +224,5 @@ def encode_wav(samples: np.ndarray, rate: int) -> bytes:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(int(rate))
-        w.writeframes((np.clip(np.asarray(samples), -1, 1) * 32767).astype("<i2").tobytes())
+        w.writeframes(np.rint(np.clip(np.asarray(samples), -1, 1) * 32767).astype("<i2").tobytes())
     return buf.getvalue()

@@ -12,8 +12,10 @@ Design choices:
   tokenizer and the text model's vocabulary stay exactly as trained: adding a modality changes no
   text token id, no embedding row and no logit. The marker strings are parsed only out of prompts
   that come with a medium; with ``allow_special=False`` text is encoded as plain bytes around them.
-- **A prompt without a marker gets the medium at its end** (``"What digit is this?"`` +
-  image = ``"What digit is this? <image>"``), which is where every template puts it.
+- **A prompt without a marker gets the medium first** (``"What digit is this?"`` + image =
+  ``"<image> What digit is this?"``), where every template puts it (LLaVA's order): the question
+  then sits right before the answer, so the position that predicts the answer's first token is a
+  text token that differs between templates, not a medium vector.
 - **Answers are generated text.** Each modality has a question template whose answer is the digit
   (``"7"``) and a caption-style template whose answer is words (``"a handwritten seven"``,
   ``"seven"``); the sequence is ``<|bos|> prompt <|eos|>``-free: ``prompt + answer + <|eos|>``.
@@ -52,10 +54,10 @@ class Template:
 
 
 TEMPLATES: dict[str, tuple[Template, ...]] = {
-    "image": (Template("What digit is this? <image>", "{digit}"),
-              Template("Describe the image. <image>", "a handwritten {word}")),
-    "audio": (Template("What digit is spoken? <audio>", "{digit}"),
-              Template("Transcribe the audio. <audio>", "{word}")),
+    "image": (Template("<image> What digit is this?", "{digit}"),
+              Template("<image> Describe the image.", "a handwritten {word}")),
+    "audio": (Template("<audio> What digit is spoken?", "{digit}"),
+              Template("<audio> Transcribe the audio.", "{word}")),
 }
 
 
@@ -66,12 +68,12 @@ def check_modality(modality: str) -> str:
 
 
 def with_marker(text: str, modality: str) -> str:
-    """``text`` with exactly one marker of ``modality`` (appended after a space when absent)."""
+    """``text`` with exactly one marker of ``modality`` (put first, before a space, when absent)."""
     marker = MEDIA_MARKERS[check_modality(modality)]
     n = text.count(marker)
     if n > 1:
         raise DataError(f"prompt has {n} {marker} markers; one medium per prompt is supported")
-    return text if n == 1 else f"{text.rstrip()} {marker}"
+    return text if n == 1 else f"{marker} {text.lstrip()}"
 
 
 def media_prompt(tok: Tokenizer, text: str, modality: str, n_positions: int) -> tuple[list[int], list[int]]:

@@ -31,7 +31,9 @@ Design choices:
   its text path are untouched; a call without media costs one (B, E) tensor.
 - **Modality experts are ordinary experts** of the base model (one SwiGLU per MoE layer and a
   gate), named after the medium (``image``, ``audio`` by default), initialised as a copy of a
-  text expert (``init_from``) so the answer's language starts from a trained MLP.
+  text expert (``init_from``) so the answer's language starts from a trained MLP. Their gate
+  starts *accepting* (``b = logit(tau) + 1``, ``w = 0``): the guard already confines it to its
+  medium, and training then teaches ``w`` to reject text as well (reported as "gate alone").
 - **Plus a head adapter of their own** (:class:`HeadAdapter`, LoRA-style on the tied output head,
   ``logits += B(A(h))``, ``B`` zero-initialised), applied only to the rows the modality expert
   serves. A small text model's frozen tied head cannot make a rare token likely: in a 300-step
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -54,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from taskmoe.doe.model import DOEConfig, DOEOutput, build_doe
+from taskmoe.doe.seq_moe import REJECT_MARGIN
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, check_state, load_component, save_component
 from taskmoe.doe.modality.encoders import build_encoder
@@ -222,6 +226,9 @@ class MultimodalLM(nn.Module):
             raise ConfigError(f"MultimodalLM: modality {modality!r} already present (expert {self.experts[modality]!r})")
         name = expert or modality
         self.base.add_expert(name, init_from=init_from)
+        gate = self.base.gate
+        with torch.no_grad():  # start accepting (p = 0.73 at tau = 0.5): the guard already keeps it to its medium
+            gate.bias[name].fill_(math.log(gate.tau / (1 - gate.tau)) + REJECT_MARGIN)
         dev = self.base.embedding.weight.device
         self.encoders[modality] = encoder.to(dev)
         if head_rank > 0:

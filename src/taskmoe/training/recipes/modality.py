@@ -176,6 +176,7 @@ def cleanup(s: Setup, cfg: ModalityTrainConfig, res: TrainResult, seconds: float
     shares = routing_shares(s.model, s.text_prompts)
     added = sum(p.numel() for p in s.model.modality_parameters(cfg.kind))
     report = {"kind": cfg.kind, "experts": list(s.model.base.gate.names), "steps": res.steps,
+              "first_loss": res.losses[0] if res.losses else None,
               "final_loss": res.losses[-1] if res.losses else None, "train_seconds": round(seconds, 1),
               "train_examples": len(s.train), "test": acc, "text_routing": shares[cfg.kind], "added_params": added}
     folder = save_multimodal(s.model, cfg.out, tokenizer_json=s.tok.to_str(), meta={"report": report})
