@@ -292,10 +292,8 @@ def _resume_checkpoint(out: Path | None, resume: bool | str | Path) -> Checkpoin
         return load_latest(out) if out is not None else None
     if resume is False:
         if out is not None and list_checkpoints(out):
-            raise TrainingError(
-                f"{checkpoints_dir(out)} already holds checkpoints; pass resume=True to continue that run, "
-                "or use another out_dir"
-            )
+            raise TrainingError(f"{checkpoints_dir(out)} already holds checkpoints; pass resume=True to continue "
+                                "that run, or use another out_dir")
         return None
     return open_checkpoint(resume)
 
@@ -306,10 +304,8 @@ def _restore(ckpt: Checkpoint, raw: nn.Module, optimizer: Any, scheduler: Any, c
     changed = ckpt.load_optimization(optimizer, scheduler, cfg)  # applies (and returns) any config change
     ts = ckpt.trainer_state
     if ts.get("num_samples") != plan.num_samples or ts.get("global_batch") != plan.global_batch:
-        log.warning(
-            "%s: saved with %s samples / global batch %s, now %s / %s: resuming, but not exactly",
-            ckpt.path, ts.get("num_samples"), ts.get("global_batch"), plan.num_samples, plan.global_batch,
-        )
+        log.warning("%s: saved with %s samples / global batch %s, now %s / %s: resuming, but not exactly",
+                    ckpt.path, ts.get("num_samples"), ts.get("global_batch"), plan.num_samples, plan.global_batch)
     for cb, s in zip(callbacks, ts.get("callbacks", [])):
         if s is not None and hasattr(cb, "load_state_dict"):
             cb.load_state_dict(s)
