@@ -20,6 +20,7 @@ from taskmoe.training.recipes.dpo import train_dpo
 from taskmoe.training.recipes.doe import add_expert as doe_add_expert, doe_report, train_doe
 from taskmoe.training.recipes.experts import train_experts
 from taskmoe.training.recipes.mixture import train_mixture
+from taskmoe.training.recipes.modality import train_modality
 from taskmoe.training.recipes.quickstart import quickstart
 from taskmoe.training.recipes.router import route_fit
 from taskmoe.training.recipes.sft import train_sft
@@ -51,10 +52,11 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "train dpo": train_dpo,
     "doctor": doctor,
     "backbone import": import_backbone,
+    "train modality": train_modality,
 }
 
 GROUP_HELP: dict[str, str] = {
-    "train": "Train one stage of a run: experts, summarizer, cross-talk, a DOE model, or chat tuning (SFT, DPO).",
+    "train": "Train one stage of a run: experts, summarizer, cross-talk, a DOE model, chat tuning (SFT, DPO), or a modality expert.",
     "data": "Inspect or export a corpus (the embedded default or --source).",
     "tokenizer": "Train the shared byte-level BPE tokenizer.",
     "route": "Fit the router, route a text, or report routing quality.",
