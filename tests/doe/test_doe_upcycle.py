@@ -215,7 +215,7 @@ def test_new_expert_learns_under_max_experts_1_even_when_incumbents_accept() -> 
         loss, _ = loss_fn(model, batch)
         loss.backward()
         opt.step()
-    assert float(loss) < first
+    assert float(loss.detach()) < first
 
 
 def test_upcycle_config_errors(tmp_path) -> None:
