@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         md_table(rows),
         "",
-        f"Grouped / dense = {g / d:.2f} (goal >= 0.9); grouped / token-level = {g / t:.2f} (goal >= 1.5). A LoRA "
-        "expert costs the base MLP plus the low-rank path, so grouped DOE stays close to dense; token-level routing "
-        "splits every step's 16 tokens over the experts and gathers/scatters them at every MoE layer.",
+        f"Grouped / dense = {g / d:.2f} (goal >= 0.9); grouped / token-level = {g / t:.2f} (goal >= 1.5). "
+        f"Load average {os.getloadavg()[0]:.1f} on 2 cores at the end of the run: each figure is the best of "
+        f"{args.repeat} short runs, so differences of tens of percent can be scheduling noise.",
     ])
     print(body)
     if not args.no_write:
