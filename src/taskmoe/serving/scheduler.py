@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 from taskmoe.serving.admission import Admission, Refused, request_cost
 from taskmoe.serving.backend import Backend, ComponentUnavailable, Route, RowResult, SamplingParams, StepBatch
@@ -44,6 +45,9 @@ from taskmoe.serving.waiting import Plan, Planner
 log = logging.getLogger("taskmoe.serving")
 
 __all__ = ["Scheduler", "Ticket", "RowOutcome", "Refused"]
+
+SLICE_S = 0.05
+"""Longest the generation thread decodes without handing back to the planner (new rows join then)."""
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Scheduler:
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._whole: list[Ticket] = []
+        self._changed = threading.Event()  # set by submit/cancel: the decode slice hands back to the planner
         self.generated_tokens = 0
         """Tokens generated so far (counted by the tickets, in the generation thread)."""
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -126,6 +131,7 @@ class Scheduler:
         return sum(t.remaining for t in self._live)
 
     def wake(self) -> None:
+        self._changed.set()
         if self._wakeup is not None:
             self._wakeup.set()
 
@@ -184,6 +190,7 @@ class Scheduler:
         assert self._wakeup is not None
         while True:
             self._wakeup.clear()
+            self._changed.clear()
             try:
                 await self._iteration(asyncio.get_running_loop())
             except asyncio.CancelledError:
@@ -220,21 +227,20 @@ class Scheduler:
         self.metrics.decode_rate.set(self.admission.rate or 0.0)
 
     async def _run_steps(self, loop: asyncio.AbstractEventLoop, plan: Plan) -> None:
-        running = list(self._running.items())
+        running = list(self._running.values())
         joins = [(self._running[k], ts) for k, ts in plan.joins]
         drops = [(self._running[k], hs) for k, hs in plan.drops]
-        ended, errors = await loop.run_in_executor(self._executor, _one_step, running, joins, drops)
-        self.metrics.steps.inc()
-        for run, results in ended:
-            for h, r in results:
-                t = run.rows.pop(h, None)
-                if t is not None:
-                    t.resolve(r)
-        for key, run in running:
+
+        def post(run: _Running, results: list[tuple[int, RowResult]]) -> None:
+            loop.call_soon_threadsafe(_settle, run, results)
+
+        errors = await loop.run_in_executor(self._executor, _decode_slice, running, joins, drops, self._changed,
+                                            post, self.metrics)
+        for key, run in list(self._running.items()):
             if id(run) in errors:
                 _fail_rows(self.failed, run.route, list(run.rows.values()), errors[id(run)])
                 run.rows.clear()
-            if not run.rows and self._running.get(key) is run:
+            if not len(run.batch) and not run.rows:
                 del self._running[key]
 
     async def _run_whole(self, loop: asyncio.AbstractEventLoop, route: Route, batch: list[Ticket]) -> None:
@@ -263,15 +269,26 @@ def _fail_rows(failed: dict[str, str], route: Route | None, tickets: list[Ticket
         t.resolve(None, error)
 
 
-def _one_step(running: list[tuple[Hashable, _Running]], joins: list[tuple[_Running, list[Ticket]]],
-              drops: list[tuple[_Running, list[int]]]):
-    """In the generation thread: drop dead rows, join new ones, then one step of every batch.
+def _settle(run: _Running, results: list[tuple[int, RowResult]]) -> None:
+    """In the event loop: resolve the tickets of rows that ended."""
+    for h, r in results:
+        t = run.rows.pop(h, None)
+        if t is not None:
+            t.resolve(r)
 
-    Returns ``([(run, [(handle, RowResult)])], {id(run): error})``; a failing batch fails alone."""
-    ended: list[tuple[_Running, list[tuple[int, RowResult]]]] = []
+
+def _decode_slice(running: list[_Running], joins: list[tuple[_Running, list[Ticket]]],
+                  drops: list[tuple[_Running, list[int]]], changed: threading.Event, post: Callable,
+                  metrics: ServerMetrics) -> dict[int, BaseException]:
+    """In the generation thread: drop dead rows, join new ones, then decode steps of every batch.
+
+    Steps go on (each one step of every batch, round robin) until something changed for the planner
+    (a request arrived or was cancelled), every batch is empty, or :data:`SLICE_S` passed; rows
+    that end are posted to the event loop at once, and a row that died (client gone, deadline) is
+    dropped before the next step. Returns ``{id(run): error}``: a failing batch fails alone."""
     errors: dict[int, BaseException] = {}
     for run, handles in drops:
-        ended.append((run, run.batch.drop(handles)))
+        post(run, run.batch.drop(handles))
     for run, tickets in joins:
         try:
             for h, t in zip(run.batch.add([t.row for t in tickets]), tickets):
@@ -279,11 +296,19 @@ def _one_step(running: list[tuple[Hashable, _Running]], joins: list[tuple[_Runni
         except Exception as e:  # noqa: BLE001 - reported per batch
             errors[id(run)] = e
             run.rows.update({-1 - i: t for i, t in enumerate(tickets)})
-    for _key, run in running:
-        if id(run) in errors or not len(run.batch):
-            continue
-        try:
-            ended.append((run, run.batch.step()))
-        except Exception as e:  # noqa: BLE001
-            errors[id(run)] = e
-    return ended, errors
+    end = time.monotonic() + SLICE_S
+    while True:
+        for run in running:
+            if id(run) in errors or not len(run.batch):
+                continue
+            dead = [h for h, t in list(run.rows.items()) if not t.alive()]
+            if dead:
+                post(run, run.batch.drop(dead))
+            try:
+                post(run, run.batch.step())
+            except Exception as e:  # noqa: BLE001
+                errors[id(run)] = e
+        metrics.steps.inc()
+        live = any(len(r.batch) for r in running if id(r) not in errors)
+        if not live or changed.is_set() or time.monotonic() >= end:
+            return errors
