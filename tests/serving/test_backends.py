@@ -201,3 +201,25 @@ def test_expert_failing_later_is_503_naming_it_and_health_reports_it(imoe_run, t
         if spared is not None:  # requests that do not need it are still answered
             r = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": spared}, timeout=60)
             assert r.status_code == 200
+
+
+def test_imoe_unseeded_sampled_rows_share_one_call(imoe_run) -> None:
+    from taskmoe.serving.backend import Row
+
+    root, prompts = imoe_run
+    b = load_backend(root, name="imoe")
+    calls = []
+    real = b.system.generate_ids
+
+    def counted(ids, **kw):
+        calls.append((len(ids), kw["seed"]))
+        return real(ids, **kw)
+
+    b.system.generate_ids = counted
+    ids = b.encode_prompt(next(iter(prompts.values())))
+    route = b.route("imoe", ids)
+    rows = [Row(ids, SamplingParams(4, 0.8)) for _ in range(3)] + [Row(ids, SamplingParams(4, 0.8, 1.0, 5))]
+    out = b.generate_batch(route, rows)
+    assert sorted(n for n, _ in calls) == [1, 3]  # three unseeded rows in one call; the seeded row alone
+    shared = {o.trace["seed"] for o in out[:3]}
+    assert len(shared) == 1 and out[0].trace["seed_rows"] == 3 and out[3].trace["seed"] == 5

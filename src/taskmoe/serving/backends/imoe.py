@@ -13,7 +13,10 @@ Mapping the OpenAI API onto a single-prompt system:
   joined by blank lines (the system answers single prompts: assistant turns are refused, 400);
 - sampling settings come per request, but one :meth:`System.generate_ids` call shares them, so rows
   of a batch are split by (temperature, top_p, seed) and run with the largest ``max_tokens`` of
-  their group, each row then cut to its own (greedy decoding makes that exact);
+  their group, each row then cut to its own (greedy decoding makes that exact). Unseeded sampled
+  rows with the same settings share ONE fresh seed (reported in the trace with ``seed_rows``, the
+  rows that drew from it), so they decode in one batch instead of one call each; rows seeded by
+  the client keep their own seed (and their own call) until the pipeline takes per-row generators;
 - the system decodes inside one call, so tokens are handed to the server (``emit``) when the call
   returns: streaming works but arrives at once; a stop sequence cuts the answer afterwards;
 - a clarification (the drafts disagreed) is the answer text, returned like generated text;
@@ -111,10 +114,14 @@ class SystemBackend:
 
     def _generate(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
         groups: dict[tuple, list[int]] = defaultdict(list)
-        seeds = [row_seed(r) for r in rows]
+        fresh: dict[tuple, int] = {}  # one fresh seed per sampling setting, shared by its unseeded rows
         for i, r in enumerate(rows):
-            greedy = r.params.temperature < MIN_TEMPERATURE
-            groups[(0.0, 1.0, 0) if greedy else (r.params.temperature, r.params.top_p, seeds[i])].append(i)
+            p = r.params
+            if p.temperature < MIN_TEMPERATURE:
+                groups[(0.0, 1.0, 0)].append(i)
+            else:
+                seed = p.seed if p.seed is not None else fresh.setdefault((p.temperature, p.top_p), row_seed(r))
+                groups[(p.temperature, p.top_p, seed)].append(i)
         out: list[RowResult | None] = [None] * len(rows)
         for (temperature, top_p, seed), idx in groups.items():
             if not any(rows[i].alive() for i in idx):
@@ -127,7 +134,7 @@ class SystemBackend:
             for i, (ids, trace) in zip(idx, answers):
                 if trace.clarify and trace.clarification:
                     ids = self.tokenizer.encode(trace.clarification, allow_special=False)
-                out[i] = self._emit(rows[i], list(ids), {**trace.to_dict(), "seed": seed})
+                out[i] = self._emit(rows[i], list(ids), {**trace.to_dict(), "seed": seed, "seed_rows": len(idx)})
         return out  # type: ignore[return-value]
 
     @staticmethod
