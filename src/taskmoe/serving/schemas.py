@@ -101,13 +101,37 @@ class TextPart(_Strict):
     text: NonEmptyText
 
 
+class ImageURL(_Strict):
+    url: str = Field(description="data:image/png;base64,... (or image/jpeg); remote URLs are not fetched")
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Strict):
+    data: str = Field(description="base64 of a PCM wav file")
+    format: Literal["wav"]
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[NonEmptyText, Annotated[list[TextPart], Field(min_length=1)]]
+    content: Union[NonEmptyText, Annotated[list[Union[TextPart, ImagePart, AudioPart]], Field(min_length=1)]]
     name: Optional[Text] = Field(None, max_length=256)
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content if isinstance(p, TextPart))
+
+    def has_media(self) -> bool:
+        return not isinstance(self.content, str) and any(not isinstance(p, TextPart) for p in self.content)
 
 
 class _GenerationFields(_Strict):
