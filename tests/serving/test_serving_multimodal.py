@@ -105,4 +105,15 @@ def test_undecodable_and_oversized_media(mm_server) -> None:
 def test_a_text_model_refuses_media(server) -> None:
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": "expert", "messages": [{"role": "user", "content": [image_url_part(encode_png(IMG))]}]})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_content"
+    assert r.status_code == 422  # not in a text server's schema at all
+    schema = httpx.get(server.url + "/openapi.json").text
+    assert "image_url" not in schema
+
+
+def test_media_only_in_the_last_user_message(mm_server) -> None:
+    srv, _ = mm_server
+    body = {"model": "mm-tiny", "max_tokens": 2, "messages": [
+        {"role": "user", "content": [image_url_part(encode_png(IMG))]}, {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "and this?"}]}
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "last user message" in r.json()["error"]["message"]

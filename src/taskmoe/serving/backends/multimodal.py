@@ -62,6 +62,9 @@ class MultimodalBackend(LMBackend):
         users = [m for m in messages if m.get("role") == "user"]
         if not users:
             raise MediaError("messages: a media request needs a user message")
+        if any(not isinstance(m["content"], str) and any(p.get("type") != "text" for p in m["content"])
+               for m in messages if m is not users[-1]):
+            raise MediaError("messages: only the last user message may hold an image or audio part")
         prompt = media_prompt_of(users[-1]["content"], self.media_limits, "messages[-1].content")
         if prompt.modality is None:
             raise MediaError("messages: the image or audio part must be in the last user message")
