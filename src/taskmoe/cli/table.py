@@ -9,6 +9,7 @@ from taskmoe.doctor import doctor
 from taskmoe.eval.perplexity import eval_experts
 from taskmoe.eval.routing import route_report
 from taskmoe.inference.commands import chat, generate_text
+from taskmoe.models.backbones.load import import_backbone
 from taskmoe.router.commands import route_predict
 from taskmoe.serving.serve import serve
 from taskmoe.training.recipes.crosstalk import train_crosstalk
@@ -37,6 +38,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "doe report": doe_report,
     "doe add-expert": doe_add_expert,
     "doctor": doctor,
+    "backbone import": import_backbone,
 }
 
 GROUP_HELP: dict[str, str] = {
@@ -46,4 +48,5 @@ GROUP_HELP: dict[str, str] = {
     "route": "Fit the router, route a text, or report routing quality.",
     "eval": "Evaluate trained components (perplexity matrices and plots).",
     "doe": "Fused experts: report a DOE model's routing or add an expert to it.",
+    "backbone": "Pretrained backbones: import a GGUF file or a local Hugging Face folder as a backbone folder.",
 }

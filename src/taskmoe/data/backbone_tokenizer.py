@@ -41,7 +41,7 @@ from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from taskmoe.errors import DataError
 from taskmoe.io import atomic_write_json, atomic_write_text
 
-__all__ = ["BackboneTokenizer", "TOKENIZER_CONFIG_FILE", "CHAT_TEMPLATE_FILE", "is_backbone_tokenizer_dir"]
+__all__ = ["BackboneTokenizer", "TOKENIZER_CONFIG_FILE", "CHAT_TEMPLATE_FILE", "is_backbone_tokenizer_dir", "load_tokenizer"]
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -54,6 +54,16 @@ def is_backbone_tokenizer_dir(folder: str | Path) -> bool:
     """True when ``folder`` holds a Hugging Face tokenizer (tokenizer.json + tokenizer_config.json)."""
     folder = Path(folder)
     return (folder / TOKENIZER_FILE).is_file() and (folder / TOKENIZER_CONFIG_FILE).is_file()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer at ``path`` (a tokenizer.json or its folder): a :class:`BackboneTokenizer` when a
+    ``tokenizer_config.json`` lies beside it (a Hugging Face tokenizer), else our own :class:`Tokenizer`."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if is_backbone_tokenizer_dir(folder) and (path.is_dir() or path.name == TOKENIZER_FILE):
+        return BackboneTokenizer.load(folder)
+    return Tokenizer.load(path)
 
 
 def _token_str(value: Any) -> str | None:

@@ -190,6 +190,10 @@ class Tokenizer:
         backend = self._tok if allow_special else self._plain_backend()
         return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A completion prompt: ``<|bos|>`` + ``text`` as plain bytes (every taskmoe sequence starts with BOS)."""
+        return [self.bos_id, *self.encode(text, allow_special=False)]
+
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         """Text of ``ids``; special tokens are kept as their strings unless ``skip_special``."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)

@@ -7,13 +7,18 @@ the user, ``B:`` for the system), which is what the conversation expert and the 
 reply pairs were trained on; the last ``history`` exchanges are kept in the prompt. It reads
 lines from standard input until EOF or ``/exit``, and prints the routing decision of every turn
 (``--trace`` prints the whole trace).
+
+A **backbone folder** (``taskmoe backbone import``) works with both commands: ``generate`` wraps
+the prompt as one user message in the backbone's own chat template (``--raw`` sends it as a plain
+completion instead), and ``chat`` keeps the conversation as chat messages in that template (the
+last ``history`` exchanges); decoding stops at the backbone's end-of-sequence tokens.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Iterator, Optional, TextIO
 
 import torch
 
@@ -26,6 +31,7 @@ from taskmoe.inference.trace import Answer
 from taskmoe.io import CONFIG_FILE, load_component
 from taskmoe.manifest import MANIFEST_FILE
 from taskmoe.models import load_lm
+from taskmoe.models.backbones import is_backbone_dir, load_backbone
 
 __all__ = ["generate_text", "chat", "dialogue_prompt", "reply_of"]
 
@@ -46,6 +52,7 @@ def generate_text(
     temperature: Optional[float] = None,
     seed: Optional[int] = None,
     max_experts: Optional[int] = None,
+    raw: bool = False,
 ) -> Answer | dict[str, Any]:
     """Answer one prompt with a trained system: taskmoe generate RUN "prompt" [--trace].
 
@@ -55,8 +62,12 @@ def generate_text(
     routing (confidences, c_S, t_C, selected experts, fallback, cross-talk), experts loaded or
     cached, drafts, disagreement score, intent and adapter, and timings per stage. Decoding
     defaults come from the run's manifest; --max-new-tokens / --temperature / --seed override
-    them. --max-experts bounds the experts kept in memory.
+    them. --max-experts bounds the experts kept in memory. RUN may also be a backbone folder
+    (taskmoe backbone import): the prompt is one user message in its chat template, or a plain
+    completion with --raw.
     """
+    if is_backbone_dir(path):
+        return generate_with_backbone(path, prompt, raw=raw, **_gen(max_new_tokens, temperature, seed))
     if not (Path(path) / MANIFEST_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file():
         return generate_with_model(path, prompt, **_gen(max_new_tokens, temperature, seed))
     system = load_system(path, max_experts=max_experts)
@@ -78,6 +89,21 @@ def generate_with_model(path: Path, prompt: str, **gen: Any) -> dict[str, Any]:
         result["experts"] = ", ".join(routing.expert_names()[0])
         result["fallback"] = bool(routing.fallback[0])
     return result
+
+
+def _backbone_config(model: Any, tok: Tokenizer, gen: dict[str, Any]) -> GenerationConfig:
+    stops = sorted({tok.eos_id, *model.config.eos_token_id})
+    return GenerationConfig(**{"max_new_tokens": 64, "temperature": 0.0, **gen}, stop_tokens=stops)
+
+
+def generate_with_backbone(path: Path, prompt: str, *, raw: bool = False, **gen: Any) -> dict[str, Any]:
+    """Answer one prompt with a backbone folder: its chat template (one user turn), or ``raw`` completion."""
+    model, tok = load_backbone(path)
+    use_chat = not raw and bool(getattr(tok, "chat_template", None))
+    ids = tok.encode_chat([{"role": "user", "content": prompt}]) if use_chat else tok.encode_prompt(prompt)
+    out = generate(model, [ids], _backbone_config(model, tok, gen))[0]
+    return {"answer": tok.decode(out, skip_special=True), "model": str(path), "kind": "backbone",
+            "prompt_format": "chat template" if use_chat else "completion"}
 
 
 def dialogue_prompt(history: list[tuple[str, str]], message: str, keep: int = 2) -> str:
@@ -108,26 +134,20 @@ def chat(
 
     Each line you type is one user turn; the prompt holds the last --history exchanges in the
     corpus's dialogue format (A: you / B: the system). --trace prints the whole trace per turn.
+    PATH may be a backbone folder: turns are chat messages in its own chat template.
     """
     from rich.console import Console
     from rich.text import Text
 
     console = Console()
-    system = load_system(path, max_experts=max_experts)
     gen = _gen(max_new_tokens, temperature, seed)
+    if is_backbone_dir(path):
+        return _chat_backbone(path, history, gen, console)
+    system = load_system(path, max_experts=max_experts)
     turns: list[tuple[str, str]] = []
-    inp: TextIO = sys.stdin
     console.print(Text(f"taskmoe chat: {path} ({system.mode}; experts {', '.join(system.store.names)}). "
                        f"Type a message; {EXIT} or EOF ends."), style="dim")
-    while True:
-        line = inp.readline()
-        if not line:
-            break
-        message = line.strip()
-        if message == EXIT:
-            break
-        if not message:
-            continue
+    for message in _lines(sys.stdin):
         ans = system.generate(dialogue_prompt(turns, message, history), trace=True, **gen)
         assert ans.trace is not None
         reply = ans.text if ans.trace.clarify else reply_of(ans.text)
@@ -137,3 +157,31 @@ def chat(
         console.print(Text(f"{BOT}: {reply}"))
         turns.append((message, reply))
     return {"turns": len(turns), "experts_loaded": system.store.stats().loads}
+
+
+def _lines(inp: TextIO) -> Iterator[str]:
+    """Non-empty stripped input lines until EOF or /exit."""
+    for line in iter(inp.readline, ""):
+        message = line.strip()
+        if message == EXIT:
+            return
+        if message:
+            yield message
+
+
+def _chat_backbone(path: Path, history: int, gen: dict[str, Any], console: Any) -> dict[str, Any]:
+    """``chat`` on a backbone folder: the last ``history`` exchanges as messages in its chat template."""
+    from rich.text import Text
+
+    model, tok = load_backbone(path)
+    cfg = _backbone_config(model, tok, gen)
+    turns: list[tuple[str, str]] = []
+    console.print(Text(f"taskmoe chat: {path} (backbone). Type a message; {EXIT} or EOF ends."), style="dim")
+    for message in _lines(sys.stdin):
+        messages = [m for u, r in (turns[-history:] if history > 0 else [])
+                    for m in ({"role": "user", "content": u}, {"role": "assistant", "content": r})]
+        ids = tok.encode_chat([*messages, {"role": "user", "content": message}])
+        reply = tok.decode(generate(model, [ids], cfg)[0], skip_special=True).strip()
+        console.print(Text(f"{BOT}: {reply}"))
+        turns.append((message, reply))
+    return {"turns": len(turns)}

@@ -6,8 +6,10 @@ one set of weights. Several LMs can be served side by side (one model id each); 
 never share a batch.
 
 On disk, either one LM folder (``config.json`` + ``model.safetensors`` from
-:func:`taskmoe.models.save_lm`) with ``tokenizer.json`` inside it or beside it, or a folder holding
-several LM folders and one ``tokenizer.json``.
+:func:`taskmoe.models.save_lm`) with ``tokenizer.json`` inside it or beside it, a folder holding
+several LM folders and one ``tokenizer.json``, or a backbone folder (a Hugging Face Llama-family
+folder from ``taskmoe backbone import``: :meth:`LMBackend.from_backbone`), whose own tokenizer and
+chat template then encode prompts and chats, and whose end-of-sequence ids stop rows.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from taskmoe.errors import CheckpointError
 from taskmoe.io import CONFIG_FILE
 from taskmoe.models import CausalLM, load_lm
+from taskmoe.models.backbones import is_backbone_dir, load_backbone
 from taskmoe.serving.backend import Route, Row, RowResult
 from taskmoe.serving.backends.decode import decode_rows
 
@@ -49,8 +52,10 @@ class LMBackend:
     @classmethod
     def load(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,
              device: str | torch.device = "cpu") -> "LMBackend":
-        """Load one LM folder, or every LM folder inside ``path`` (see the module docstring)."""
+        """Load one LM folder, every LM folder inside ``path``, or a backbone folder (see the module docstring)."""
         path = Path(path)
+        if is_backbone_dir(path):
+            return cls.from_backbone(path, name=name, stop_ids=stop_ids, device=device)
         if not path.is_dir():
             raise CheckpointError(f"{path}: not a folder (expected an LM component folder or a folder of them)")
         if (path / CONFIG_FILE).is_file():
@@ -71,15 +76,25 @@ class LMBackend:
         models = {n: load_lm(f, device=device) for n, f in folders.items()}
         return cls(models, tokenizer, stop_ids=stop_ids, source=str(path))
 
+    @classmethod
+    def from_backbone(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,
+                      device: str | torch.device = "cpu") -> "LMBackend":
+        """Serve a backbone folder; rows stop at the tokenizer's eos and the config's eos ids."""
+        path = Path(path)
+        model, tokenizer = load_backbone(path, device=device)
+        if stop_ids is None:
+            stop_ids = sorted({tokenizer.eos_id, *model.config.eos_token_id})
+        return cls({name or path.name: model}, tokenizer, stop_ids=stop_ids, source=str(path))
+
     def model_ids(self) -> list[str]:
         return list(self.models)
 
     def encode_prompt(self, text: str) -> list[int]:
-        """``<|bos|>`` + the text as plain bytes (every taskmoe sequence starts with BOS)."""
-        return [self.tokenizer.bos_id, *self.tokenizer.encode(text, allow_special=False)]
+        """The text as plain bytes after the tokenizer's prompt prefix (our ``<|bos|>``; a backbone's own)."""
+        return self.tokenizer.encode_prompt(text)
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        """The tokenizer's chat template, ending with an open assistant turn."""
+        """The tokenizer's chat template (a backbone's own), ending with an open assistant turn."""
         return self.tokenizer.encode_chat(list(messages))
 
     def route(self, model_id: str, prompt_ids: Sequence[int]) -> Route:
