@@ -308,9 +308,16 @@ class System:
         return list(zip(answers, traces))
 
     # -------------------------------------------------------------- experts-only mode
+    def lm_input(self, ids: Sequence[int]) -> list[int]:
+        """What the ensemble decodes from: ``<|bos|> prompt``, or, with a backbone's tokenizer, the
+        prompt as a user turn of its chat template (an instruct backbone answers the turn)."""
+        tok = self.tokenizer
+        if hasattr(tok, "encode_chat"):
+            return list(tok.encode_chat([{"role": "user", "content": tok.decode(list(ids))}]))
+        return [tok.bos_id, *ids]
+
     def _ensemble(self, prompts: list[list[int]], decisions: list[RoutingDecision], store: _RecordingStore,
                   cfg: PipelineConfig, clock: _Clock) -> list[list[int]]:
-        bos = self.tokenizer.bos_id
         groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
         for i, d in enumerate(decisions):
             groups[tuple(self.expert_of[c] for c in d.selected_names)].append(i)
@@ -319,7 +326,7 @@ class System:
             for names in sorted(groups):
                 rows = groups[names]
                 models = [store.get(n) for n in names]
-                inputs = [[bos, *prompts[i]] for i in rows]
+                inputs = [self.lm_input(prompts[i]) for i in rows]
                 w = torch.tensor([decisions[i].weights for i in rows], dtype=torch.float32)  # (rows, E)
                 for i, o in zip(rows, generate(EnsembleLM(models), inputs, cfg.generation(self.tokenizer.eos_id), side=list(w))):
                     out[i] = o
