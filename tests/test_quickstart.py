@@ -57,6 +57,21 @@ def test_tiny_quickstart_writes_report_plots_and_a_loadable_system(tiny_run) -> 
     assert a.trace.clarify or a.trace.answer_tokens == len(a.ids)
 
 
+def test_tiny_quickstart_system_can_crosstalk(tiny_run) -> None:
+    """No crosstalk/ folder is trained by the quickstart: a flagged pair talks with the base experts."""
+    from taskmoe.router.policy import PolicyConfig
+
+    out, res = tiny_run
+    assert all("crosstalk" in s for s in res.samples)
+    system = taskmoe.load(out)
+    system.router.policy = PolicyConfig(t_C_base=system.router.policy.t_C_base, k=system.router.policy.k, t_CT=1.0)
+    a = system.generate("The court shall decide whether the licensee may print the poem")
+    ct = a.trace.crosstalk
+    assert ct is not None and ct["ran"] and ct["adapters"].startswith("none") and ct["turns"]
+    assert {t["expert"] for t in ct["turns"]} <= set(ct["pair"]) and set(ct["pair"]) <= {d.expert for d in a.trace.drafts}
+    assert a.trace.clarify or a.trace.answer_tokens == len(a.ids)
+
+
 def test_rerun_resumes_without_retraining(tiny_run) -> None:
     out, _ = tiny_run
     weights = {p: p.read_bytes() for p in sorted((out / "experts").glob("*/model.safetensors"))}

@@ -7,7 +7,9 @@ Each component keeps its own small dataclass config next to its code (``models.L
   :class:`~taskmoe.errors.ConfigError` naming the field),
 - ``to_dict`` / ``from_dict`` that reject unknown keys (a typo in a config file is an error, not
   a silently ignored setting), and
-- field docstrings via ``field(metadata={"help": ...})`` that double as CLI help.
+- field docstrings via ``field(metadata={"help": ...})`` that double as CLI help, and
+- :func:`apply_overrides` / :func:`load_config`: the one way every recipe applies its CLI flags
+  and ``--set path=value`` overrides (dotted paths into nested configs).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,3 +100,82 @@ def check(cond: bool, msg: str) -> None:
     """Raise ConfigError(msg) unless cond holds. Used by ``validate`` methods."""
     if not cond:
         raise ConfigError(msg)
+
+
+# ---------------------------------------------------------------------- dotted overrides
+def _parse_value(raw: str, hint: Any, where: str) -> Any:
+    """``raw`` (CLI text) as the field's type: bool/int/float/str, or JSON for lists and objects."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null"):
+            return None
+        if len(args) == 1:
+            return _parse_value(raw, args[0], where)
+        for a in args:  # e.g. ``int | str``: the first type that parses
+            try:
+                return _parse_value(raw, a, where)
+            except ConfigError:
+                continue
+        return raw
+    try:
+        if hint is bool:
+            low = raw.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return low in ("true", "1", "yes")
+        if hint in (int, float):
+            return hint(raw)
+        if hint is str or hint is Any:
+            return raw
+        v = json.loads(raw)
+        return tuple(v) if origin is tuple else v
+    except ValueError as e:
+        raise ConfigError(f"{where}: cannot read {raw!r} as {getattr(hint, '__name__', hint)}") from e
+
+
+def apply_overrides(cfg: C, overrides: Any = (), *, source: str = "--set") -> C:
+    """``cfg`` with dotted-path overrides applied; the one override helper of every recipe.
+
+    ``overrides`` is a sequence of ``"path=value"`` strings (the CLI's repeated ``--set``, e.g.
+    ``train.lr=3e-4`` or ``lm.attention.chunk_size=32``; the value is parsed as the field's type,
+    lists/objects as JSON) or a mapping ``{path: value}`` of typed values (a recipe's own flags;
+    ``None`` values are skipped, so an unset flag keeps the config's value). Each nested config
+    is rebuilt with :meth:`Config.replace`, so every level is validated again. An unknown path
+    raises :class:`ConfigError` naming it and the known fields.
+    """
+    if isinstance(overrides, dict):
+        items = [(k, v, False) for k, v in overrides.items() if v is not None]
+    else:
+        items = []
+        for o in overrides or ():
+            key, eq, raw = str(o).partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"{source}: expected PATH=VALUE (e.g. train.lr=3e-4), got {o!r}")
+            items.append((key.strip(), raw.strip(), True))
+    for path, value, text in items:
+        cfg = _set_path(cfg, path.split("."), value, text, f"{source} {path}")
+    return cfg
+
+
+def _set_path(cfg: C, parts: list[str], value: Any, text: bool, where: str) -> C:
+    names = {f.name for f in dataclasses.fields(cfg) if f.init}
+    head = parts[0]
+    if head not in names:
+        raise ConfigError(f"{where}: {type(cfg).__name__} has no field {head!r}; known: {sorted(names)}")
+    current = getattr(cfg, head)
+    if len(parts) > 1:
+        if not isinstance(current, Config):
+            raise ConfigError(f"{where}: {type(cfg).__name__}.{head} is not a config, so it has no field {parts[1]!r}")
+        return cfg.replace(**{head: _set_path(current, parts[1:], value, text, where)})
+    if text:
+        value = _parse_value(value, typing.get_type_hints(type(cfg)).get(head, Any), where)
+    return cfg.replace(**{head: value})
+
+
+def load_config(cls: type[C], path: str | Path | None = None, *, flags: dict[str, Any] | None = None,
+                overrides: Any = ()) -> C:
+    """A recipe's config: ``cls.load(path)`` (or the defaults), then its CLI ``flags`` ({path: value},
+    unset = None), then the ``--set`` ``overrides`` (which win)."""
+    cfg = cls.load(path) if path is not None else cls()
+    return apply_overrides(apply_overrides(cfg, flags or {}, source="flag"), overrides)

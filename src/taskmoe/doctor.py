@@ -117,11 +117,13 @@ def doctor(run: Path, fix: bool = False, min_age: float = 600.0) -> list[dict]:
     .NAME.tmp-* folders are removed; temp files younger than --min-age seconds are kept (they
     may belong to a write in progress). Also reports whether RUN/taskmoe.json validates.
     """
+    run = Path(run)
     findings = diagnose(run, min_age=min_age)
     if fix:
         # restore half-saved folders before removing anything
         repair(sorted(findings, key=lambda f: f.problem != "half-saved"))
-    rows = [asdict(f) for f in findings]
+    rows = [{**asdict(f), "path": str(Path(f.path).relative_to(run)) if Path(f.path).is_relative_to(run) else f.path}
+            for f in findings]
     if not rows:
         return [{"path": str(run), "problem": "none", "action": "nothing to do", "fixed": False}]
     return rows

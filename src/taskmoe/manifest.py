@@ -42,6 +42,16 @@ MANIFEST_FILE = "taskmoe.json"
 MANIFEST_VERSION = 1
 
 
+def manifest_lock(run_dir: str | Path) -> Any:
+    """The exclusive lock writers of ``run_dir/taskmoe.json`` hold while they read-modify-write it
+    (a :class:`filelock.FileLock` on ``.taskmoe.json.lock``; jobs training different experts may
+    register them at the same time)."""
+    from filelock import FileLock
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return FileLock(str(Path(run_dir) / f".{MANIFEST_FILE}.lock"), is_singleton=True)
+
+
 # The routing thresholds are the router policy's own config; one definition, stored here as-is.
 Thresholds = PolicyConfig
 

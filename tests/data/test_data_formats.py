@@ -98,6 +98,7 @@ def test_read_alpaca_eval(tmp_path):
     assert b.messages == [{"role": "user", "content": "i2"}]
 
 
+@pytest.mark.shared
 def test_real_shared_files(shared):
     """The public files in ../shared/data parse completely (counts from data/README.md)."""
     data = shared / "data"

@@ -134,3 +134,43 @@ def test_length_grouped_batches_cover_every_index_once_and_pad_less(small_tokeni
     assert grouped.padding_fraction() < random_batches.padding_fraction()
     batch = grouped.collate([grouped[0]])
     assert batch["input_ids"].shape[0] == 8
+
+
+@pytest.mark.shared
+def test_real_alpaca_and_hh_rlhf_render_with_exact_masks(shared, small_tokenizer):
+    from taskmoe.data.formats import read_alpaca, read_hh_rlhf
+
+    alpaca = read_alpaca(shared / "data" / "sft" / "alpaca_data_cleaned_1000.json")[:100]
+    ds = SFTDataset(alpaca, small_tokenizer, max_len=4096)  # long enough: nothing is truncated
+    for ex, item in zip(alpaca, ds):
+        want = small_tokenizer.encode(ex.response, allow_special=False) + [small_tokenizer.eos_id]
+        assert item["labels"][item["labels"] != IGNORE_INDEX].tolist() == want
+    with pytest.warns(UserWarning):
+        hh = read_hh_rlhf(shared / "data" / "dpo" / "hh_rlhf_harmless_base_test.jsonl.gz")[:50]
+    pref = PreferenceDataset(hh, small_tokenizer, max_len=4096)
+    for ex, item in zip(hh, pref):
+        got = item["rejected_labels"][item["rejected_labels"] != IGNORE_INDEX].tolist()
+        assert got == small_tokenizer.encode(ex.rejected, allow_special=False) + [small_tokenizer.eos_id]
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_backbone_tokenizer_chatml_mask(small_tokenizer):
+    """A backbone tokenizer (SmolLM2's ChatML template, with its default system turn) through render_chat."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from taskmoe.data.backbone_tokenizer import BackboneTokenizer
+
+    backend = HFTokenizer.from_str(small_tokenizer.to_str())
+    backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok = BackboneTokenizer(backend, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}, CHATML)
+    r = render_chat(tok, CHAT[1:])  # no system turn: the template adds its default one to every prefix
+    assert [tok.decode(r.ids[a:b]) for a, b in r.spans] == ["Blue.<|im_end|>\n", "Green, of course.<|im_end|>\n"]
+    assert tok.decode(prompt_ids(tok, CHAT[1:2])).endswith("Name a colour.<|im_end|>\n<|im_start|>assistant\n")
+    item = SFTDataset([CHAT[1:]], tok, max_len=512)[0]
+    assert tok.decode(item["labels"][item["labels"] != IGNORE_INDEX].tolist()) == (
+        "Blue.<|im_end|>\nGreen, of course.<|im_end|>\n")

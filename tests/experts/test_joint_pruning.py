@@ -1,6 +1,6 @@
 """Pruning wired into joint training on the shared loop: a routed mixture of real expert_lm experts is
-fine-tuned; a planted never-selected expert is pruned when its first window of 10 forward passes
-closes, an all-contributing set loses nobody, and a resumed run keeps the decision."""
+fine-tuned; a planted never-selected expert is pruned when its first window of 10 feed-forwards (sequences:
+5 steps of batch 2) closes, an all-contributing set loses nobody, and a resumed run keeps the decision."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from taskmoe.experts.expert_lm import build_expert, expert_config
 from taskmoe.experts.pruning import PruningConfig
 from taskmoe.models.config import ConvConfig, ExpertLMConfig, LinearAttentionConfig
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.recipes.experts import MixtureWindows, train_joint
+from taskmoe.training.recipes.mixture import MixtureWindows, train_joint
 
 V, D, T = 40, 16, 12
 NAMES = ["a", "b", "ghost"]
@@ -49,19 +49,19 @@ def test_planted_never_selected_expert_is_pruned_in_joint_training() -> None:
     res, cb = train_joint(mix, data, _cfg(14), pruning=PruningConfig(window=10, min_contributions=3))
     assert res.steps == 14 and sum(res.losses[-3:]) < sum(res.losses[:3])
     assert mix.pruned == ["ghost"] and cb.tracker.pruned == ["ghost"]
-    assert cb.events == [{"step": 10, "window": 0, "pruned": ["ghost"], "counts": {"a": 10, "b": 10, "ghost": 0}}]
-    assert cb.tracker.passes == 14  # one pass per micro-batch forward, evaluation not counted
+    assert cb.events == [{"step": 5, "window": 0, "pruned": ["ghost"], "counts": {"a": 10, "b": 10, "ghost": 0}}]
+    assert cb.tracker.seen == 28  # one feed-forward per sequence (14 steps x 2 rows), evaluation not counted
     for k, v in mix.experts["ghost"].state_dict().items():
         assert torch.equal(v, ghost_before[k]), k
 
 
 def test_all_contributing_experts_are_kept() -> None:
     mix = _mixture()
-    # batch_size 2 reads shuffled rows; every row gives ghost some weight, so each pass counts it
+    # batch_size 2 reads shuffled rows; every row gives ghost some weight, so each sequence counts it
     data = _data([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [0.1, 0.6, 0.3]] * 6)
     res, cb = train_joint(mix, data, _cfg(20), pruning=PruningConfig(window=10, min_contributions=3))
     assert mix.pruned == [] and cb.events == []
-    assert [h.pruned for h in cb.tracker.history] == [[], []]
+    assert [h.pruned for h in cb.tracker.history] == [[], [], [], []]  # 40 sequences: 4 windows
     assert all(c == 10 for h in cb.tracker.history for c in h.counts.values())
 
 
@@ -74,7 +74,7 @@ def test_resume_restores_counts_and_reapplies_pruning(tmp_path: Path) -> None:
     assert fresh.pruned == []
     res, cb = train_joint(fresh, data, _cfg(16, save_every=4), pruning=prune, out_dir=tmp_path)
     assert fresh.pruned == ["ghost"]  # re-applied from the checkpointed callback state
-    assert cb.tracker.passes == 16 and res.steps == 16 and len(cb.events) == 1
+    assert cb.tracker.seen == 32 and res.steps == 16 and len(cb.events) == 1
 
 
 def _union_worker(rank: int, port: int, out: str) -> None:
@@ -86,10 +86,10 @@ def _union_worker(rank: int, port: int, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        cb = PruningCallback(ContributionTracker(["a", "b", "c"], PruningConfig(window=2, min_contributions=1)))
+        cb = PruningCallback(ContributionTracker(["a", "b", "c"], PruningConfig(window=4, min_contributions=1)))
         # rank 0's rows use only a, rank 1's only b: each process alone would prune the other's expert
-        cb.observe([{"a": 1.0}] if rank == 0 else [{"b": 1.0}])
-        ev = cb.observe([{"a": 0.5}] if rank == 0 else [{"b": 0.5}])
+        assert cb.observe([{"a": 1.0}] if rank == 0 else [{"b": 1.0}]) == []  # 2 of the window's 4 sequences
+        (ev,) = cb.observe([{"a": 0.5}] if rank == 0 else [{"b": 0.5}])
         Path(out, f"{rank}.json").write_text(json.dumps({"counts": ev.counts, "pruned": ev.pruned}))
     finally:
         dist.destroy_process_group()

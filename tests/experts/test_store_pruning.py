@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from taskmoe.errors import ConfigError
-from taskmoe.experts.pruning import ContributionTracker, PruningConfig
+from taskmoe.experts.pruning import ContributionTracker, PruningCallback, PruningConfig
 from taskmoe.experts.store import ExpertStore, module_nbytes
 from taskmoe.io import load_component, load_state_into, save_component
 
@@ -109,30 +109,44 @@ def test_module_nbytes_excludes_shared() -> None:
     assert module_nbytes(m, [emb.weight.untyped_storage().data_ptr()]) == 16 * 4
 
 
-def test_planted_never_selected_expert_is_pruned() -> None:
-    tr = ContributionTracker(["a", "b", "ghost"], PruningConfig(window=10, min_contributions=3))
-    events = []
-    for i in range(10):
-        events.append(tr.record([{"a": 0.7, "b": 0.3}] if i % 2 else [{"b": 1.0}, {"a": 0.5, "b": 0.5}]))
-    assert events[:9] == [None] * 9
-    assert events[9].pruned == ["ghost"]
-    assert events[9].counts == {"a": 10, "b": 10, "ghost": 0}
-    assert tr.active == ["a", "b"]
+def _planted(n_ghost: int, window: int = 10) -> list[dict[str, float]]:
+    """``window`` sequences; the planted expert ``ghost`` is routed to the first ``n_ghost`` of them."""
+    return [{"a": 0.6, "ghost": 0.4} if i < n_ghost else {"a": 0.5, "b": 0.5} for i in range(window)]
 
 
-def test_all_contribute_none_pruned_and_threshold_boundary() -> None:
-    tr = ContributionTracker(["a", "b", "c"], PruningConfig(window=10, min_contributions=3))
-    # c contributes exactly 3 times: not fewer than 3, so it stays
-    for i in range(10):
-        row = {"a": 0.5, "b": 0.5}
-        if i < 3:
-            row["c"] = 0.2
-        ev = tr.record(row)
-    assert ev is not None and ev.pruned == [] and tr.active == ["a", "b", "c"]
-    # next window: c contributes twice -> pruned; counters were reset
-    for i in range(10):
-        ev = tr.record({"a": 1.0, "c": 0.1} if i < 2 else {"a": 0.6, "b": 0.4})
-    assert ev.pruned == ["c"]
+@pytest.mark.parametrize("batch", [1, 4, 10])
+def test_a_planted_expert_that_contributes_2_of_10_times_is_pruned_at_the_windows_end(batch: int) -> None:
+    """Per sequence, whatever the batch size: a batch of 4 that used ghost twice counts 2, not 1."""
+    cb = PruningCallback(ContributionTracker(["a", "b", "ghost"], PruningConfig(window=10, min_contributions=3)))
+    rows = _planted(2)
+    closed = []
+    for s in range(0, 10, batch):
+        assert cb.tracker.pruned == []  # nothing is decided before the window's end
+        closed += cb.observe(rows[s : s + batch])
+    assert [(e.window_index, e.counts, e.pruned) for e in closed] == [(0, {"a": 10, "b": 8, "ghost": 2}, ["ghost"])]
+    assert cb.tracker.active == ["a", "b"] and cb.tracker.counts == {"a": 0, "b": 0}  # counts reset
+
+
+@pytest.mark.parametrize("batch", [1, 10])
+def test_a_planted_expert_that_contributes_3_of_10_times_is_kept(batch: int) -> None:
+    cb = PruningCallback(ContributionTracker(["a", "b", "ghost"], PruningConfig(window=10, min_contributions=3)))
+    rows = _planted(3)
+    closed = [e for s in range(0, 10, batch) for e in cb.observe(rows[s : s + batch])]
+    assert [(e.counts, e.pruned) for e in closed] == [({"a": 10, "b": 7, "ghost": 3}, [])]
+    # the next window starts from zero: ghost used twice in it is pruned at its end
+    closed = cb.observe(_planted(2))
+    assert [(e.window_index, e.counts["ghost"], e.pruned) for e in closed] == [(1, 2, ["ghost"])]
+
+
+def test_a_window_closing_mid_batch_rereads_the_rest_of_the_batch_without_the_pruned_expert() -> None:
+    mix_pruned: list[str] = []
+    tr = ContributionTracker(["a", "ghost"], PruningConfig(window=4, min_contributions=2))
+    cb = PruningCallback(tr, on_prune=mix_pruned.extend)
+    rows = [{"a": 1.0}] * 4 + [{"ghost": 1.0}] * 2  # rows 5-6 only read ghost ...
+    reread = [{"a": 1.0}] * 6  # ... and fall back to a once ghost is gone (RoutedMixture renormalises)
+    closed = cb.observe(rows, lambda: reread)
+    assert [e.pruned for e in closed] == [["ghost"]] and mix_pruned == ["ghost"]
+    assert tr.seen == 6 and tr.counts == {"a": 2}  # rows 5-6 counted for a, under the new weights
 
 
 def test_min_weight_and_keep_at_least() -> None:
@@ -143,3 +157,6 @@ def test_min_weight_and_keep_at_least() -> None:
     tr2 = ContributionTracker(["a", "b"], PruningConfig(window=1, min_contributions=1, keep_at_least=1))
     ev = tr2.record({})
     assert len(ev.pruned) == 1 and len(tr2.active) == 1  # never below keep_at_least
+    alone = PruningCallback(ContributionTracker(["a"], PruningConfig(window=1, min_contributions=1, keep_at_least=0)))
+    alone.observe([{}])
+    assert alone.tracker.pruned == ["a"] and alone.on_step_end(1, {}) is True  # nothing left to train: stop

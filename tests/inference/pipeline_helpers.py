@@ -12,6 +12,8 @@ pooled prompt states (code vs other). Everything is saved and described by ``tas
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +135,16 @@ def build_run(root: Path, *, summarizer: bool = True, t_C_base: float = 0.5, t_C
 def prompts() -> dict[str, str]:
     rng = np.random.default_rng(5)
     return {d: domain_text(w, 10, rng) for d, w in DOMAINS.items()}
+
+
+def variant(run: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of the run folder whose manifest has ``changes`` applied (``meta`` merges into meta.pipeline)."""
+    dst = tmp_path / "variant"
+    shutil.copytree(run, dst)
+    m = json.loads((dst / "taskmoe.json").read_text())
+    meta = changes.pop("meta", None)
+    m.update(changes)
+    if meta:
+        m["meta"]["pipeline"].update(meta)
+    (dst / "taskmoe.json").write_text(json.dumps(m))
+    return dst

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import taskmoe
-from pipeline_helpers import build_run, prompts
+from pipeline_helpers import prompts, variant as _variant
 from taskmoe.errors import CheckpointError, RequestError
 from taskmoe.experts.ensemble import mixture_logprobs
 from taskmoe.inference.generate import GenerationConfig, generate
@@ -24,32 +24,9 @@ PEN = PipelineConfig().repetition_penalty  # the pipeline's default answer penal
 DRAFT_PEN = PipelineConfig().draft_repetition_penalty
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield build_run(tmp_path_factory.mktemp("run"))
-    finally:
-        torch.set_num_threads(n)
-
-
 @pytest.fixture
 def system(run) -> System:
     return taskmoe.load(run)
-
-
-def _variant(run, tmp_path, **changes):
-    """A copy of the run folder whose manifest has ``changes`` applied (meta is merged)."""
-    dst = tmp_path / "variant"
-    shutil.copytree(run, dst)
-    m = json.loads((dst / "taskmoe.json").read_text())
-    meta = changes.pop("meta", None)
-    m.update(changes)
-    if meta:
-        m["meta"]["pipeline"].update(meta)
-    (dst / "taskmoe.json").write_text(json.dumps(m))
-    return dst
 
 
 def _greedy_ref(step, prompt, n, eos, penalty=PEN):
@@ -150,14 +127,21 @@ def test_answer_is_the_summarizer_continuation_with_the_adapter_on_code_intent(s
 class PlantedCrosstalk:
     """A cross-talk runner that replaces the pair's drafts with planted texts (and records calls)."""
 
+    trained = True
+
     def __init__(self, tok, texts):
         self.tok, self.texts, self.calls = tok, texts, []
 
-    def __call__(self, prompt_ids, speakers, drafts):
-        self.calls.append(([s[0] for s in speakers], [d.expert for d in drafts]))
-        new = [Draft(name, conf, tuple(self.tok.encode(t, allow_special=False)))
-               for (name, conf, _), t in zip(speakers, self.texts)]
-        return new, [{"expert": name, "text": t, "interrupted": i > 0} for i, ((name, _, _), t) in enumerate(zip(speakers, self.texts))]
+    def run_batch(self, prompts, speakers, confidences, drafts, emit=None):
+        out = []
+        for conf, ds in zip(confidences, drafts):
+            names = [n for n, _ in speakers]
+            order = sorted(range(2), key=lambda k: -conf[k])  # most confident first
+            self.calls.append(([names[k] for k in order], [d.expert for d in ds]))
+            new = [Draft(names[k], conf[k], tuple(self.tok.encode(t, allow_special=False))) for k, t in zip(order, self.texts)]
+            out.append((new, [{"expert": names[k], "text": t, "interrupted": i > 0}
+                              for i, (k, t) in enumerate(zip(order, self.texts))]))
+        return out
 
 
 def test_planted_conflict_asks_for_clarification_and_agreement_answers(run, tmp_path) -> None:
@@ -190,9 +174,15 @@ def test_planted_conflict_asks_for_clarification_and_agreement_answers(run, tmp_
     assert pair_conf == set(b.trace.crosstalk["pair"])
     assert not b.trace.clarify and "summarize" in b.trace.timings
     assert set(b.trace.fusion["experts"]) == {d.expert for d in b.trace.drafts}
-    # without a runner the trace says cross-talk was flagged but not run
+    # a run without a crosstalk/ folder talks with the untrained experts (base weights) and says so
     c = taskmoe.load(folder).generate(p["legal"])
-    assert c.trace.crosstalk["ran"] is False and "no cross-talk runner" in c.trace.crosstalk["reason"]
+    ct = c.trace.crosstalk
+    assert ct["ran"] and ct["adapters"].startswith("none") and ct["turns"] and {t["expert"] for t in ct["turns"]} <= set(ct["pair"])
+    off = taskmoe.load(folder, config=sys_c.config.replace(crosstalk=False)).generate(p["legal"]).trace.crosstalk
+    assert off["ran"] is False and "switched off" in off["reason"]
+    bare = taskmoe.load(folder)
+    bare.crosstalk = None
+    assert "no cross-talk runner" in bare.generate(p["legal"]).trace.crosstalk["reason"]
 
 
 def test_experts_only_mode_is_the_confidence_weighted_mixture(run, tmp_path) -> None:

@@ -11,7 +11,7 @@ from taskmoe.eval.routing import nmi
 from taskmoe.models.adapters import inject_adapter
 from taskmoe.models.backbones import LlamaConfig, llama_lm
 from taskmoe.router import Router, RouterConfig, fit_router
-from taskmoe.router.backbone_encoder import BackboneEncoder, BackboneEncoderConfig, pool_hidden
+from taskmoe.router.encoders.backbone import BackboneEncoder, BackboneEncoderConfig, pool_hidden
 
 from router_helpers import V, corpus
 

@@ -13,6 +13,7 @@ Readers (each error names the file, the record and the field):
   dialogues written as ``\\n\\nHuman: ...\\n\\nAssistant: ...``; the shared turns before the
   last assistant turn become the prompt. Pairs whose earlier turns differ (a handful in the
   public files) are skipped with a warning, since they are not one prompt with two answers.
+- :func:`read_preferences` picks one of the two preference readers from the first record.
 - :func:`read_alpaca_eval`: AlpacaEval annotations ``{instruction, output_1, output_2,
   preference}``; preference 1 or 2 picks the chosen output, anything else (ties: 0 or 1.5,
   missing) is skipped.
@@ -225,3 +226,16 @@ def read_alpaca_eval(path: str | Path) -> list[PreferenceExample]:
     if not out:
         raise DataError(f"{path}: no annotation with preference 1 or 2")
     return out
+
+
+# ------------------------------------------------------------------------------ dispatch
+def read_preferences(path: str | Path) -> list[PreferenceExample]:
+    """Preference pairs from HH-RLHF (records with ``chosen``) or AlpacaEval (``output_1``) files."""
+    path = Path(path)
+    first = next(json_records(path), None)
+    rec = first[1] if first else None
+    if isinstance(rec, dict) and "chosen" in rec:
+        return read_hh_rlhf(path)
+    if isinstance(rec, dict) and "output_1" in rec:
+        return read_alpaca_eval(path)
+    raise DataError(f"{path}: not a preference file (records need 'chosen'/'rejected' or 'output_1'/'output_2')")

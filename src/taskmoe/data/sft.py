@@ -14,6 +14,8 @@ assistant token, so the loss is ``cross_entropy(logits, labels, ignore_index=-10
   :func:`~taskmoe.data.datasets.truncate_pair` to the positions before the first target
   (the prompt) and from it on (the rest), keeping ``<|bos|>``, the end of the prompt and the
   start of the answer.
+- **Held-out split** (:func:`split_examples`): a seeded permutation shared by the trainers and
+  the evaluation, so ``eval`` scores exactly the examples training held out.
 - **Length-grouped batches** (:func:`length_grouped_batches`, :class:`GroupedBatches`): shuffle
   with a seed, cut into mega-batches of ``batch_size * mega`` examples, sort each by length and cut
   it into batches, so a batch pads to a similar length (HF's ``LengthGroupedSampler`` idea) while
@@ -138,6 +140,19 @@ class PreferenceDataset(_ChatItems):
         rows = list(batch)
         t = max(max(b["chosen_input_ids"].numel(), b["rejected_input_ids"].numel()) for b in rows)
         return {**self._pad(rows, "chosen_", t), **self._pad(rows, "rejected_", t)}
+
+
+def split_examples(examples: Sequence[Any], val: int, seed: int, limit: int | None = None) -> tuple[list[Any], list[Any]]:
+    """``(train, held_out)`` by a seeded permutation: the first ``val`` are held out, the next ``limit``
+    (or all) train. The trainers and the evaluation call it with the same seed, so they agree."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held, rest = order[:val], order[val:]
+    rest = rest[:limit] if limit else rest
+    if not rest:
+        raise DataError(f"{len(examples)} examples leave none to train on after holding out {val}")
+    return [examples[i] for i in rest], [examples[i] for i in held]
+
 
 
 # ----------------------------------------------------------------------- length grouping

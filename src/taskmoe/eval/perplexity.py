@@ -260,6 +260,7 @@ def eval_experts(
 
     res = load_manifest(run)
     router = Router.load(res.router)
+    router.unavailable = frozenset(res.pruned)  # experts pruned in training: routed around
     if router.tokenizer is None or router.embedding is None:
         raise DataError(f"{res.router}: eval experts needs a router with tokenizer.json and a learned (shared) embedding")
     experts = {router.categories[k]: load_expert(p, router.embedding).eval() for k, p in sorted(res.experts.items())}

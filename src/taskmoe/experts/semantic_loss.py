@@ -168,7 +168,8 @@ class RetrievalWindows(torch.utils.data.Dataset):
     (the encoder is frozen, so they never change): with ``exclude_self`` the query window ``i``
     is row ``i`` of the index and is left out of its own neighbours (the training set); without
     it the windows are held-out queries against the training index. ``collate`` returns
-    ``input_ids (B, T)``, ``targets (B, T)`` and ``neighbours (B, K, D)``.
+    ``input_ids (B, T)``, ``targets (B, T)``, ``neighbours (B, K, D)`` and ``rows (B,)`` (the
+    windows' indices, for per-window side data such as routing weights).
     """
 
     def __init__(self, windows: Sequence[torch.Tensor], vectors: torch.Tensor, index: RetrievalIndex, k: int, *,
@@ -199,4 +200,4 @@ class RetrievalWindows(torch.utils.data.Dataset):
         w = torch.stack([x for x, _ in items]).long()  # (B, T + 1)
         rows = torch.tensor([i for _, i in items])
         return {"input_ids": w[:, :-1], "targets": w[:, 1:],
-                "neighbours": self.index.vectors[self.neighbour_ids[rows]]}  # (B, K, D)
+                "neighbours": self.index.vectors[self.neighbour_ids[rows]], "rows": rows}  # (B, K, D), (B,)

@@ -7,7 +7,7 @@ loads as:
    :func:`~taskmoe.models.backbones.load_backbone` (safetensors only), and its tokenizer from
    the manifest's ``tokenizer`` (the router folder's copy of the backbone's tokenizer);
 2. the router, with the manifest's thresholds; a backbone encoder reads the loaded backbone
-   (:func:`~taskmoe.router.backbone_encoder.attach_backbone`, adapters off);
+   (:func:`~taskmoe.router.encoders.backbone.attach_backbone`, adapters off);
 3. the expert store over PEFT adapter folders: lazy as for small experts, each expert loaded
    into the shared backbone on first use (:func:`~taskmoe.experts.adapter_expert.adapter_expert_loader`)
    and charged its adapter bytes only; pruned categories route to the remaining experts;
@@ -47,7 +47,7 @@ def load_backbone_system(res: ResolvedManifest, *, max_experts: int | None = Non
     from taskmoe.data.backbone_tokenizer import BackboneTokenizer
     from taskmoe.inference.loader import _expert_names
     from taskmoe.models.backbones import load_backbone
-    from taskmoe.router.backbone_encoder import attach_backbone
+    from taskmoe.router.encoders.backbone import attach_backbone
     from taskmoe.router.router import Router
 
     m = res.manifest

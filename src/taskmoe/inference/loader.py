@@ -13,8 +13,11 @@ Order, each step failing with :class:`~taskmoe.errors.CheckpointError` naming th
    expert around the router's embedding table (one shared ``nn.Embedding``: experts and the
    summarizer saved without the table get it injected; a component that stored its own
    fine-tuned table keeps it);
-5. the cross-talk runner of the run's ``crosstalk/`` folder, if the manifest names one
-   (:class:`taskmoe.crosstalk.runner.CrosstalkRunner`);
+5. the cross-talk runner: the run's trained ``crosstalk/`` folder if the manifest names one
+   (:class:`taskmoe.crosstalk.runner.CrosstalkRunner`), else an *untrained* runner in which the
+   flagged experts talk with their base weights (no adapters; the dialogue may hold
+   ``2 * draft_tokens`` tokens, the two drafts' length), so every system can cross-talk; the
+   trace says which (``crosstalk.adapters``) and ``meta.pipeline.crosstalk = false`` switches it off;
 6. the summarizer (if any), its adapters (``manifest.adapters``), the intent head
    (``<summarizer>/intent`` when present) and the pipeline settings (``meta.pipeline``: draft
    length, decoding, disagreement threshold).
@@ -89,8 +92,8 @@ def load_system(
 
     ``max_experts`` / ``max_bytes`` bound the resident experts (LRU); ``crosstalk`` is the
     cross-talk runner to call when the router flags a pair (default: the run's trained
-    ``crosstalk/`` folder when the manifest names one, else none); ``config`` overrides the
-    pipeline settings stored in the manifest.
+    ``crosstalk/`` folder when the manifest names one, else the untrained base-weights runner);
+    ``config`` overrides the pipeline settings stored in the manifest.
     """
     from taskmoe.data.tokenizer import Tokenizer
 
@@ -131,10 +134,6 @@ def load_system(
             intent = IntentClassifier.load(res.summarizer / INTENT_DIR)
     elif res.adapters:
         raise CheckpointError(f"{mpath}: adapters {sorted(res.adapters)} are listed but there is no summarizer")
-    if crosstalk is None and res.crosstalk is not None:
-        from taskmoe.crosstalk.runner import CrosstalkRunner as FolderRunner
-
-        crosstalk = FolderRunner.from_folder(res.crosstalk, tok)
     if config is None:
         raw: Any = m.meta.get("pipeline", {})
         try:
@@ -142,6 +141,12 @@ def load_system(
         except ConfigError as e:
             msg = str(e)
             raise CheckpointError(msg if str(mpath) in msg else f"{mpath}: meta.pipeline: {msg}") from e
+    if crosstalk is None:
+        from taskmoe.crosstalk.dialogue import DialogueConfig
+        from taskmoe.crosstalk.runner import CrosstalkRunner as FolderRunner
+
+        crosstalk = (FolderRunner.from_folder(res.crosstalk, tok) if res.crosstalk is not None
+                     else FolderRunner(tok, DialogueConfig(max_new_tokens=2 * config.draft_tokens)))
     try:
         return System(tok, router, store, expert_of, summarizer=summarizer, intent=intent, crosstalk=crosstalk,
                       config=config, source=res.run_dir, meta=m.meta)

@@ -1,31 +1,32 @@
-"""The IMoE pipeline, text in: route -> expert drafts -> cross-talk -> disagreement -> summarize.
+"""The IMoE pipeline, text in: :class:`System` composes the stages of :mod:`taskmoe.inference.stages`.
 
 :class:`System` holds the trained parts (built elsewhere and injected: tokenizer, router, expert
-store, summarizer with its adapters, intent head, cross-talk runner) and answers prompts:
+store, summarizer with its adapters, intent head, cross-talk runner) and answers prompts by
+passing one list of :class:`~taskmoe.inference.stages.Row` through the stages, each of which
+works on the whole batch at once:
 
-1. **route** every prompt once (:meth:`Router.route_batch`): confidences, c_S, t_C, selected
-   experts, fallback, cross-talk pair;
-2. **draft**: prompts are grouped by selected expert and each expert runs *once* over its rows
-   (:class:`~taskmoe.summarizer.drafts.Drafter`, greedy, the same draft function the summarizer
-   was trained on, :func:`draft_generator`); the store loads an expert lazily on first use and
-   the trace says whether it was loaded now or already cached;
-3. **cross-talk** (optional): when the router flags a pair and a runner is configured, the
-   runner turns the pair's drafts into a dialogue transcript (contract: :class:`CrosstalkRunner`);
-4. **disagreement**: draft similarity (router encoder) and intent consistency
-   (:func:`~taskmoe.summarizer.disagreement.assess`); above the threshold the drafts are ignored
-   and the answer is a clarification question naming the conflicting experts;
-5. **summarize**: intent is detected from the summarizer's pooled prompt states; every other
-   row is answered in ONE batched decode of the summarizer, with the coding LoRA adapter on
-   exactly the rows with coding intent (:class:`~taskmoe.inference.rowwise.AdapterRowsLM`).
+- summarizer mode: **Route** (one routing pass: confidences, c_S, t_C, selected experts,
+  fallback, cross-talk pair) -> **Draft** (one decode per selected expert over its rows; the
+  store loads an expert lazily and the trace says loaded/cached) -> **Crosstalk** (one batched
+  dialogue per flagged expert pair) -> **Assess** (intent of every prompt and draft in one pass,
+  disagreement; above the threshold the answer is a clarification question) -> **Fuse** (one
+  summarizer decode over every remaining row, the coding adapter on exactly the rows with coding
+  intent);
+- experts-only mode (no summarizer): **Route** -> **Ensemble** (the confidence-weighted mixture of
+  the selected experts, one decode per expert set).
 
-Without a summarizer (experts-only mode) step 2-5 are replaced by confidence-weighted ensemble
-decoding of the selected experts (:class:`~taskmoe.inference.rowwise.EnsembleLM`), grouped by
-expert set.
+Control and streaming (:meth:`System.generate_ids`, :meth:`System.stream`): each row may carry a
+:class:`~taskmoe.inference.stages.Control` (``cancel()``, an external ``is_cancelled()``, a
+``deadline`` in :func:`time.monotonic` seconds), checked before every stage and after every
+decode step of that row in every stage: a stopped row leaves the batch before the next step and
+keeps what it produced (``trace.stopped`` says why and where). ``on_token(row, token, stage,
+expert)`` receives every token as it is produced (drafts, cross-talk turns, then the answer or the
+clarification). Per-row ``options`` override the decoding fields of single rows; every row decodes
+with its own generator seeded from its ``seed``, so rows with different seeds share one batch.
 
-Exactness: every step is row-independent (greedy decoding of a row does not depend on the other
-rows of its batch), so :meth:`System.generate_batch` gives each prompt exactly the answer
-:meth:`System.generate` gives it alone (tested with greedy decoding; with sampling the rows
-share one seeded generator and differ from solo runs).
+Exactness: every stage is row-independent (a row's greedy tokens do not depend on its
+batch-mates; a sampled row draws from its own generator), so :meth:`System.generate_batch` gives
+each prompt exactly the answer :meth:`System.generate` gives it alone (tested).
 
 Glossary: c_S complexity, t_C selection threshold, t_CT cross-talk threshold (router);
 D disagreement score (summarizer.disagreement).
@@ -34,12 +35,9 @@ D disagreement score (summarizer.disagreement).
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -47,19 +45,40 @@ from torch import nn
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import ConfigError, RequestError
 from taskmoe.experts.store import ExpertStore
-from taskmoe.inference.generate import GenerationConfig, generate
-from taskmoe.inference.rowwise import AdapterRowsLM, EnsembleLM
-from taskmoe.inference.trace import Answer, DraftRecord, ExpertUse, Trace
+from taskmoe.inference.generate import GenerationConfig
+from taskmoe.inference.stages import (
+    Assess,
+    Call,
+    Clock,
+    Control,
+    Crosstalk,
+    CrosstalkRunner,
+    Draft,
+    Ensemble,
+    Fuse,
+    OnToken,
+    RecordingStore,
+    Route,
+    Row,
+    Stage,
+    draft_generator,
+    prompt_head,
+    summarizer_features,
+    uses_adapter,
+)
+from taskmoe.inference.stream import PipelineStream, TokenEvent
+from taskmoe.inference.trace import Answer, ExpertUse, Trace
 from taskmoe.layers.lora import adapter_names
 from taskmoe.router.policy import RoutingDecision
-from taskmoe.summarizer.disagreement import DisagreementConfig, DisagreementReport, assess, clarification
-from taskmoe.summarizer.drafts import Drafter, GenerateFn
-from taskmoe.summarizer.fuser import Draft, FusionFormat, order_drafts
-from taskmoe.summarizer.intent import IntentClassifier, IntentResult, pooled_hidden
+from taskmoe.summarizer.disagreement import DisagreementConfig, DisagreementReport, assess
+from taskmoe.summarizer.fuser import Draft as DraftIds
+from taskmoe.summarizer.fuser import FusionFormat
+from taskmoe.summarizer.intent import IntentClassifier, IntentResult
 
-__all__ = ["PipelineConfig", "CrosstalkRunner", "System", "draft_generator", "prompt_head"]
+__all__ = ["PipelineConfig", "CrosstalkRunner", "Control", "TokenEvent", "System", "draft_generator", "prompt_head"]
 
 GEN_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "draft_tokens")
+"""The decoding fields a call (``**gen``) or a single row (``options[i]``) may override."""
 
 
 @dataclass
@@ -78,6 +97,7 @@ class PipelineConfig(Config):
     max_len: int = doc(512, "summarizer input budget in tokens (drafts are cut to fit, never the prompt)")
     adapter: str = doc("code", "LoRA adapter of the summarizer used on the intent below")
     adapter_intent: str = doc("code", "intent label that switches the adapter on")
+    crosstalk: bool = doc(True, "run the experts' cross-talk dialogue when the router flags a pair")
     disagreement: DisagreementConfig = dataclasses.field(default_factory=DisagreementConfig,
                                                          metadata={"help": "when to ask for clarification"})
 
@@ -96,87 +116,6 @@ class PipelineConfig(Config):
                                 seed=self.seed)
 
 
-def draft_generator(eos_id: int, repetition_penalty: float = 1.2) -> GenerateFn:
-    """THE draft function (training and inference use the same): greedy, penalised, stops at eos."""
-
-    def run(model: nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=repetition_penalty,
-                               stop_tokens=[int(eos_id)])
-        return generate(model, prompts, cfg)
-
-    return run
-
-
-def prompt_head(fmt: FusionFormat, ids: Sequence[int]) -> list[int]:
-    """``<|bos|><|user|> ids``: what the intent head reads (as in :mod:`taskmoe.training.recipes.summarizer`)."""
-    return [fmt.sp["<|bos|>"], fmt.sp["<|user|>"], *map(int, ids)]
-
-
-class CrosstalkRunner(Protocol):
-    """The cross-talk hook: ``runner(prompt_ids, speakers, drafts) -> (drafts, turns)``.
-
-    ``prompt_ids``: the prompt's token ids (no BOS); ``speakers``: ``[(expert, confidence,
-    model), ...]`` for the flagged pair, most confident first; ``drafts``: their independent
-    drafts. Returns the drafts that replace the pair's in the summarizer's input (the transcript,
-    with speakers) and the turns as JSON-safe dicts for the trace (e.g. ``{"expert", "text",
-    "interrupted", "p_interrupt"}``). Only plain types cross this boundary, so the cross-talk
-    package (below inference) can implement it without importing the pipeline.
-    """
-
-    def __call__(self, prompt_ids: list[int], speakers: list[tuple[str, float, nn.Module]],
-                 drafts: list[Draft]) -> tuple[list[Draft], list[dict[str, Any]]]: ...
-
-
-# ----------------------------------------------------------------------------- helpers
-class _Decided:
-    """A router stand-in that returns decisions already made (so routing is timed on its own)."""
-
-    def __init__(self, decisions: list[RoutingDecision]) -> None:
-        self.decisions = decisions
-
-    def route_batch(self, seqs: Sequence[Sequence[int]]) -> list[RoutingDecision]:
-        if len(seqs) != len(self.decisions):
-            raise ConfigError(f"{len(seqs)} prompts for {len(self.decisions)} routing decisions")
-        return self.decisions
-
-
-class _RecordingStore:
-    """The expert store as seen by one call: records whether each expert was loaded now or cached."""
-
-    def __init__(self, store: ExpertStore) -> None:
-        self.store = store
-        self.uses: dict[str, tuple[str, float]] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return self.store.names
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.store
-
-    def get(self, name: str) -> nn.Module:
-        resident = self.store.is_resident(name)
-        t0 = time.perf_counter()
-        model = self.store.get(name)
-        if name not in self.uses:
-            self.uses[name] = ("cached", 0.0) if resident else ("loaded", time.perf_counter() - t0)
-        return model
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.t: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.t[stage] = self.t.get(stage, 0.0) + time.perf_counter() - t0
-
-
-# ------------------------------------------------------------------------------ system
 class System:
     """A loaded IMoE system (see the module docstring). Build with :func:`taskmoe.load`."""
 
@@ -216,7 +155,6 @@ class System:
             raise ConfigError(f"intent head was fitted on '{intent.feature}' features; the pipeline feeds it "
                               "the summarizer's pooled hidden states ('summarizer_hidden')")
 
-    # ---------------------------------------------------------------------- properties
     @property
     def mode(self) -> str:
         return "summarizer" if self.summarizer is not None else "ensemble"
@@ -225,21 +163,29 @@ class System:
     def adapters(self) -> list[str]:
         return adapter_names(self.summarizer) if self.summarizer is not None else []
 
+    def stages(self) -> list[Stage]:
+        """The stages a call runs, in order (built from the current parts: cheap, holds no state)."""
+        tok, route = self.tokenizer, Route(self.router)
+        if self.summarizer is None or self.fmt is None:
+            return [route, Ensemble(self.expert_of, tok)]
+        return [route, Draft(self.expert_of, tok), Crosstalk(self.crosstalk, self.expert_of, tok),
+                Assess(self.summarizer, self.fmt, self.intent, self.router.encode, tok, self.topics),
+                Fuse(self.summarizer, self.fmt, tok.eos_id, self.adapters)]
+
     def describe(self) -> dict[str, Any]:
         """A short summary of what is loaded (for the CLI and reports)."""
         return {
-            "source": str(self.source) if self.source else None,
-            "mode": self.mode,
+            "source": str(self.source) if self.source else None, "mode": self.mode,
             "categories": list(self.router.categories),
             "experts": {c: self.expert_of.get(c, "(pruned)") for c in self.router.categories},
-            "resident_experts": self.store.stats().resident,
-            "adapters": self.adapters,
+            "resident_experts": self.store.stats().resident, "adapters": self.adapters,
             "intent_labels": list(self.intent.labels) if self.intent is not None else [],
-            "policy": self.router.policy.to_dict(),
-            "pipeline": self.config.to_dict(),
+            "crosstalk": None if self.crosstalk is None else ("trained" if getattr(self.crosstalk, "trained", True)
+                                                               else "untrained (base weights)"),
+            "policy": self.router.policy.to_dict(), "pipeline": self.config.to_dict(),
         }
 
-    # ------------------------------------------------------------------------- the API
+    # ------------------------------------------------------------------------- text level
     def encode(self, text: str) -> list[int]:
         """Prompt text -> token ids (special-token strings in the text are plain text)."""
         if not isinstance(text, str):
@@ -253,21 +199,62 @@ class System:
         """Answer one prompt; ``gen`` overrides :class:`PipelineConfig` decoding fields for this call."""
         return self.generate_batch([prompt], trace=trace, **gen)[0]
 
-    def generate_batch(self, prompts: Sequence[str], trace: bool = True, **gen: Any) -> list[Answer]:
-        """Answer many prompts together: one routing pass, one draft pass per expert over its rows,
-        one summarizer decode over all rows (adapter by row)."""
+    def generate_batch(self, prompts: Sequence[str], trace: bool = True, *, controls: Sequence[Control] | None = None,
+                       on_token: OnToken | None = None, options: Sequence[Mapping[str, Any] | None] | None = None,
+                       **gen: Any) -> list[Answer]:
+        """Answer many prompts together (each stage runs once for the batch); see :meth:`generate_ids`."""
         if isinstance(prompts, str):
             raise RequestError("generate_batch takes a list of prompts; use generate() for one")
-        clock = _Clock()
+        clock = Clock()
         with clock("tokenize"):
             ids = [self.encode(p) for p in prompts]
-        answers = self.generate_ids(ids, clock=clock, **gen)
         out = []
-        for p, (text_ids, tr) in zip(prompts, answers):
+        for p, (text_ids, tr) in zip(prompts, self.generate_ids(ids, controls=controls, on_token=on_token,
+                                                                options=options, clock=clock, **gen)):
             tr.prompt = p
             text = tr.clarification if tr.clarify else self.tokenizer.decode(text_ids, skip_special=True)
-            out.append(Answer(text, tr if trace else None, list(text_ids)))
+            out.append(Answer(text or "", tr if trace else None, list(text_ids)))
         return out
+
+    def stream(self, prompts: str | Sequence[str], trace: bool = True, *, controls: Sequence[Control] | None = None,
+               options: Sequence[Mapping[str, Any] | None] | None = None, **gen: Any) -> PipelineStream:
+        """Iterate :class:`TokenEvent` s as they are produced; ``.answers`` afterwards (closing early cancels)."""
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        ctl = list(controls) if controls is not None else [Control() for _ in batch]
+        return PipelineStream(lambda on_token: self.generate_batch(batch, trace, controls=ctl, on_token=on_token,
+                                                                   options=options, **gen), ctl)
+
+    # ---------------------------------------------------------------------- token-id level
+    @torch.no_grad()
+    def generate_ids(self, prompts: Sequence[Sequence[int]], *, controls: Sequence[Control] | None = None,
+                     on_token: OnToken | None = None, options: Sequence[Mapping[str, Any] | None] | None = None,
+                     clock: Clock | None = None, **gen: Any) -> list[tuple[list[int], Trace]]:
+        """The engine level: prompt ids (no BOS) -> (answer ids, trace) per prompt.
+
+        ``controls[i]`` stops row ``i``'s work (cancel / deadline); ``on_token(row, token, stage,
+        expert)`` streams every token; ``options[i]`` overrides decoding fields (:data:`GEN_FIELDS`)
+        for row ``i`` on top of ``gen``. When the drafts disagree the answer ids are empty and
+        ``trace.clarification`` holds the question (written, not decoded; streamed as stage
+        ``"clarification"``). A stopped row returns what it produced (``trace.stopped``).
+        """
+        prompts = [[int(t) for t in p] for p in prompts]
+        for name, per_row in (("controls", controls), ("options", options)):
+            if per_row is not None and len(per_row) != len(prompts):
+                raise RequestError(f"{name} must give one entry per prompt: {len(prompts)} prompts, {len(per_row)} {name}")
+        base = self._config(gen)
+        call = Call(base, RecordingStore(self.store), clock or Clock(), on_token)
+        rows = [Row(i, p, self._config({**gen, **(options[i] or {})}) if options is not None and options[i] else base,
+                    Trace(prompt="", prompt_tokens=len(p), mode=self.mode, routing={}),
+                    controls[i] if controls is not None else Control()) for i, p in enumerate(prompts)]
+        for stage in self.stages():
+            rows = stage(rows, call)
+        for r in rows:
+            d, tr = r.decision, r.trace
+            tr.experts = [] if d is None else [
+                ExpertUse(self.expert_of[c], c, float(d.confidences[i]), *call.store.uses.get(self.expert_of[c], ("unused", 0.0)))
+                for i, c in zip(d.selected, d.selected_names)]
+            tr.timings, tr.batch_size, tr.answer_tokens = dict(call.clock.t), len(rows), len(r.answer)
+        return [(r.answer, r.trace) for r in rows]
 
     def _config(self, gen: Mapping[str, Any]) -> PipelineConfig:
         bad = sorted(set(gen) - set(GEN_FIELDS))
@@ -275,79 +262,23 @@ class System:
             raise RequestError(f"unknown generation option(s) {bad}; known: {list(GEN_FIELDS)}")
         return self.config.replace(**gen) if gen else self.config
 
-    # ------------------------------------------------------------------ token-id level
-    @torch.no_grad()
-    def generate_ids(self, prompts: Sequence[Sequence[int]], *, clock: _Clock | None = None,
-                     **gen: Any) -> list[tuple[list[int], Trace]]:
-        """The engine level: prompt ids (no BOS) -> (answer ids, trace) per prompt.
-
-        When the drafts disagree, the answer ids are empty and ``trace.clarification`` holds the
-        clarification question (it is written, not decoded).
-        """
-        cfg = self._config(gen)
-        clock = clock or _Clock()
-        prompts = [[int(t) for t in p] for p in prompts]
-        if not prompts:
-            return []
-        with clock("route"):
-            decisions = self.router.route_batch(prompts)
-        traces = [Trace(prompt="", prompt_tokens=len(p), mode=self.mode, routing={**d.to_dict(),
-                        "selected_names": d.selected_names}) for p, d in zip(prompts, decisions)]
-        recorder = _RecordingStore(self.store)
-        if self.summarizer is None:
-            answers = self._ensemble(prompts, decisions, recorder, cfg, clock)
-        else:
-            answers = self._summarize(prompts, decisions, traces, recorder, cfg, clock)
-        for d, tr in zip(decisions, traces):
-            tr.experts = [ExpertUse(self.expert_of[c], c, float(d.confidences[i]), *recorder.uses.get(self.expert_of[c], ("unused", 0.0)))
-                          for i, c in zip(d.selected, d.selected_names)]
-            tr.timings = dict(clock.t)
-            tr.batch_size = len(prompts)
-        for a, tr in zip(answers, traces):
-            tr.answer_tokens = len(a)
-        return list(zip(answers, traces))
-
-    # -------------------------------------------------------------- experts-only mode
-    def lm_input(self, ids: Sequence[int]) -> list[int]:
-        """What the ensemble decodes from: ``<|bos|> prompt``, or, with a backbone's tokenizer, the
-        prompt as a user turn of its chat template (an instruct backbone answers the turn)."""
-        tok = self.tokenizer
-        if hasattr(tok, "encode_chat"):
-            return list(tok.encode_chat([{"role": "user", "content": tok.decode(list(ids))}]))
-        return [tok.bos_id, *ids]
-
-    def _ensemble(self, prompts: list[list[int]], decisions: list[RoutingDecision], store: _RecordingStore,
-                  cfg: PipelineConfig, clock: _Clock) -> list[list[int]]:
-        groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        for i, d in enumerate(decisions):
-            groups[tuple(self.expert_of[c] for c in d.selected_names)].append(i)
-        out: list[list[int]] = [[] for _ in prompts]
-        with clock("ensemble"):
-            for names in sorted(groups):
-                rows = groups[names]
-                models = [store.get(n) for n in names]
-                inputs = [self.lm_input(prompts[i]) for i in rows]
-                w = torch.tensor([decisions[i].weights for i in rows], dtype=torch.float32)  # (rows, E)
-                for i, o in zip(rows, generate(EnsembleLM(models), inputs, cfg.generation(self.tokenizer.eos_id), side=list(w))):
-                    out[i] = o
-        return out
-
-    # ---------------------------------------------------------------- summarizer mode
+    # ------------------------------------------------------------- parts, for evaluation
     def draft(self, prompts: Sequence[Sequence[int]], decisions: Sequence[RoutingDecision] | None = None, *,
-              cfg: PipelineConfig | None = None, store: Any = None) -> list[list[Draft]]:
+              cfg: PipelineConfig | None = None, store: Any = None) -> list[list[DraftIds]]:
         """Each prompt's drafts by its selected experts (most confident first); one pass per expert.
 
-        ``decisions`` (default: route now) may select any experts, e.g. a forced pair for an
-        evaluation. ``store`` is the expert store as seen by this call (default: the system's).
+        ``decisions`` (default: route now) may select any experts, e.g. a forced pair for an evaluation.
         """
         cfg = cfg or self.config
-        tok = self.tokenizer
-        prompts = [[int(t) for t in p] for p in prompts]
-        decisions = list(decisions) if decisions is not None else self.router.route_batch(prompts)
-        drafter = Drafter(_Decided(decisions), store if store is not None else self.store,
-                          draft_generator(tok.eos_id, cfg.draft_repetition_penalty), bos_id=tok.bos_id,
-                          max_new_tokens=cfg.draft_tokens, batch_size=cfg.draft_batch_size, expert_of=self.expert_of)
-        return [order_drafts(s.drafts) for s in drafter.draft(prompts, progress=False)]
+        rows = [Row(i, [int(t) for t in p], cfg, Trace(prompt="", prompt_tokens=len(p), mode=self.mode, routing={}))
+                for i, p in enumerate(prompts)]
+        call = Call(cfg, store if store is not None else RecordingStore(self.store))
+        if decisions is None:
+            rows = Route(self.router)(rows, call)
+        else:
+            for r, d in zip(rows, decisions):
+                r.decision = d
+        return [r.drafts for r in Draft(self.expert_of, self.tokenizer)(rows, call)]
 
     def detect_intent(self, prompts: Sequence[Sequence[int]]) -> list[IntentResult | None]:
         """Intent of each prompt from the summarizer's pooled ``<|bos|><|user|> prompt`` states (None without a head)."""
@@ -359,14 +290,10 @@ class System:
         """The intent head's input: mean-pooled summarizer hidden states (adapter off), (N, D)."""
         if self.summarizer is None:
             raise ConfigError("features: this system has no summarizer (experts-only mode)")
-        from taskmoe.layers.lora import use_adapter
+        return summarizer_features(self.summarizer, seqs, self.tokenizer.pad_id)
 
-        with use_adapter(self.summarizer, None):  # intent decides whether the adapter runs: read without it
-            return pooled_hidden(self.summarizer, seqs, pad_id=self.tokenizer.pad_id)
-
-    def assess(self, prompt: Sequence[int], drafts: Sequence[Draft], cfg: DisagreementConfig | None = None) -> DisagreementReport:
+    def assess(self, prompt: Sequence[int], drafts: Sequence[DraftIds], cfg: DisagreementConfig | None = None) -> DisagreementReport:
         """Disagreement of ``drafts`` (router-encoder similarity + intent consistency with the prompt)."""
-        cfg = cfg or self.config.disagreement
         intent_probs = None
         if self.intent is not None and self.fmt is not None:
             clf, fmt = self.intent, self.fmt
@@ -375,74 +302,9 @@ class System:
                 return clf(self.features([prompt_head(fmt, s) for s in seqs]))
 
         return assess([x.expert for x in drafts], [x.confidence for x in drafts], [list(x.ids) for x in drafts],
-                      self.router.encode, cfg, intent_probs=intent_probs,
+                      self.router.encode, cfg or self.config.disagreement, intent_probs=intent_probs,
                       intent_labels=self.intent.labels if self.intent is not None else None, prompt_ids=list(prompt))
-
-    def _summarize(self, prompts: list[list[int]], decisions: list[RoutingDecision], traces: list[Trace],
-                   store: _RecordingStore, cfg: PipelineConfig, clock: _Clock) -> list[list[int]]:
-        assert self.summarizer is not None and self.fmt is not None
-        tok, fmt = self.tokenizer, self.fmt
-        with clock("drafts"):
-            drafts = self.draft(prompts, decisions, cfg=cfg, store=store)
-        with clock("crosstalk"):
-            for i, d in enumerate(decisions):
-                if d.crosstalk is not None:
-                    drafts[i], traces[i].crosstalk = self._crosstalk(prompts[i], d, drafts[i], store)
-        with clock("intent"):
-            intents = self.detect_intent(prompts)
-        reports: list[DisagreementReport | None] = [None] * len(prompts)
-        with clock("disagreement"):
-            for i, p in enumerate(prompts):
-                if drafts[i]:
-                    reports[i] = self.assess(p, drafts[i], cfg.disagreement)
-        answers: list[list[int]] = [[] for _ in prompts]
-        rows, fused, use = [], [], []
-        for i, tr in enumerate(traces):
-            tr.drafts = [DraftRecord(x.expert, x.confidence, tok.decode(list(x.ids), skip_special=True), len(x.ids))
-                         for x in drafts[i]]
-            if intents[i] is not None:
-                tr.intent = intents[i].to_dict()
-            rep = reports[i]
-            if rep is not None:
-                tr.disagreement = rep.to_dict()
-                if rep.clarify and rep.conflict is not None:
-                    tr.clarify = True
-                    tr.clarification = clarification(
-                        rep, {x.expert: tr_d.text for x, tr_d in zip(drafts[i], tr.drafts)},
-                        {x.expert: x.confidence for x in drafts[i]}, topics=self.topics,
-                        n_keywords=cfg.disagreement.n_keywords)
-                    continue
-            seq = fmt.build(prompts[i], drafts[i], max_len=cfg.max_len)
-            tr.fusion.update({"experts": seq.experts, "input_tokens": len(seq.ids),
-                              "truncated": {k: list(v) for k, v in seq.truncated.items()}, "dropped": seq.dropped})
-            flag = self.uses_adapter(intents[i], cfg)
-            tr.adapter = cfg.adapter if flag else None
-            rows.append(i)
-            fused.append(seq.ids)
-            use.append(flag)
-        if rows:
-            with clock("summarize"):
-                model = AdapterRowsLM(self.summarizer, cfg.adapter if any(use) else None)
-                for i, o in zip(rows, generate(model, fused, cfg.generation(tok.eos_id), side=use)):
-                    answers[i] = o
-        return answers
 
     def uses_adapter(self, intent: IntentResult | None, cfg: PipelineConfig | None = None) -> bool:
         """True when ``intent`` switches the summarizer's adapter on (and that adapter is loaded)."""
-        cfg = cfg or self.config
-        return intent is not None and intent.label == cfg.adapter_intent and cfg.adapter in self.adapters
-
-    def _crosstalk(self, prompt: list[int], d: RoutingDecision, drafts: list[Draft],
-                   store: _RecordingStore) -> tuple[list[Draft], dict[str, Any]]:
-        a, b = d.crosstalk  # type: ignore[misc]
-        pair = [self.expert_of[d.categories[a]], self.expert_of[d.categories[b]]]
-        info: dict[str, Any] = {"pair": pair, "categories": [d.categories[a], d.categories[b]], "ran": False, "turns": []}
-        if self.crosstalk is None:
-            info["reason"] = "no cross-talk runner configured"
-            return drafts, info
-        conf = {x.expert: x.confidence for x in drafts}
-        speakers = [(n, conf.get(n, float(d.confidences[c])), store.get(n)) for n, c in zip(pair, (a, b))]
-        pair_drafts = [x for x in drafts if x.expert in pair]
-        new, turns = self.crosstalk(list(prompt), speakers, pair_drafts)
-        info.update(ran=True, turns=list(turns))
-        return order_drafts([x for x in drafts if x.expert not in pair] + list(new)), info
+        return uses_adapter(intent, cfg or self.config, self.adapters)

@@ -24,7 +24,6 @@ Glossary: ``B`` rows in the current forward, ``T`` tokens, ``V`` vocabulary, ``E
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -34,29 +33,9 @@ from taskmoe.errors import ConfigError
 from taskmoe.experts.ensemble import mixture_logprobs
 from taskmoe.layers.lora import adapter_names, use_adapter
 from taskmoe.models.model import LMOutput
-from taskmoe.layers.state import cat_states, clone_state, select_state
+from taskmoe.layers.state import TaggedState
 
 __all__ = ["TaggedState", "RowTaggedLM", "AdapterRowsLM", "EnsembleLM"]
-
-
-@dataclass
-class TaggedState:
-    """The wrapped model(s)' state plus one tag per row (``tags`` (B, ...); None before prefill)."""
-
-    inner: Any
-    tags: Tensor | None
-
-    def select(self, rows: Tensor) -> "TaggedState":
-        return TaggedState(select_state(self.inner, rows), None if self.tags is None else self.tags[rows])
-
-    @classmethod
-    def cat(cls, states: Sequence["TaggedState"]) -> "TaggedState":
-        if any(s.tags is None for s in states):
-            raise ConfigError("TaggedState.cat: a state has not been prefilled (no tags)")
-        return TaggedState(cat_states([s.inner for s in states]), torch.cat([s.tags for s in states]))
-
-    def clone(self) -> "TaggedState":
-        return TaggedState(clone_state(self.inner), None if self.tags is None else self.tags.clone())
 
 
 class RowTaggedLM(nn.Module):

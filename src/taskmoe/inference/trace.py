@@ -11,13 +11,16 @@ Fields, in pipeline order:
 - ``experts``: each expert the prompt used, its category and confidence, and whether this call
   ``loaded`` it from disk or found it ``cached`` in the expert store (with the load seconds);
 - ``drafts``: each expert's draft (text, tokens, confidence), most confident first;
-- ``crosstalk``: None when the router did not flag a pair; else the pair, whether a runner ran,
-  and its turns;
+- ``crosstalk``: None when the router did not flag a pair; else the pair, its categories, those
+  that joined the selection for it, whether the dialogue ran (else ``reason``), whether the
+  speakers had trained adapters, and its turns;
 - ``disagreement``: the :class:`~taskmoe.summarizer.disagreement.DisagreementReport` as a dict
   and ``clarify`` (True: the answer is ``clarification``, a question naming the conflicting
   experts; the drafts were ignored and the summarizer did not run);
 - ``intent`` (label and probabilities) and ``adapter`` (the LoRA adapter the summarizer ran
   with, or None);
+- ``stopped``: None, or ``{"reason": "cancelled" | "deadline", "stage": ...}`` when the row's
+  :class:`~taskmoe.inference.stages.Control` stopped its work (the answer holds what was produced);
 - ``timings``: seconds per stage. In a batch the stages run once for all prompts, so a row's
   timings are the batch's (``batch_size`` says how many prompts shared them).
 """
@@ -63,6 +66,7 @@ class Trace:
     intent: dict[str, Any] | None = None
     adapter: str | None = None
     answer_tokens: int = 0
+    stopped: dict[str, str] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
 
@@ -122,6 +126,8 @@ class Trace:
             probs = ", ".join(f"{k} {v:.2f}" for k, v in self.intent["probs"].items())
             parts.append(f"intent {self.intent['label']} ({probs})"
                          + ("" if self.clarify else f" -> adapter {self.adapter or 'none'}"))
+        if self.stopped is not None:
+            parts.append(f"stopped: {self.stopped['reason']} during {self.stopped['stage']}")
         parts.append("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
                      + (f" (batch of {self.batch_size})" if self.batch_size > 1 else ""))
         return Group(*parts)

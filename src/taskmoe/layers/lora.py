@@ -119,6 +119,7 @@ class LoRALinear(nn.Module):
         self.active: str | None = None
         self.enabled: bool = True
         self.row_mask: torch.Tensor | None = None  # (B,) bool, set by use_adapter(rows=...)
+        self.rows = None  # a taskmoe.layers.multi_lora.RowAdapters: one adapter per row (overrides active)
         self.merged: str | None = None
         self.weight_shared: bool = False  # set by inject when the weight is tied elsewhere
         self._original: torch.Tensor | None = None
@@ -186,6 +187,8 @@ class LoRALinear(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base[0](x)  # the wrapped layer's own forward (keeps e.g. taskmoe Linear's decode path)
+        if self.rows is not None:  # per-row adapters (taskmoe.layers.multi_lora): the base once + segments
+            return y + self.rows.delta(self, x)
         if self.merged is not None:
             if self.row_mask is not None:
                 raise ConfigError("a row mask cannot be used while the adapter is merged; unmerge first")

@@ -15,6 +15,8 @@ Every state supports three batch operations that generation and the inference en
 tuples of them); :class:`taskmoe.layers.attention.KVCache` overrides ``cat`` because rows can hold
 different lengths. :func:`select_state` / :func:`cat_states` / :func:`clone_state` apply the same
 operations to ``None``, tuples and lists, so blocks can nest states freely.
+:class:`TaggedState` wraps a model's state with one tag per row (per-row side data such as an
+adapter id) that moves with its row through every select/cat.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 from torch import Tensor
+
+from taskmoe.errors import ConfigError
 
 S = TypeVar("S", bound="TensorState")
 
@@ -105,3 +109,23 @@ class LMState:
 
     def clone(self) -> "LMState":
         return LMState([clone_state(s) for s in self.layers])
+
+
+@dataclass
+class TaggedState:
+    """The wrapped model(s)' state plus one tag per row (``tags`` (B, ...); None before prefill)."""
+
+    inner: Any
+    tags: Tensor | None
+
+    def select(self, rows: Tensor) -> "TaggedState":
+        return TaggedState(select_state(self.inner, rows), None if self.tags is None else self.tags[rows])
+
+    @classmethod
+    def cat(cls, states: Sequence["TaggedState"]) -> "TaggedState":
+        if any(s.tags is None for s in states):
+            raise ConfigError("TaggedState.cat: a state has not been prefilled (no tags)")
+        return TaggedState(cat_states([s.inner for s in states]), torch.cat([s.tags for s in states]))
+
+    def clone(self) -> "TaggedState":
+        return TaggedState(clone_state(self.inner), None if self.tags is None else self.tags.clone())

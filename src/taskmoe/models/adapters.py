@@ -38,11 +38,12 @@ from torch import nn
 
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
-from taskmoe.layers.lora import AdapterSpec, LoRALinear, inject, lora_layers, mark_only_adapter_trainable
+from taskmoe.layers.lora import AdapterSpec, LoRALinear, inject, lora_layers, mark_only_adapter_trainable, set_adapter
+from taskmoe.layers.multi_lora import row_adapters, set_row_adapters
 from taskmoe.models.backbones.convert import hf_to_ours, ours_to_hf
 
 __all__ = ["DEFAULT_TARGETS", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "inject_adapter", "save_adapter", "load_adapter",
-           "is_peft_adapter_dir", "mark_only_adapter_trainable"]
+           "set_active", "is_peft_adapter_dir", "mark_only_adapter_trainable"]
 
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -68,6 +69,19 @@ def inject_adapter(model: nn.Module, name: str, r: int = 16, alpha: float = 32.0
     :func:`mark_only_adapter_trainable` to freeze everything else too).
     """
     return inject(model, [re.escape(t) for t in targets], rank=r, alpha=alpha, adapter_name=name, dropout=dropout)
+
+
+def set_active(model: nn.Module, adapters: str | None | Sequence[str | None]) -> None:
+    """Switch adapters for the next forwards: one name for every row, None for the base model, or a
+    sequence with one name (or None) per batch row (one forward, each row its own adapter; see
+    :mod:`taskmoe.layers.multi_lora`). For decoding with per-row adapters use
+    :class:`~taskmoe.models.mixed_adapters.MixedAdapterLM`, which keeps each row's choice in the state."""
+    if adapters is None or isinstance(adapters, str):
+        set_row_adapters(model, None)
+        set_adapter(model, adapters)
+    else:
+        set_adapter(model, None)
+        set_row_adapters(model, row_adapters(model, list(adapters), next(model.parameters()).device))
 
 
 def _layers_of(model: nn.Module, name: str) -> dict[str, LoRALinear]:

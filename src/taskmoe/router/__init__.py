@@ -7,7 +7,7 @@ threshold, multi-expert selection, fallback, cross-talk trigger). Entry points:
 - :class:`Router` (``router.py``): ``route(ids) -> RoutingDecision``, ``add_category``, save/load
 - :func:`fit_router`, :class:`RouterConfig` (``fit.py``)
 - :class:`RoutingDecision`, :func:`decide`, :func:`threshold` (``policy.py``)
-- encoders (``encoders.py``), clustering (``clustering.py``), classifier (``classifier.py``),
+- encoders (``encoders/``: one file per encoder), clustering (``clustering.py``), classifier (``classifier.py``),
   complexity (``complexity.py``)
 """
 

@@ -46,4 +46,5 @@ def without(decision: RoutingDecision, unavailable: Collection[int]) -> RoutingD
     pair = decision.crosstalk
     if pair is not None and (pair[0] in unavailable or pair[1] in unavailable):
         pair = None
-    return replace(decision, selected=[s for s, _ in kept], weights=weights, crosstalk=pair)
+    return replace(decision, selected=[s for s, _ in kept], weights=weights, crosstalk=pair,
+                   joined=[j for j in decision.joined if j not in unavailable])

@@ -24,7 +24,6 @@ there).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -33,7 +32,7 @@ import numpy as np
 
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import DataError
-from taskmoe.router.backbone_encoder import BackboneEncoderConfig
+from taskmoe.router.encoders.backbone import BackboneEncoderConfig
 from taskmoe.router.classifier import ClassifierConfig, fit_head
 from taskmoe.router.clustering import ClusteringConfig, assign_nearest, discover, scores_table
 from taskmoe.router.complexity import ComplexityConfig, ComplexityScorer, token_table
@@ -51,23 +50,19 @@ from taskmoe.router.vocab import VocabStats
 ENCODER_KINDS = ("learned", "tfidf", "pretrained", "backbone")
 
 
-def _sub(cls: type, help: str) -> Any:
-    return dataclasses.field(default_factory=cls, metadata={"help": help})
-
-
 @dataclass
 class RouterConfig(Config):
     """Everything :func:`fit_router` needs; one sub-config per part."""
 
     encoder: str = doc("learned", "encoder kind: 'learned' (default, shared embedding table), 'tfidf' (c-BTM baseline), 'pretrained' or 'backbone' (the backbone's hidden states)")
-    learned: LearnedEncoderConfig = _sub(LearnedEncoderConfig, "the learned encoder")
-    tfidf: TfidfEncoderConfig = _sub(TfidfEncoderConfig, "the tf-idf encoder")
-    pretrained: PretrainedEncoderConfig = _sub(PretrainedEncoderConfig, "the pretrained encoder")
-    backbone: BackboneEncoderConfig = _sub(BackboneEncoderConfig, "the backbone encoder (hidden states of the backbone)")
-    clustering: ClusteringConfig = _sub(ClusteringConfig, "category discovery")
-    classifier: ClassifierConfig = _sub(ClassifierConfig, "the classifier head")
-    complexity: ComplexityConfig = _sub(ComplexityConfig, "the complexity scorer")
-    policy: PolicyConfig = _sub(PolicyConfig, "the routing policy")
+    learned: LearnedEncoderConfig = doc(LearnedEncoderConfig(), "the learned encoder")
+    tfidf: TfidfEncoderConfig = doc(TfidfEncoderConfig(), "the tf-idf encoder")
+    pretrained: PretrainedEncoderConfig = doc(PretrainedEncoderConfig(), "the pretrained encoder")
+    backbone: BackboneEncoderConfig = doc(BackboneEncoderConfig(), "the backbone encoder (hidden states of the backbone)")
+    clustering: ClusteringConfig = doc(ClusteringConfig(), "category discovery")
+    classifier: ClassifierConfig = doc(ClassifierConfig(), "the classifier head")
+    complexity: ComplexityConfig = doc(ComplexityConfig(), "the complexity scorer")
+    policy: PolicyConfig = doc(PolicyConfig(), "the routing policy")
     crops: int = doc(1, "random crops per document added to classifier/complexity training, so short prompts are in-distribution")
     crop_min: int = doc(8, "shortest crop (tokens); crop lengths are log-uniform in [crop_min, document length]")
     seed: int = doc(0, "seed of the crops")

@@ -1,149 +1,68 @@
-"""Expert-grouped batching: a bounded queue of rows, one worker, generation in a thread.
+"""Continuous, expert-grouped batching with admission by work and cancellation within one step.
 
-Each prompt is routed once on arrival (``Backend.route``); its choices become *rows* that wait in
-the queue grouped by ``Route.key``. One worker coroutine repeatedly picks a group and hands up
-to ``max_batch`` of its rows to ``Backend.generate_batch`` in a dedicated thread, so every expert
-a batch needs runs once per decoding step for all of them while the event loop keeps serving
-HTTP (health checks, new arrivals, streaming out tokens).
+Each prompt is routed once on arrival (``Backend.route``); its choices become *rows*
+(:class:`~taskmoe.serving.tickets.Ticket`) that wait grouped by ``Route.key``. One worker coroutine
+plans, hands the plan to a dedicated generation thread (the event loop keeps serving HTTP), and
+settles the results. Two ways to run, picked from the backend:
 
-Picking a group (design choices):
+- **Stepwise** (the backend has ``open_batch``: LM and DOE backends). Every routing key has at
+  most one running :class:`~taskmoe.serving.backend.StepBatch`; each plan (1) drops the rows that
+  died (client gone, deadline passed), (2) lets waiting rows **join** a running batch of their key
+  between steps, up to ``max_batch`` rows (a key with no running batch starts once its oldest row
+  waited ``max_wait_ms`` or the group is full), and (3) runs **one decode step of every running
+  batch**, round robin. So many requests are in flight, a long request never blocks a short one
+  of another key, and a dead row costs at most the forward that was already running.
+  ``batching="fifo"`` (the benchmark's baseline) caps running rows at ``max_batch`` over all keys
+  and lets rows start strictly in arrival order, i.e. batching without grouping by expert.
+- **Whole batch** (only ``generate_batch``: the IMoE system): the group with a full batch, or
+  holding the oldest row once it waited ``max_wait_ms``, runs to the end in one call; rows check
+  ``alive()`` and ``emit`` halts them.
 
-- a group that already holds ``max_batch`` rows runs at once (the one whose oldest row is oldest);
-- otherwise the group holding the oldest row runs when that row has waited ``max_wait_ms`` --
-  rows that arrive meanwhile with the same key join it. While a batch is generating new rows pile
-  up, so under load batches fill themselves and ``max_wait_ms`` only matters when idle;
-- the queue is bounded in rows (``queue_size``): :meth:`Scheduler.submit` raises
-  :class:`QueueFull` rather than queueing without bound, and admits all rows of a request or none.
-
-Cancellation: :meth:`Ticket.cancel` (client disconnect, timeout) removes a waiting row from the
-queue, or makes the row's ``emit`` callback answer False so the backend halts it at the next
-token. Each row also carries a deadline checked in ``emit``.
-
-Text: every row owns a :class:`~taskmoe.serving.textstream.TextStream` fed inside ``emit`` (in
-the generation thread), so a stop sequence halts the row on the token that completes it, and
-streamed text deltas cross to the event loop with ``call_soon_threadsafe``.
+Admission (:meth:`Scheduler.submit`, all rows of a request or none): a component the route needs
+that failed answers :class:`~taskmoe.serving.backend.ComponentUnavailable` (503); more waiting
+rows than ``queue_size`` or more work than :class:`~taskmoe.serving.admission.Admission` allows
+answers :class:`~taskmoe.serving.admission.Refused` (429 with ``Retry-After``). The rate the rule
+uses is measured here: work tokens (prefilled prompts + generated tokens) per second of each plan.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
 
-from taskmoe.errors import RequestError
-from taskmoe.serving.backend import Backend, Route, Row, RowResult, SamplingParams
+from taskmoe.serving.admission import Admission, Refused, request_cost
+from taskmoe.serving.backend import Backend, ComponentUnavailable, Route, RowResult, SamplingParams, StepBatch
 from taskmoe.serving.limits import Limits
 from taskmoe.serving.metrics import ServerMetrics
-from taskmoe.serving.textstream import TextStream
+from taskmoe.serving.tickets import RowOutcome, Ticket
 
 log = logging.getLogger("taskmoe.serving")
 
-
-class QueueFull(RequestError):
-    """The scheduler queue cannot take the rows of this request now (answer 429)."""
-
-    def __init__(self, rows: int, waiting: int, capacity: int) -> None:
-        super().__init__(f"server busy: {waiting} of {capacity} queue rows taken, request needs {rows}; retry later")
+__all__ = ["Scheduler", "Ticket", "RowOutcome", "Refused"]
 
 
 @dataclass
-class RowOutcome:
-    """A finished row as the HTTP layer needs it.
+class _Running:
+    """A running step batch of one key: its rows by handle."""
 
-    ``finish``: ``"stop"`` (end token or stop sequence), ``"length"`` (max_tokens),
-    ``"cancelled"`` (the client went away) or ``"timeout"`` (the deadline passed).
-    """
-
-    text: str
-    token_ids: list[int]
-    finish: str
-    trace: Mapping[str, Any] | None
+    route: Route
+    batch: StepBatch
+    rows: dict[int, Ticket] = field(default_factory=dict)
 
 
-class Ticket:
-    """One row in flight: stream its text with :meth:`deltas`, await :meth:`result`, or :meth:`cancel`."""
-
-    def __init__(self, scheduler: "Scheduler", route: Route, row_ids: list[int], params: SamplingParams,
-                 stop: Sequence[str], deadline: float, stream: bool = True) -> None:
-        self._scheduler = scheduler
-        self._loop = scheduler.loop
-        self.route = route
-        decode = scheduler.backend.tokenizer.decode
-        self.stream = TextStream(lambda ids: decode(ids, skip_special=True), stop)
-        self.row = Row(list(row_ids), params, self._emit)
-        self.deadline = deadline
-        self.enqueued_at = time.monotonic()
-        self.cancelled = threading.Event()
-        self.timed_out = False
-        self.streaming = stream
-        self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
-        self._done: asyncio.Future[RowOutcome] = self._loop.create_future()
-
-    # ---------------------------------------------------------------- called in the thread
-    def _emit(self, token_id: int) -> bool:
-        if self.cancelled.is_set():
-            return False
-        if time.monotonic() > self.deadline:
-            self.timed_out = True
-            return False
-        self._scheduler.metrics.completion_tokens.inc()
-        delta = self.stream.push(token_id)
-        if delta and self.streaming:
-            self._loop.call_soon_threadsafe(self._deltas.put_nowait, delta)
-        return not self.stream.stopped
-
-    # ------------------------------------------------------------- called in the event loop
-    def _resolve(self, result: RowResult | None, error: BaseException | None = None) -> None:
-        if self._done.done():
-            return
-        if error is not None:
-            self._deltas.put_nowait(None)
-            self._done.set_exception(error)
-            self._done.exception()  # mark retrieved: a cancelled reader may never await it
-            return
-        assert result is not None
-        tail = self.stream.finish() if not (self.cancelled.is_set() or self.timed_out) else ""
-        if tail and self.streaming:
-            self._deltas.put_nowait(tail)
-        self._deltas.put_nowait(None)
-        if self.timed_out:
-            finish = "timeout"
-        elif self.cancelled.is_set():
-            finish = "cancelled"
-        elif result.finish == "length":
-            finish = "length"
-        else:  # "eos", or "halted" by a stop sequence
-            finish = "stop"
-        self._done.set_result(RowOutcome(self.stream.text, list(result.token_ids), finish, result.trace))
-
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text pieces as they become safe to show; ends when the row is finished."""
-        while True:
-            piece = await self._deltas.get()
-            if piece is None:
-                return
-            yield piece
-
-    async def result(self) -> RowOutcome:
-        return await asyncio.shield(self._done)
-
-    def cancel(self, *, timeout: bool = False) -> None:
-        """Stop this row (client gone, or ``timeout``): drop it from the queue, or halt it at its next token."""
-        if self._done.done() or self.cancelled.is_set():
-            return
-        self.timed_out = self.timed_out or timeout
-        self.cancelled.set()
-        self._scheduler.metrics.cancelled.inc()
-        if self._scheduler._remove(self):
-            self._resolve(RowResult([], "halted"))
+@dataclass
+class _Plan:
+    drops: list[tuple[Hashable, list[int]]] = field(default_factory=list)
+    joins: list[tuple[Hashable, list[Ticket]]] = field(default_factory=list)
+    whole: tuple[Route, list[Ticket]] | None = None
 
 
 class Scheduler:
-    """Bounded, key-grouped batching of rows in front of a :class:`Backend`.
+    """Batching of rows in front of a :class:`Backend` (see the module docstring).
 
     Use inside a running event loop: ``await start()``, then :meth:`submit`; ``await close()``.
     """
@@ -152,16 +71,23 @@ class Scheduler:
         self.backend = backend
         self.limits = limits or Limits()
         self.metrics = metrics or ServerMetrics()
+        self.admission = Admission(self.limits)
+        self.stepwise = callable(getattr(backend, "open_batch", None))
+        self.failed: dict[str, str] = {}
+        """Components that failed while serving -> why (answered 503, listed by /health)."""
         self._groups: dict[Hashable, list[Ticket]] = {}
+        self._running: dict[Hashable, _Running] = {}
+        self._live: set[Ticket] = set()
         self._waiting = 0
-        self._running = 0
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._inflight: list[Ticket] = []
+        self._whole: list[Ticket] = []
+        self.generated_tokens = 0
+        """Tokens generated so far (counted by the tickets, in the generation thread)."""
         self.loop: asyncio.AbstractEventLoop | None = None
         self.batch_log: list[tuple[Hashable, int]] = []
-        """(route key, rows) of every batch run, oldest first (the last 10,000)."""
+        """(route key, rows) of every group that started together, oldest first (the last 10,000)."""
 
     # ------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -176,16 +102,15 @@ class Scheduler:
         """Cancel everything waiting or running and stop the worker."""
         if self._worker is None:
             return
-        for group in list(self._groups.values()):
-            for t in list(group):
-                t.cancel()
-        for t in list(self._inflight):
+        for t in list(self._live):
             t.cancelled.set()
         self._worker.cancel()
         try:
             await self._worker
         except asyncio.CancelledError:
             pass
+        for t in list(self._live):
+            t.resolve(None, RuntimeError("server shutting down"))
         assert self._executor is not None
         await asyncio.get_running_loop().run_in_executor(None, lambda: self._executor.shutdown(wait=True))
         self._worker = None
@@ -196,33 +121,59 @@ class Scheduler:
 
     @property
     def running_rows(self) -> int:
-        return self._running
+        return sum(len(r.rows) for r in self._running.values()) + len(self._whole)
+
+    @property
+    def backlog(self) -> int:
+        """Work tokens admitted and not yet done (see :mod:`taskmoe.serving.admission`)."""
+        return sum(t.remaining for t in self._live)
+
+    def wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     # ----------------------------------------------------------------------- admission
-    def submit(
-        self,
-        route: Route,
-        prompts: Sequence[tuple[list[int], SamplingParams]],
-        stop: Sequence[str] = (),
-        timeout_s: float | None = None,
-        stream: bool = True,
-    ) -> list[Ticket]:
-        """Queue one row per (prompt_ids, params) under ``route``; all or none (:class:`QueueFull`).
+    def unavailable(self, route: Route) -> ComponentUnavailable | None:
+        """The first failed component ``route`` needs, if any."""
+        needs = getattr(self.backend, "components", None)
+        for c in needs(route) if needs is not None else []:
+            if c in self.failed:
+                return ComponentUnavailable(c, self.failed[c])
+        return None
 
-        ``stream=False``: nobody reads :meth:`Ticket.deltas` (only the result), so text pieces are
-        not handed to the event loop token by token."""
+    def admit(self, routes: Sequence[Route], prompts: Sequence[Sequence[int]], n: int, max_tokens: int) -> None:
+        """Raise (503 / 429) unless a request of these prompts (``n`` rows each) may start now."""
+        for r in routes:
+            failed = self.unavailable(r)
+            if failed is not None:
+                raise failed
+        rows = len(prompts) * n
+        if self._waiting + rows > self.limits.queue_size:
+            self.metrics.rejected.inc()
+            raise Refused(f"server busy: {self._waiting} of {self.limits.queue_size} queue rows taken, request needs "
+                          f"{rows}; retry later", code="queue_full", retry_after=self.limits.retry_after_s)
+        try:
+            self.admission.check(request_cost([len(p) for p in prompts], n, max_tokens), self.backlog)
+        except Refused:
+            self.metrics.rejected.inc()
+            raise
+
+    def submit(self, route: Route, prompts: Sequence[tuple[list[int], SamplingParams]], stop: Sequence[str] = (),
+               timeout_s: float | None = None, *, sink: asyncio.Queue | None = None, first_index: int = 0) -> list[Ticket]:
+        """Queue one row per (prompt_ids, params) under ``route`` (call :meth:`admit` first).
+
+        ``sink``: the request's queue of ``(index, text piece | None)`` for streaming (rows are
+        numbered from ``first_index``); without it only the results are kept."""
         if self._worker is None or self.loop is None:
             raise RuntimeError("Scheduler.submit before Scheduler.start")
-        if self._waiting + len(prompts) > self.limits.queue_size:
-            self.metrics.rejected.inc()
-            raise QueueFull(len(prompts), self._waiting, self.limits.queue_size)
         deadline = time.monotonic() + (self.limits.generation_timeout_s if timeout_s is None else timeout_s)
-        tickets = [Ticket(self, route, ids, params, stop, deadline, stream) for ids, params in prompts]
+        tickets = [Ticket(self, route, ids, p, stop, deadline, sink=sink, index=first_index + i)
+                   for i, (ids, p) in enumerate(prompts)]
         self._groups.setdefault(route.key, []).extend(tickets)
+        self._live.update(tickets)
         self._waiting += len(tickets)
-        self.metrics.queue_rows.set(self._waiting)
-        assert self._wakeup is not None
-        self._wakeup.set()
+        self._gauges()
+        self.wake()
         return tickets
 
     def _remove(self, ticket: Ticket) -> bool:
@@ -233,76 +184,190 @@ class Scheduler:
         if not group:
             del self._groups[ticket.route.key]
         self._waiting -= 1
-        self.metrics.queue_rows.set(self._waiting)
+        self._gauges()
         return True
 
-    # -------------------------------------------------------------------------- worker
-    def _pick(self) -> tuple[Hashable | None, float]:
-        """The key to run now (or None) and, if None, how long until the oldest row's wait ends."""
-        full = [(g[0].enqueued_at, k) for k, g in self._groups.items() if len(g) >= self.limits.max_batch]
-        if full:
-            return min(full, key=lambda x: x[0])[1], 0.0
-        oldest_at, key = min(((g[0].enqueued_at, k) for k, g in self._groups.items()), key=lambda x: x[0])
-        remaining = oldest_at + self.limits.max_wait_ms / 1000.0 - time.monotonic()
-        return (key, 0.0) if remaining <= 0 else (None, remaining)
+    def _finished(self, ticket: Ticket) -> None:
+        self._live.discard(ticket)
 
-    async def _next_batch(self) -> tuple[Route, list[Ticket]]:
+    def _gauges(self) -> None:
+        self.metrics.queue_rows.set(self._waiting)
+        self.metrics.running_rows.set(self.running_rows)
+        self.metrics.backlog_tokens.set(self.backlog)
+
+    # -------------------------------------------------------------------------- planning
+    def _take(self, key: Hashable, k: int) -> list[Ticket]:
+        group = self._groups[key]
+        taken, self._groups[key] = group[:k], group[k:]
+        if not self._groups[key]:
+            del self._groups[key]
+        self._waiting -= len(taken)
+        now = time.monotonic()
+        for t in taken:
+            self.metrics.queue_wait.observe(now - t.enqueued_at)
+            t.prefilled = True
+        self.batch_log.append((key, len(taken)))
+        del self.batch_log[:-10_000]
+        self.metrics.batches.inc()
+        self.metrics.batch_rows.observe(len(taken))
+        return taken
+
+    def _ripe(self, key: Hashable, now: float, room: int) -> bool:
+        """May ``key``'s waiting rows start now? (Joining a running batch: always.)"""
+        group = self._groups[key]
+        if key in self._running or len(group) >= room:
+            return True
+        return now - group[0].enqueued_at >= self.limits.max_wait_ms / 1000.0
+
+    def _sweep(self) -> None:
+        """Resolve waiting rows that died before they started (deadline passed while queued)."""
+        for key in list(self._groups):
+            for t in [t for t in self._groups.get(key, []) if not t.alive()]:
+                self._remove(t)
+                t.resolve(RowResult([], "halted"))
+
+    def _plan_steps(self) -> _Plan:
+        self._sweep()
+        plan = _Plan()
+        for key, run in self._running.items():
+            dead = [h for h, t in run.rows.items() if not t.alive()]
+            if dead:
+                plan.drops.append((key, dead))
+        now, cap = time.monotonic(), self.limits.max_batch
+        fifo = self.limits.batching == "fifo"
+        free = cap - self.running_rows
+        order = sorted(self._groups, key=lambda k: self._groups[k][0].enqueued_at)
+        for key in order:
+            if fifo and free <= 0:
+                break
+            room = free if fifo else cap - len(self._running[key].rows) if key in self._running else cap
+            if room <= 0 or not self._ripe(key, now, room):
+                if fifo:
+                    break  # strict arrival order: nobody overtakes the oldest waiting row
+                continue
+            taken = self._take(key, room)
+            free -= len(taken)
+            plan.joins.append((key, taken))
+        return plan
+
+    def _plan_whole(self) -> _Plan:
+        self._sweep()
+        now, cap = time.monotonic(), self.limits.max_batch
+        order = sorted(self._groups, key=lambda k: self._groups[k][0].enqueued_at)
+        full = [k for k in order if len(self._groups[k]) >= cap]
+        key = full[0] if full else order[0] if order and self._ripe(order[0], now, cap) else None
+        if key is None:
+            return _Plan()
+        taken = self._take(key, cap)
+        return _Plan(whole=(taken[0].route, taken))
+
+    def _idle_wait(self) -> float | None:
+        """Seconds until the oldest waiting row's ``max_wait_ms`` ends (None: nothing waits)."""
+        if not self._groups:
+            return None
+        oldest = min(g[0].enqueued_at for g in self._groups.values())
+        return max(0.0, oldest + self.limits.max_wait_ms / 1000.0 - time.monotonic())
+
+    # ---------------------------------------------------------------------------- worker
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         assert self._wakeup is not None
         while True:
             self._wakeup.clear()
-            if not self._groups:
-                await self._wakeup.wait()
-                continue
-            key, remaining = self._pick()
-            if key is None:
+            plan = self._plan_steps() if self.stepwise else self._plan_whole()
+            if not (plan.drops or plan.joins or plan.whole or self._running):
+                wait = self._idle_wait()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
                 continue
-            group = self._groups[key]
-            batch, rest = group[: self.limits.max_batch], group[self.limits.max_batch :]
-            if rest:
-                self._groups[key] = rest
+            for key, tickets in plan.joins:
+                if key not in self._running:
+                    self._running[key] = _Running(tickets[0].route, self.backend.open_batch(tickets[0].route))
+            self._whole = plan.whole[1] if plan.whole else []
+            self._gauges()
+            t0, work0 = time.monotonic(), self._work_done()
+            if plan.whole:
+                await self._run_whole(loop, *plan.whole)
             else:
-                del self._groups[key]
-            self._waiting -= len(batch)
-            self.metrics.queue_rows.set(self._waiting)
-            return batch[0].route, batch
+                await self._run_steps(loop, plan)
+            self.admission.observe(self._work_done() - work0 + self._joined_prompt_tokens(plan), time.monotonic() - t0)
+            self.metrics.decode_rate.set(self.admission.rate or 0.0)
+            self._whole = []
+            self._gauges()
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            route, batch = await self._next_batch()
-            now = time.monotonic()
-            for t in batch:
-                self.metrics.queue_wait.observe(now - t.enqueued_at)
-            self._inflight = batch
-            self._running = len(batch)
-            self.metrics.running_rows.set(self._running)
-            self.metrics.batches.inc()
-            self.metrics.batch_rows.observe(len(batch))
-            self.batch_log.append((route.key, len(batch)))
-            del self.batch_log[:-10_000]
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self.backend.generate_batch, route, [t.row for t in batch]
-                )
-                if len(results) != len(batch):
-                    raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} rows")
-            except asyncio.CancelledError:
-                for t in batch:
-                    t.cancelled.set()
-                    t._resolve(None, RuntimeError("server shutting down"))
-                raise
-            except Exception as e:  # a backend failure fails its batch, not the server
-                log.exception("generate_batch failed for route %r", route.key)
-                for t in batch:
-                    t._resolve(None, e)
-            else:
-                for t, r in zip(batch, results):
-                    t._resolve(r)
-            finally:
-                self._inflight = []
-                self._running = 0
-                self.metrics.running_rows.set(0)
+    def _work_done(self) -> int:
+        return self.generated_tokens
+
+    @staticmethod
+    def _joined_prompt_tokens(plan: _Plan) -> int:
+        tickets = [t for _, ts in plan.joins for t in ts] + (plan.whole[1] if plan.whole else [])
+        return sum(len(t.row.prompt_ids) for t in tickets)
+
+    async def _run_steps(self, loop: asyncio.AbstractEventLoop, plan: _Plan) -> None:
+        running = list(self._running.items())
+        joins = [(self._running[k], ts) for k, ts in plan.joins]
+        drops = [(self._running[k], hs) for k, hs in plan.drops]
+        ended, errors = await loop.run_in_executor(self._executor, _one_step, running, joins, drops)
+        self.metrics.steps.inc()
+        for run, results in ended:
+            for h, r in results:
+                t = run.rows.pop(h, None)
+                if t is not None:
+                    t.resolve(r)
+        for key, run in running:
+            if id(run) in errors:
+                self._fail(run.route, list(run.rows.values()), errors[id(run)])
+                run.rows.clear()
+            if not run.rows and self._running.get(key) is run:
+                del self._running[key]
+
+    async def _run_whole(self, loop: asyncio.AbstractEventLoop, route: Route, batch: list[Ticket]) -> None:
+        try:
+            results = await loop.run_in_executor(self._executor, self.backend.generate_batch, route,
+                                                 [t.row for t in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} rows")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a backend failure fails its batch, not the server
+            self._fail(route, batch, e)
+        else:
+            for t, r in zip(batch, results):
+                t.resolve(r)
+
+    def _fail(self, route: Route, tickets: list[Ticket], error: BaseException) -> None:
+        if isinstance(error, ComponentUnavailable):
+            self.failed[error.component] = error.reason
+            log.error("%s (route %r): answering 503 for requests that need it", error, route.key)
+        else:
+            log.error("generation failed for route %r: %s: %s", route.key, type(error).__name__, error)
+        for t in tickets:
+            t.resolve(None, error)
+
+
+def _one_step(running: list[tuple[Hashable, _Running]], joins: list[tuple[_Running, list[Ticket]]],
+              drops: list[tuple[_Running, list[int]]]):
+    """In the generation thread: drop dead rows, join new ones, then one step of every batch.
+
+    Returns ``([(run, [(handle, RowResult)])], {id(run): error})``; a failing batch fails alone."""
+    ended: list[tuple[_Running, list[tuple[int, RowResult]]]] = []
+    errors: dict[int, BaseException] = {}
+    for run, handles in drops:
+        ended.append((run, run.batch.drop(handles)))
+    for run, tickets in joins:
+        try:
+            for h, t in zip(run.batch.add([t.row for t in tickets]), tickets):
+                run.rows[h] = t
+        except Exception as e:  # noqa: BLE001 - reported per batch
+            errors[id(run)] = e
+            run.rows.update({-1 - i: t for i, t in enumerate(tickets)})
+    for _key, run in running:
+        if id(run) in errors or not len(run.batch):
+            continue
+        try:
+            ended.append((run, run.batch.step()))
+        except Exception as e:  # noqa: BLE001
+            errors[id(run)] = e
+    return ended, errors

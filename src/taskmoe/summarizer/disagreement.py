@@ -49,6 +49,7 @@ __all__ = [
     "intent_consistency",
     "disagreement_score",
     "assess",
+    "assess_embedded",
     "keywords",
     "clarification",
     "precision_recall",
@@ -176,31 +177,53 @@ def assess(
 
     ``encode(seqs) -> (n, D)`` embeds drafts (the router's encoder). ``intent_probs(seqs) ->
     (n, K)`` (optional) gives intent distributions, with ``intent_labels`` naming the K columns;
-    with ``prompt_ids`` the prompt's intent is compared too.
+    with ``prompt_ids`` the prompt's intent is compared too. Computes the inputs and calls
+    :func:`assess_embedded` (which a batched caller uses directly, with inputs computed once).
     """
-    cfg = cfg or DisagreementConfig()
     n = len(experts)
     if not (n == len(confidences) == len(draft_ids)):
         raise DataError(f"assess: {n} experts, {len(confidences)} confidences, {len(draft_ids)} drafts")
     if n == 0:
         raise DataError("assess: no drafts to compare")
     emb = _np(encode([list(d) for d in draft_ids]))
+    p = q = None
+    if intent_probs is not None:
+        seqs = [list(d) for d in draft_ids] + ([list(prompt_ids)] if prompt_ids is not None else [])
+        probs = _np(intent_probs(seqs)).astype(np.float64)
+        p, q = probs[:n], (probs[n] if prompt_ids is not None else None)
+    return assess_embedded(experts, confidences, emb, cfg, draft_probs=p, prompt_probs=q, intent_labels=intent_labels)
+
+
+def assess_embedded(
+    experts: Sequence[str],
+    confidences: Sequence[float],
+    embeddings: "np.ndarray | torch.Tensor",
+    cfg: DisagreementConfig | None = None,
+    *,
+    draft_probs: "np.ndarray | torch.Tensor | None" = None,
+    prompt_probs: "np.ndarray | torch.Tensor | None" = None,
+    intent_labels: Sequence[str] | None = None,
+) -> DisagreementReport:
+    """:func:`assess` on precomputed inputs: draft embeddings ``(n, D)``, draft intent
+    probabilities ``(n, K)`` and the prompt's ``(K,)`` (each optional), labels naming the K columns."""
+    cfg = cfg or DisagreementConfig()
+    n = len(experts)
+    emb = _np(embeddings)
+    if n == 0:
+        raise DataError("assess: no drafts to compare")
     if emb.shape[0] != n:
         raise DataError(f"encoder returned {emb.shape[0]} rows for {n} drafts")
     cos = cosine_matrix(emb)
     ok = np.flatnonzero(np.linalg.norm(emb, axis=1) > 0)  # empty/unreadable drafts say nothing either way
     s_sem = semantic_agreement(cos[np.ix_(ok, ok)], [confidences[i] for i in ok])
-    p = q = None
+    p = None if draft_probs is None else _np(draft_probs).astype(np.float64)
+    q = None if prompt_probs is None or p is None else _np(prompt_probs).astype(np.float64).reshape(-1)
     intents: list[str] = []
     prompt_intent = None
-    if intent_probs is not None:
-        seqs = [list(d) for d in draft_ids] + ([list(prompt_ids)] if prompt_ids is not None else [])
-        probs = _np(intent_probs(seqs)).astype(np.float64)
-        p = probs[:n]
-        q = probs[n] if prompt_ids is not None else None
-        labels = list(intent_labels) if intent_labels is not None else [str(k) for k in range(probs.shape[1])]
-        if len(labels) != probs.shape[1]:
-            raise ConfigError(f"intent_labels has {len(labels)} names for {probs.shape[1]} intent columns")
+    if p is not None:
+        labels = list(intent_labels) if intent_labels is not None else [str(k) for k in range(p.shape[1])]
+        if len(labels) != p.shape[1]:
+            raise ConfigError(f"intent_labels has {len(labels)} names for {p.shape[1]} intent columns")
         intents = [labels[int(i)] for i in p.argmax(1)]
         prompt_intent = labels[int(q.argmax())] if q is not None else None
     s_int = intent_consistency(p, confidences, q)

@@ -1,5 +1,6 @@
-"""Training losses as pure functions (no modules, no state): LM cross-entropy, sequence
-log-probabilities, DPO and the switch-style load-balancing loss.
+"""Training losses as pure functions (no modules, no state): LM cross-entropy (also the SFT loss on
+assistant-masked labels), sequence log-probabilities, DPO and its reward metrics, and the
+switch-style load-balancing loss.
 
 Conventions (shared by every recipe):
 
@@ -109,6 +110,28 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen_logp - ref_chosen_logp).detach()
     rejected_rewards = beta * (policy_rejected_logp - ref_rejected_logp).detach()
     return DPOOutput(losses.mean(), chosen_rewards, rejected_rewards)
+
+
+def completion_logprob(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``log pi(y | x)`` per row: :func:`sequence_logprob` over the positions whose label is not ignored.
+
+    With the shifted, masked labels of :mod:`taskmoe.data.sft` (``-100`` except on the
+    completion) this is the sum of the completion tokens' log-probabilities, ``(B,)``; it is the
+    quantity TRL's DPO trainer sums (``per_token_logps`` under its ``completion_mask``).
+    """
+    return sequence_logprob(logits, labels, labels != ignore_index)
+
+
+def dpo_metrics(out: DPOOutput) -> dict[str, torch.Tensor]:
+    """Batch means of the implicit rewards ``r_w``, ``r_l``, the margin ``r_w - r_l`` and the
+    accuracy ``[r_w > r_l]`` (the share of pairs the policy ranks right relative to the reference)."""
+    margin = out.chosen_rewards - out.rejected_rewards
+    return {
+        "rewards_chosen": out.chosen_rewards.mean(),
+        "rewards_rejected": out.rejected_rewards.mean(),
+        "reward_margin": margin.mean(),
+        "reward_accuracy": (margin > 0).float().mean(),
+    }
 
 
 def load_balance_loss(router_probs: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,13 @@ Mapping the OpenAI API onto a single-prompt system:
   their group, each row then cut to its own (greedy decoding makes that exact);
 - the system decodes inside one call, so tokens are handed to the server (``emit``) when the call
   returns: streaming works but arrives at once; a stop sequence cuts the answer afterwards;
-- a clarification (the drafts disagreed) is the answer text, returned like generated text.
+- a clarification (the drafts disagreed) is the answer text, returned like generated text;
+- a group whose rows all died (client gone, deadline passed) before it starts is skipped.
+
+Health: experts load lazily, so :meth:`SystemBackend.check_components` reads every expert once
+at start (header, names and shapes against the model they rebuild, every tensor's bytes) and
+evicts what it loaded; the summarizer and its adapters were loaded by ``taskmoe.load`` already.
+An expert that fails later raises :class:`~taskmoe.serving.backend.ComponentUnavailable` naming it.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from taskmoe.errors import RequestError
-from taskmoe.serving.backend import Route, Row, RowResult
+from taskmoe.errors import CheckpointError, RequestError
+from taskmoe.serving.backend import ComponentUnavailable, Route, Row, RowResult
 from taskmoe.serving.backends.decode import MIN_TEMPERATURE, row_seed
 
 
@@ -65,7 +71,45 @@ class SystemBackend:
         experts = tuple(self.system.expert_of[c] for c in d.selected_names)
         return Route(key=experts, trace={**d.to_dict(), "experts": list(experts)})
 
+    def components(self, route: Route) -> list[str]:
+        return [f"expert {e}" for e in route.key]
+
+    def check_components(self) -> list[str]:
+        """Load every expert once (then evict it unless it was resident); raise naming a bad one."""
+        store = self.system.store
+        checked = []
+        for name in store.names:
+            resident = store.is_resident(name)
+            try:
+                store.get(name)
+            except Exception as e:  # noqa: BLE001 - any failure to load is a bad component
+                raise CheckpointError(f"expert {name!r}: {e}") from e
+            if not resident:
+                store.evict(name)
+            checked.append(f"expert {name}")
+        return checked
+
+    def _failed_component(self, route: Route) -> ComponentUnavailable | None:
+        """After a failed call: the first of the route's experts that does not load, if any."""
+        for name in route.key:
+            try:
+                self.system.store.get(name)
+            except Exception as e:  # noqa: BLE001
+                return ComponentUnavailable(f"expert {name}", f"{type(e).__name__}: {e}")
+        return None
+
     def generate_batch(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
+        try:
+            return self._generate(route, rows)
+        except RequestError:
+            raise
+        except Exception as e:
+            failed = self._failed_component(route)
+            if failed is not None:
+                raise failed from e
+            raise
+
+    def _generate(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
         groups: dict[tuple, list[int]] = defaultdict(list)
         seeds = [row_seed(r) for r in rows]
         for i, r in enumerate(rows):
@@ -73,6 +117,10 @@ class SystemBackend:
             groups[(0.0, 1.0, 0) if greedy else (r.params.temperature, r.params.top_p, seeds[i])].append(i)
         out: list[RowResult | None] = [None] * len(rows)
         for (temperature, top_p, seed), idx in groups.items():
+            if not any(rows[i].alive() for i in idx):
+                for i in idx:
+                    out[i] = RowResult([], "halted", {"seed": seed})
+                continue
             answers = self.system.generate_ids(
                 [rows[i].prompt_ids for i in idx], max_new_tokens=max(rows[i].params.max_tokens for i in idx),
                 temperature=temperature, top_p=top_p, seed=seed)

@@ -1,10 +1,22 @@
-"""Recipes: one thin module per training job (router, experts, summarizer, cross-talk, DOE, SFT, DPO).
+"""Recipes: one thin module per training job, all of one shape (torchtune's).
 
-A recipe only *sets up* (builds the model from its config, gets its dataset from
-:mod:`taskmoe.data`, writes a ``loss_fn(model, batch) -> (loss, metrics)`` from the pure
-functions in :mod:`taskmoe.training.losses`), *trains* by calling the one loop
-:func:`taskmoe.training.loop.train`, and *cleans up* (exports the trained component with
-:func:`taskmoe.io.save_component`). No recipe carries its own loop, optimizer, scheduler,
-checkpointing or progress bar: those live in the loop, so every job resumes exactly, stops on
-NaN, and logs the same metrics.
+Each recipe module has
+
+- a **config dataclass** (:class:`~taskmoe.config.Config`; every field's ``doc(...)`` help doubles
+  as CLI help): ``RouterConfig`` (router), ``ExpertsRecipeConfig`` (experts),
+  ``SummarizerRecipeConfig`` (summarizer), ``CrosstalkRecipeConfig`` (crosstalk),
+  ``DOERecipeConfig`` (doe, doe_add);
+- ``setup`` (builds the data from :mod:`taskmoe.data` and the model from its config), ``train``
+  (one call of the loop :func:`taskmoe.training.loop.train` with a ``loss_fn`` made of the pure
+  functions in :mod:`taskmoe.training.losses`) and ``cleanup`` (saves the component, its report
+  and registers it in the run's manifest);
+- its CLI command (a typed function in :mod:`taskmoe.cli.table`): ``--config FILE.json`` reads the
+  config, the command's flags apply on top, and ``--set PATH=VALUE`` (repeatable, dotted paths such
+  as ``train.lr=3e-4``) overrides any field last, through the one helper
+  :func:`taskmoe.config.load_config` / :func:`taskmoe.config.apply_overrides`.
+
+No recipe carries its own loop, optimizer, scheduler, checkpointing, progress bar or perplexity
+loop: those live in the loop and in :mod:`taskmoe.eval.nll`, so every job resumes exactly, stops
+on NaN, and logs and evaluates the same way. ``summarizer_run`` assembles the summarizer recipe
+from a run folder (``train summarizer``); ``quickstart`` chains every recipe.
 """

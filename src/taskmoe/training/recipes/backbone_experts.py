@@ -91,7 +91,7 @@ def backbone_ref(run_dir: Path, backbone_dir: Path) -> str:
 
 
 def load_run_router(run_dir: Path, base: nn.Module) -> Any:
-    from taskmoe.router.backbone_encoder import attach_backbone
+    from taskmoe.router.encoders.backbone import attach_backbone
     from taskmoe.router.router import Router
 
     folder = Path(run_dir) / "router"

@@ -3,19 +3,19 @@
 Thin setup / train / cleanup over the shared loop (:func:`taskmoe.training.loop.train`) with
 :class:`~taskmoe.crosstalk.gan.CrosstalkGAN` as the model and its forward as the loss:
 
-- **setup**: load the run (manifest, tokenizer, router, the pair's experts around the shared
+- **setup** (:func:`setup`): load the run (manifest, tokenizer, router, the pair's experts around the shared
   embedding table); cut corpus documents into prompts of ``prompt_tokens`` tokens
   (:func:`cut_prompts`); route every prompt and keep those whose top category is one of the
   pair (:func:`pair_prompts`): the pair member the router trusts more opens, and the policy sees
   both router confidences. The pair defaults to the one the router flags for cross-talk most
   often on these prompts (else its two most frequent top categories).
-- **train**: attach a LoRA adapter to each expert, build the discriminator, measure the
+- **train** (:func:`train`, i.e. :func:`train_pair`): attach a LoRA adapter to each expert, build the discriminator, measure the
   *before* rollouts (held-out prompts, fixed seeds, adapters at their zero init, i.e. the base
   experts), run the loop (metrics every step: discriminator accuracy, reward, baseline, ...;
   held-out evaluation every ``eval_every`` steps), then measure the *after* rollouts on the same
   prompts with the same seeds.
-- **cleanup**: save ``crosstalk/`` (adapters, discriminator, config: :func:`taskmoe.crosstalk.runner.save_crosstalk`),
-  the report (:func:`compare_rollouts`: the final discriminator's accuracy on the before and
+- **cleanup** (:func:`cleanup`): save ``crosstalk/`` (adapters, discriminator, config: :func:`taskmoe.crosstalk.runner.save_crosstalk`),
+  the report (:func:`taskmoe.eval.crosstalk.compare_rollouts`: the final discriminator's accuracy on the before and
   after rollouts, and the perplexity of the texts under each base expert), the curves
   (:func:`plot_curves`), and register the folder in ``taskmoe.json``.
 
@@ -24,7 +24,6 @@ Thin setup / train / cleanup over the shared loop (:func:`taskmoe.training.loop.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,28 +32,31 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc
-from taskmoe.crosstalk.dialogue import DialogueTokens, Transcript, token_scores
-from taskmoe.crosstalk.discriminator import Discriminator, DiscriminatorConfig, expert_features, pad_batch
-from taskmoe.crosstalk.gan import CrosstalkGAN, GANConfig, Rollout, attach_adapter, discriminator_loss, gan_loss
+from taskmoe.config import Config, check, doc, load_config
+from taskmoe.crosstalk.dialogue import DialogueTokens
+from taskmoe.crosstalk.discriminator import Discriminator, DiscriminatorConfig, expert_features
+from taskmoe.crosstalk.gan import CrosstalkGAN, GANConfig, Rollout, attach_adapter, gan_loss
 from taskmoe.crosstalk.runner import save_crosstalk
 from taskmoe.errors import ConfigError, DataError
-from taskmoe.eval.nll import NLL
-from taskmoe.io import atomic_write, atomic_write_json, read_json
+from taskmoe.eval.crosstalk import (
+    collect_rollouts,
+    compare_rollouts,
+    detection,
+    plot_curves,
+    probe_accuracy,
+    rollout_perplexity,
+)
+from taskmoe.io import atomic_write_json, read_json
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.loop import TrainResult, train
+from taskmoe.training.loop import TrainResult, train as train_loop
 from taskmoe.training.metrics import METRICS_FILE
 
 __all__ = ["CrosstalkRecipeConfig", "CrosstalkPrompts", "cut_prompts", "pair_prompts", "collect_rollouts",
-           "compare_rollouts", "rollout_perplexity", "probe_accuracy", "discriminator_setup", "plot_curves",
-           "train_pair", "train_crosstalk"]
+           "compare_rollouts", "detection", "rollout_perplexity", "probe_accuracy", "discriminator_setup", "plot_curves",
+           "train_pair", "CrosstalkSetup", "setup", "train", "cleanup", "train_crosstalk"]
 
 
 FEATURES = ("experts", "own")
-
-
-def _sub(factory: Any, help: str) -> Any:
-    return dataclasses.field(default_factory=factory, metadata={"help": help})
 
 
 @dataclass
@@ -66,14 +68,14 @@ class CrosstalkRecipeConfig(Config):
     eval_prompts: int = doc(64, "held-out prompts for the evaluation and the before/after report")
     draft_tokens: int = doc(48, "dialogue length the pipeline's runner uses (stored in crosstalk/config.json)")
     draft_temperature: float = doc(0.7, "sampling temperature of the pipeline's dialogues (stored in crosstalk/config.json)")
-    gan: GANConfig = _sub(GANConfig, "the adversarial game (rollouts, reward, baseline, LoRA)")
-    discriminator: DiscriminatorConfig = _sub(DiscriminatorConfig, "the discriminator (vocab_size and feature_dim "
-                                                                   "are set from the experts)")
+    gan: GANConfig = doc(GANConfig(), "the adversarial game (rollouts, reward, baseline, LoRA)")
+    discriminator: DiscriminatorConfig = doc(DiscriminatorConfig(), "the discriminator (vocab_size and feature_dim "
+                                                                    "are set from the experts)")
     features: str = doc("experts", "discriminator token features: 'experts' (their frozen embedding table) or 'own' "
                                    "(an embedding learned from scratch)")
-    train: TrainConfig = _sub(lambda: TrainConfig(max_steps=200, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_steps=10,
-                                                  eval_every=50, eval_batches=4, save_every=50, log_every=1),
-                              "the GAN run (one step = one batch of prompts, both rollouts, both updates)")
+    train: TrainConfig = doc(TrainConfig(max_steps=200, batch_size=8, lr=1e-3, weight_decay=0.0, warmup_steps=10,
+                                         eval_every=50, eval_batches=4, save_every=50, log_every=1),
+                             "the GAN run (one step = one batch of prompts, both rollouts, both updates)")
 
     def validate(self) -> None:
         for f in ("prompt_tokens", "max_prompts", "eval_prompts", "draft_tokens"):
@@ -138,135 +140,6 @@ def pair_prompts(prompts: Sequence[Sequence[int]], confidences: Any, pair: tuple
                             [(float(c[i, a]), float(c[i, b])) for i in keep])
 
 
-# ------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def collect_rollouts(gan: CrosstalkGAN, data: CrosstalkPrompts, batch_size: int, seed: int = 0) -> list[Rollout]:
-    """Rollouts of every prompt of ``data`` in order, batch ``i`` drawn with generator seed ``seed + i``."""
-    was = gan.training
-    gan.eval()
-    try:
-        return [gan.rollout(batch, torch.Generator().manual_seed(seed + i)) for i, batch in enumerate(data.batches(batch_size))]
-    finally:
-        gan.train(was)
-
-
-@torch.no_grad()
-def detection(discriminator: Discriminator, rollouts: Sequence[Rollout]) -> dict[str, float]:
-    """The discriminator's accuracy on the uninterrupted and interrupted texts of ``rollouts``."""
-    was = discriminator.training
-    discriminator.eval()
-    try:
-        real = [t.ids for r in rollouts for t in r.real]
-        fake = [t.ids for r in rollouts for t in r.fake]
-        dev = next(discriminator.parameters()).device
-        z_u = discriminator(*pad_batch(real, device=dev))
-        z_i = discriminator(*pad_batch(fake, device=dev))
-        loss, acc_u, acc_i = discriminator_loss(z_u, z_i)
-    finally:
-        discriminator.train(was)
-    return {"d_acc": float(0.5 * (acc_u + acc_i)), "d_acc_uninterrupted": float(acc_u), "d_acc_interrupted": float(acc_i),
-            "d_loss": float(loss), "p_detect": float(torch.sigmoid(z_i).mean())}
-
-
-@torch.no_grad()
-def rollout_perplexity(model: nn.Module, rollouts: Sequence[Rollout], *, interrupted: bool) -> float:
-    """Perplexity under ``model`` (adapters off) of the texts after their opening: the cross-talk part of
-    the interrupted texts, or the same positions of the uninterrupted ones. ``exp(-sum log p / count)``."""
-    acc = NLL()
-    for r in rollouts:
-        ts: list[Transcript] = r.fake if interrupted else r.real
-        rows = [list(t.prompt) + list(t.ids) for t in ts]
-        scores = token_scores(model, rows, 1.0)  # (B, L - 1) log p(x_{i+1}), adapters off
-        pos = torch.arange(scores.shape[1], device=scores.device)
-        start = torch.tensor([len(t.prompt) + r.opening - 1 for t in ts], device=scores.device)
-        end = torch.tensor([len(t.prompt) + len(t.ids) - 1 for t in ts], device=scores.device)
-        acc = acc + NLL.of_picked(scores, (pos >= start[:, None]) & (pos < end[:, None]))  # (B, L - 1) mask
-    return acc.ppl if acc.tokens else 1.0
-
-
-def compare_rollouts(gan: CrosstalkGAN, before: Sequence[Rollout], after: Sequence[Rollout]) -> dict[str, Any]:
-    """The report: the final discriminator on the before/after rollouts, and perplexities under each base expert."""
-    out: dict[str, Any] = {"discriminator": {"before": detection(gan.discriminator, before),
-                                             "after": detection(gan.discriminator, after)}}
-    ppl: dict[str, Any] = {}
-    for name, model in zip(gan.names, gan.experts):
-        ppl[name] = {"uninterrupted": rollout_perplexity(model, before, interrupted=False),
-                     "interrupted_before": rollout_perplexity(model, before, interrupted=True),
-                     "interrupted_after": rollout_perplexity(model, after, interrupted=True)}
-    out["perplexity"] = ppl
-    out["interruptions"] = {k: sum(t.n_interruptions for r in rs for t in r.fake) / max(1, sum(len(r.fake) for r in rs))
-                            for k, rs in (("before", before), ("after", after))}
-    return out
-
-
-def probe_accuracy(train_rollouts: Sequence[Rollout], test_rollouts: Sequence[Rollout], cfg: DiscriminatorConfig, *,
-                   features: torch.Tensor | None = None, steps: int = 200, batch_size: int = 32, lr: float = 3e-3,
-                   seed: int = 0) -> dict[str, float]:
-    """Train a *fresh* discriminator (Adam, cross-entropy) on the texts of ``train_rollouts`` and
-    report its accuracy on ``test_rollouts``: how separable interrupted text is, independent of the
-    co-adapted GAN discriminator."""
-    torch.manual_seed(seed)
-    d = Discriminator(cfg, features)
-    opt = torch.optim.Adam(d.parameters(), lr=lr)
-    real = [t.ids for r in train_rollouts for t in r.real]
-    fake = [t.ids for r in train_rollouts for t in r.fake]
-    g = torch.Generator().manual_seed(seed)
-    d.train()
-    for _ in range(steps):
-        i = torch.randint(0, len(real), (min(batch_size, len(real)),), generator=g).tolist()
-        j = torch.randint(0, len(fake), (min(batch_size, len(fake)),), generator=g).tolist()
-        loss, _, _ = discriminator_loss(d(*pad_batch([real[k] for k in i])), d(*pad_batch([fake[k] for k in j])))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return detection(d, test_rollouts)
-
-
-def plot_curves(metrics_path: Path, out: Path, title: str = "cross-talk GAN") -> Path:
-    """Discriminator accuracy and generator reward per step (raw and a 10-step moving average), with
-    the held-out evaluations, from the loop's metrics.jsonl."""
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    tr = [r for r in recs if r.get("kind") == "train"]
-    ev = [r for r in recs if r.get("kind") == "eval"]
-    if not tr:
-        raise DataError(f"{metrics_path}: no training records to plot")
-
-    def smooth(v: list[float], w: int = 10) -> list[float]:
-        return [sum(v[max(0, i - w + 1) : i + 1]) / len(v[max(0, i - w + 1) : i + 1]) for i in range(len(v))]
-
-    steps = [r["step"] for r in tr]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax = axes[0]
-    acc = [r["d_acc"] for r in tr]
-    ax.plot(steps, acc, alpha=0.3, color="C0", label="train (per step)")
-    ax.plot(steps, smooth(acc), color="C0", label="train (10-step mean)")
-    if ev:
-        ax.plot([r["step"] for r in ev], [r["eval_d_acc"] for r in ev], "o-", color="C3", label="held-out")
-    ax.axhline(0.5, color="grey", ls=":", lw=1)
-    ax.set(xlabel="step", ylabel="discriminator accuracy", ylim=(0, 1.02), title="discriminator")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    rew = [r["reward"] for r in tr]
-    ax.plot(steps, rew, alpha=0.3, color="C2", label="reward (per step)")
-    ax.plot(steps, smooth(rew), color="C2", label="reward (10-step mean)")
-    ax.plot(steps, [r["baseline"] for r in tr], color="C1", ls="--", label="baseline b")
-    ax.axhline(0.0, color="grey", ls=":", lw=1)
-    ax.set(xlabel="step", ylabel="generator reward", title="generators")
-    ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(out, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
-    return Path(out)
-
-
 # -------------------------------------------------------------------------------------- train
 @dataclass
 class PairResult:
@@ -289,7 +162,7 @@ def train_pair(experts: Sequence[nn.Module], names: Sequence[str], data: Crossta
     gan = CrosstalkGAN(list(experts), list(names), disc, g, tokens)
     bs = cfg.train.batch_size
     before = collect_rollouts(gan, eval_data, bs, seed=g.seed + 10_000)
-    res = train(gan, gan_loss, data, cfg.train, eval_data=eval_data, out_dir=out_dir, resume=resume, accelerator=accelerator)
+    res = train_loop(gan, gan_loss, data, cfg.train, eval_data=eval_data, out_dir=out_dir, resume=resume, accelerator=accelerator)
     after = collect_rollouts(gan, eval_data, bs, seed=g.seed + 10_000)
     report = compare_rollouts(gan, before, after)
     report["steps"] = res.steps
@@ -315,49 +188,29 @@ def _default_pair(decisions: Sequence[Any], k: int) -> tuple[int, int]:
     return int(tops[0]), int(tops[1])
 
 
-def _load_config(config: Optional[Path], **overrides: Any) -> CrosstalkRecipeConfig:
-    cfg = CrosstalkRecipeConfig.load(config) if config is not None else CrosstalkRecipeConfig()
-    o = {k: v for k, v in overrides.items() if v is not None}
-    tr = cfg.train.replace(**{k: o.pop(k) for k in ("max_steps", "batch_size", "lr", "seed", "progress") if k in o})
-    gan = cfg.gan.replace(**{k: o.pop(k) for k in ("reward",) if k in o})
-    return cfg.replace(train=tr, gan=gan, **o)
+@dataclass
+class CrosstalkSetup:
+    """What :func:`setup` prepares: the run's pieces, the pair, and its prompts."""
+
+    run: Path
+    cfg: CrosstalkRecipeConfig
+    names: list[str]
+    experts: list[nn.Module]
+    data: CrosstalkPrompts
+    eval_data: CrosstalkPrompts
+    tokens: DialogueTokens
 
 
-def train_crosstalk(
-    run: Path = Path("runs/default"),
-    first: Optional[str] = None,
-    second: Optional[str] = None,
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    steps: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    reward: Optional[str] = None,
-    prompt_tokens: Optional[int] = None,
-    config: Optional[Path] = None,
-    seed: Optional[int] = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train the cross-talk adapters of two experts of a run folder against a discriminator (GAN).
-
-    --first/--second name the pair (expert folder names; default: the pair the router flags for
-    cross-talk most often on the corpus prompts). Prompts are corpus windows (the default corpus,
-    or --source) whose top category is one of the pair; the expert the router trusts more opens,
-    the other interrupts. Both experts get a LoRA adapter (base weights frozen) trained with
-    REINFORCE on the discriminator's verdict (--reward soft|hard); the discriminator learns with
-    cross-entropy. Writes RUN/crosstalk/ (adapters, discriminator, config, report.json, curves.png,
-    train/metrics.jsonl with discriminator accuracy and generator reward per step) and registers
-    it in RUN/taskmoe.json. --config reads a CrosstalkRecipeConfig JSON; flags given override it.
-    """
+def setup(run: Path, cfg: CrosstalkRecipeConfig, *, first: str | None = None, second: str | None = None,
+          source: str | None = None, max_docs_per_domain: int | None = None, progress: bool = True,
+          log: Callable[[str], None] = lambda s: None) -> CrosstalkSetup:
+    """Load the run, cut and route the prompts, choose the pair, load its experts (module docstring)."""
     from taskmoe.data.commands import get_corpus
     from taskmoe.data.tokenizer import Tokenizer
     from taskmoe.experts.expert_lm import load_expert
-    from taskmoe.manifest import MANIFEST_FILE, Manifest, load_manifest
+    from taskmoe.manifest import MANIFEST_FILE, load_manifest
     from taskmoe.router.router import Router, load_shared_embedding
 
-    say: Callable[[str], None] = print if progress else (lambda s: None)
-    cfg = _load_config(config, max_steps=steps, batch_size=batch_size, lr=lr, seed=seed, reward=reward,
-                       prompt_tokens=prompt_tokens, progress=None if progress else False)
     run = Path(run)
     res = load_manifest(run)
     tok = Tokenizer.load(res.tokenizer)
@@ -365,7 +218,7 @@ def train_crosstalk(
     shared = router.embedding if router.embedding is not None else load_shared_embedding(res.router)
     shared.requires_grad_(False)
     folders = {i: p for i, p in res.experts.items()}
-    name_of = {i: p.name for i, p in folders.items()}
+    name_of = {i: res.expert_name(i) for i in folders}
     index_of = {n: i for i, n in name_of.items()}
     for n in (first, second):
         if n is not None and n not in index_of:
@@ -402,22 +255,75 @@ def train_crosstalk(
 
     data = subset("train", cfg.max_prompts)
     eval_data = subset("validation", cfg.eval_prompts) if splits["validation"][0] else subset("train", cfg.eval_prompts)
-    say(f"cross-talk pair {names[0]} <-> {names[1]}: {len(data)} training prompts, {len(eval_data)} held-out")
+    log(f"cross-talk pair {names[0]} <-> {names[1]}: {len(data)} training prompts, {len(eval_data)} held-out")
     experts = [load_expert(folders[i], shared) for i in pair]
-    out = run / "crosstalk"
-    pr = train_pair(experts, names, data, eval_data, cfg, out / "train", tokens=DialogueTokens.from_tokenizer(tok))
-    report = {"pair": names, "prompts": {"train": len(data), "held_out": len(eval_data)}, **pr.report}
+    return CrosstalkSetup(run, cfg, names, experts, data, eval_data, DialogueTokens.from_tokenizer(tok))
+
+
+def train(st: CrosstalkSetup, *, resume: bool = True, accelerator: Any = None) -> PairResult:
+    """The recipe's train step: :func:`train_pair` on the setup's experts and prompts."""
+    return train_pair(st.experts, st.names, st.data, st.eval_data, st.cfg, st.run / "crosstalk" / "train",
+                      tokens=st.tokens, resume=resume, accelerator=accelerator)
+
+
+def cleanup(st: CrosstalkSetup, pr: PairResult) -> dict[str, Any]:
+    """Save ``crosstalk/``, its report and curves, register it in the manifest; return the summary row."""
+    from taskmoe.manifest import MANIFEST_FILE, Manifest
+
+    cfg, names, out = st.cfg, st.names, st.run / "crosstalk"
+    report = {"pair": names, "prompts": {"train": len(st.data), "held_out": len(st.eval_data)}, **pr.report}
     dialogue = cfg.gan.dialogue.replace(max_new_tokens=cfg.draft_tokens, temperature=cfg.draft_temperature)
     save_crosstalk(out, pr.gan.experts, names, pr.gan.discriminator, adapter=cfg.gan.adapter, dialogue=dialogue,
                    gan=cfg.gan.to_dict(), meta={"report": report, "recipe": cfg.to_dict()})
     atomic_write_json(out / "report.json", report)
     png = plot_curves(out / "train" / METRICS_FILE, out / "curves.png", title=f"cross-talk GAN: {names[0]} <-> {names[1]}")
-    path = run / MANIFEST_FILE
-    m = Manifest.from_dict(read_json(path), source=str(path))
-    m.replace(crosstalk="crosstalk").save(run)
+    path = st.run / MANIFEST_FILE
+    Manifest.from_dict(read_json(path), source=str(path)).replace(crosstalk="crosstalk").save(st.run)
     d = report["discriminator"]
     return {"pair": " <-> ".join(names), "steps": pr.result.steps,
             "d_acc_before": round(d["before"]["d_acc"], 4), "d_acc_after": round(d["after"]["d_acc"], 4),
             **{f"ppl_{n}_interrupted": f"{p['interrupted_before']:.1f} -> {p['interrupted_after']:.1f}"
                for n, p in report["perplexity"].items()},
             "folder": str(out), "plot": str(png)}
+
+
+FLAGS: dict[str, str] = {"max_steps": "train.max_steps", "batch_size": "train.batch_size", "lr": "train.lr",
+                         "seed": "train.seed", "progress": "train.progress", "reward": "gan.reward",
+                         "prompt_tokens": "prompt_tokens"}
+"""``train crosstalk`` flag -> the config path it sets."""
+
+
+def train_crosstalk(
+    run: Path = Path("runs/default"),
+    first: Optional[str] = None,
+    second: Optional[str] = None,
+    source: Optional[str] = None,
+    max_docs_per_domain: Optional[int] = None,
+    steps: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
+    reward: Optional[str] = None,
+    prompt_tokens: Optional[int] = None,
+    config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
+    seed: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the cross-talk adapters of two experts of a run folder against a discriminator (GAN).
+
+    --first/--second name the pair (expert folder names; default: the pair the router flags for
+    cross-talk most often on the corpus prompts). Prompts are corpus windows (the default corpus,
+    or --source) whose top category is one of the pair; the expert the router trusts more opens,
+    the other interrupts. Both experts get a LoRA adapter (base weights frozen) trained with
+    REINFORCE on the discriminator's verdict (--reward soft|hard); the discriminator learns with
+    cross-entropy. Writes RUN/crosstalk/ (adapters, discriminator, config, report.json, curves.png,
+    train/metrics.jsonl with discriminator accuracy and generator reward per step) and registers
+    it in RUN/taskmoe.json. --config reads a CrosstalkRecipeConfig JSON; flags given override it,
+    and --set PATH=VALUE (repeatable, e.g. --set gan.adapter.rank=4) overrides any field last.
+    """
+    flags = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed, reward=reward, prompt_tokens=prompt_tokens,
+                 progress=None if progress else False)
+    cfg = load_config(CrosstalkRecipeConfig, config, flags={FLAGS[k]: v for k, v in flags.items()}, overrides=set or ())
+    st = setup(Path(run), cfg, first=first, second=second, source=source, max_docs_per_domain=max_docs_per_domain,
+               progress=progress, log=print if progress else (lambda s: None))
+    return cleanup(st, train(st))

@@ -22,6 +22,7 @@ and the model in :mod:`taskmoe.doe`:
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from taskmoe.config import Config, check, doc, load_config
 from taskmoe.data.commands import DEFAULT_VOCAB_SIZE, corpus_tokenizer, get_corpus
 from taskmoe.data.corpus import Corpus
 from taskmoe.data.tokenizer import Tokenizer
@@ -38,12 +40,16 @@ from taskmoe.doe.model import DOEConfig, DOETransformer, build_doe, load_doe, sa
 from taskmoe.doe.routing import gate_loss
 from taskmoe.errors import ConfigError, DataError
 from taskmoe.eval.nll import batched, corpus_nll
-from taskmoe.eval.routing import contingency, nmi, purity
+from taskmoe.eval.doe import expert_choices, plot_heatmap, routing_report
 from taskmoe.io import atomic_write_json
 from taskmoe.models import TransformerLMConfig, transformer_lm
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 from taskmoe.training.loop import train as train_loop
+
+__all__ = ["DOERecipeConfig", "recipe_config", "DocumentWindows", "windows_for", "doe_loss_fn", "dense_loss_fn",
+           "perplexity", "expert_choices", "routing_report", "plot_heatmap", "Setup", "setup", "train", "cleanup",
+           "train_doe", "load_with_tokenizer", "doe_report"]
 
 DEFAULT_OUT = Path("runs/default/doe")
 TOKENIZER_FILE = "tokenizer.json"
@@ -135,71 +141,51 @@ def perplexity(model: nn.Module, data: DocumentWindows, batch_size: int = 16) ->
     return corpus_nll(forward, batched(data, batch_size, default_collate), model=model).ppl
 
 
-@torch.no_grad()
-def expert_choices(model: DOETransformer, data: DocumentWindows, batch_size: int = 32) -> tuple[list[int], list[bool]]:
-    """Each window's best expert (eval routing from its prompt) and whether it fell back to the default."""
-    was = model.training
-    model.eval()
-    top, fb = [], []
-    try:
-        for i in range(0, len(data), batch_size):
-            b = [data[j] for j in range(i, min(len(data), i + batch_size))]
-            r = model.route(torch.stack([x["input_ids"] for x in b]), torch.stack([x["prompt_mask"] for x in b]))
-            top += r.top1().tolist()
-            fb += r.fallback.tolist()
-    finally:
-        model.train(was)
-    return top, fb
+# ---------------------------------------------------------------------------------- config
+@dataclass
+class DOERecipeConfig(Config):
+    """The windows, the DOE model and its training run (``taskmoe train doe``)."""
+
+    vocab_size: int = doc(DEFAULT_VOCAB_SIZE, "BPE vocabulary size when the tokenizer is trained on the corpus")
+    seq_len: int = doc(256, "tokens per window (windows never cross a document boundary)")
+    prompt_len: int = doc(32, "leading tokens of a window that routing reads; the loss skips what routing saw")
+    model: DOEConfig = doc(DOEConfig(lm=TransformerLMConfig(d_model=128, n_layers=4, n_heads=4)),
+                           "the DOE transformer (lm.vocab_size is set from the tokenizer; experts are renamed after "
+                           "the router's categories with gate_supervision='router')")
+    compare_dense: bool = doc(True, "also train a dense transformer with the same active parameters on the same windows")
+    train: TrainConfig = doc(TrainConfig(max_steps=500, batch_size=16, lr=2e-3, warmup_steps=25, eval_every=0,
+                                         save_every=0, log_every=10, weight_decay=0.1),
+                             "the training run (the dense baseline uses the same one)")
+
+    def validate(self) -> None:
+        check(1 <= self.prompt_len < self.seq_len,
+              f"DOERecipeConfig: need 1 <= prompt_len ({self.prompt_len}) < seq_len ({self.seq_len})")
+        check(self.vocab_size >= 1, f"DOERecipeConfig.vocab_size must be >= 1, got {self.vocab_size}")
 
 
-# ---------------------------------------------------------------------------------- report
-def routing_report(model: DOETransformer, data: DocumentWindows, domains: Sequence[str], out_dir: Path,
-                   *, title: str = "DOE: expert chosen vs domain") -> dict[str, Any]:
-    """Expert x domain counts, NMI and purity of the chosen expert vs domain, and a heatmap PNG."""
-    top, fb = expert_choices(model, data)
-    dom = data.domains.tolist()
-    known = [i for i, d in enumerate(dom) if d >= 0]
-    if not known:
-        raise DataError("routing report: no window has a known domain (the corpus carries no domain labels)")
-    true = [domains[dom[i]] for i in known]
-    pred = [top[i] for i in known]
-    names = list(model.expert_names)
-    table = contingency(true, pred, names)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = plot_heatmap(table, names, sorted(set(true)), out_dir / "doe_routing.png", title)
-    report = {"windows": len(known), "nmi": nmi(true, pred), "purity": purity(true, pred),
-              "fallback_rate": sum(fb[i] for i in known) / len(known), "table": table, "plot": str(png)}
-    atomic_write_json(out_dir / "doe_routing.json", report)
-    return report
+FLAGS: dict[str, str] = {
+    "vocab_size": "vocab_size", "seq_len": "seq_len", "prompt_len": "prompt_len", "compare_dense": "compare_dense",
+    "d_model": "model.lm.d_model", "n_layers": "model.lm.n_layers", "n_heads": "model.lm.n_heads",
+    "moe_every": "model.moe_every", "max_experts": "model.max_experts", "tau": "model.tau",
+    "capacity_factor": "model.capacity_factor", "gate_supervision": "model.gate_supervision",
+    "gate_loss_weight": "model.gate_loss_weight", "steps": "train.max_steps", "batch_size": "train.batch_size",
+    "lr": "train.lr", "seed": "train.seed", "progress": "train.progress",
+}
+"""``train doe`` / ``doe add-expert`` flag -> the config path it sets."""
 
 
-def plot_heatmap(table: list[dict[str, Any]], experts: Sequence[str], domains: Sequence[str], path: Path,
-                 title: str) -> Path:
-    """Share of each domain's windows taken by each expert (columns sum to 1)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    counts = np.array([[row.get(d, 0) for d in domains] for row in table], dtype=float)  # (E, domains)
-    share = counts / np.maximum(1.0, counts.sum(axis=0, keepdims=True))
-    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(domains), 1.0 + 0.5 * len(experts)))
-    im = ax.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(domains)), domains)
-    ax.set_yticks(range(len(experts)), experts)
-    for i in range(share.shape[0]):
-        for j in range(share.shape[1]):
-            ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", color="w" if share[i, j] < 0.6 else "k")
-    ax.set_xlabel("domain (evaluation-only label)")
-    ax.set_ylabel("expert")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="share of the domain's windows")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def recipe_config(config: Optional[Path] = None, overrides: Sequence[str] = (), **flags: Any) -> DOERecipeConfig:
+    """JSON file (or defaults) -> flags (None = unset; ``experts=N`` names e0..e{N-1}; ``steps`` also sets
+    warmup to steps // 20) -> ``--set`` overrides."""
+    unknown = sorted(set(flags) - set(FLAGS) - {"experts"})
+    if unknown:
+        raise ConfigError(f"unknown doe flag(s) {unknown}; known: {sorted(FLAGS)}")
+    paths = {FLAGS[k]: v for k, v in flags.items() if k in FLAGS}
+    if flags.get("experts") is not None:
+        paths["model.experts"] = [f"e{i}" for i in range(int(flags["experts"]))]
+    if flags.get("steps") is not None:
+        paths["train.warmup_steps"] = max(1, int(flags["steps"]) // 20)
+    return load_config(DOERecipeConfig, config, flags=paths, overrides=overrides)
 
 
 # ----------------------------------------------------------------------------------- setup
@@ -210,6 +196,7 @@ class Setup:
     domains: list[str]
     train: DocumentWindows
     val: DocumentWindows
+    cfg: DOERecipeConfig | None = None
 
 
 def router_labels(router_dir: Path, docs: Sequence[Any]) -> tuple[list[int], list[str]]:
@@ -225,6 +212,7 @@ def router_labels(router_dir: Path, docs: Sequence[Any]) -> tuple[list[int], lis
 
 def setup(source: Optional[str], tokenizer: Optional[Path], vocab_size: int, max_docs_per_domain: Optional[int],
           seq_len: int, prompt_len: int, progress: bool, labels_from: Optional[Path] = None) -> tuple[Setup, list[str] | None]:
+    """Corpus, tokenizer and the train/validation windows (with router labels when ``labels_from``)."""
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else corpus_tokenizer(corpus, vocab_size, progress=progress)
     domains = list(corpus.domains)
@@ -238,9 +226,33 @@ def setup(source: Optional[str], tokenizer: Optional[Path], vocab_size: int, max
     return Setup(corpus, tok, domains, train, val), cats
 
 
-def _train_cfg(steps: int, batch_size: int, lr: float, seed: int, progress: bool) -> TrainConfig:
-    return TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20), seed=seed,
-                       progress=progress, eval_every=0, save_every=0, log_every=10, weight_decay=0.1)
+def train(s: Setup, cfg: DOERecipeConfig, out: Path) -> tuple[DOETransformer, dict[str, Any]]:
+    """Train the DOE model (and, with ``compare_dense``, the dense baseline) on ``s``; resumes from ``out``."""
+    m = cfg.model
+    model = build_doe(m)
+    res = train_loop(model, doe_loss_fn(m.gate_loss_weight, m.gate_supervision == "router"), s.train, cfg.train,
+                     out_dir=out / "train", resume=True)
+    summary: dict[str, Any] = {"steps": res.steps, "train_windows": len(s.train), "val_windows": len(s.val),
+                               **{f"params_{k}": v for k, v in model.count_params().items()},
+                               "doe_val_ppl": perplexity(model, s.val)}
+    if cfg.compare_dense:
+        torch.manual_seed(cfg.train.seed)
+        dense = transformer_lm(m.lm)
+        train_loop(dense, dense_loss_fn, s.train, cfg.train, out_dir=out / "train_dense", resume=True)
+        summary["dense_params"] = dense.num_params()
+        summary["dense_val_ppl"] = perplexity(dense, s.val)
+    return model, summary
+
+
+def cleanup(model: DOETransformer, s: Setup, summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Save the model folder (with its tokenizer), the routing report and ``reports/metrics.json``."""
+    folder = save_doe(model, out / "model", meta={"steps": summary["steps"], "domains": s.domains},
+                      extra_files={TOKENIZER_FILE: lambda p: p.write_text(s.tok.to_str(), encoding="utf-8")})
+    rep = routing_report(model, s.val, s.domains, out / "reports")
+    summary = {"model": str(folder), **summary, "nmi_expert_vs_domain": rep["nmi"], "purity": rep["purity"],
+               "fallback_rate": rep["fallback_rate"], "plot": rep["plot"]}
+    atomic_write_json(out / "reports" / "metrics.json", summary)
+    return summary
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -267,6 +279,8 @@ def train_doe(
     batch_size: int = 16,
     lr: float = 2e-3,
     compare_dense: bool = True,
+    config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -275,41 +289,34 @@ def train_doe(
     Reports held-out perplexity (and a dense transformer's with the same active parameters when
     --compare-dense), and which expert takes which domain (NMI, table, heatmap). With
     --gate-supervision router, --router names a fitted IMoE router folder whose categories
-    supervise the gates (one expert per category).
+    supervise the gates (one expert per category). --config reads a DOERecipeConfig JSON (the
+    flags above then apply on top of it), and --set PATH=VALUE (repeatable, e.g.
+    --set model.expert_hidden=256 --set train.warmup_steps=10) overrides any field last.
     """
-    if gate_supervision == "router" and router is None:
+    flags = dict(vocab_size=vocab_size, experts=experts, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                 moe_every=moe_every, max_experts=max_experts, tau=tau, capacity_factor=capacity_factor,
+                 gate_supervision=gate_supervision, gate_loss_weight=gate_loss_weight, seq_len=seq_len,
+                 prompt_len=prompt_len, steps=steps, batch_size=batch_size, lr=lr, compare_dense=compare_dense,
+                 seed=seed, progress=progress)
+    if config is not None:  # with --config, a flag left at its default keeps the file's value
+        defaults = {k: p.default for k, p in inspect.signature(train_doe).parameters.items()}
+        flags = {k: (None if v == defaults[k] else v) for k, v in flags.items()}
+    cfg = recipe_config(config, set or (), **flags)
+    if cfg.model.gate_supervision == "router" and router is None:
         raise ConfigError("train doe: --gate-supervision router needs --router PATH (a fitted router folder)")
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.train.seed)
     t0 = time.time()
-    s, cats = setup(source, tokenizer, vocab_size, max_docs_per_domain, seq_len, prompt_len, progress,
-                    labels_from=router if gate_supervision == "router" else None)
-    names = [c.replace(" ", "_") for c in cats] if cats else [f"e{i}" for i in range(experts)]
-    lm = TransformerLMConfig(vocab_size=s.tok.vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
-    cfg = DOEConfig(lm=lm, experts=names, moe_every=moe_every, tau=tau, max_experts=max_experts,
-                    capacity_factor=capacity_factor, gate_supervision=gate_supervision, gate_loss_weight=gate_loss_weight)
-    model = build_doe(cfg)
-    tcfg = _train_cfg(steps, batch_size, lr, seed, progress)
-    res = train_loop(model, doe_loss_fn(gate_loss_weight, gate_supervision == "router"), s.train, tcfg,
-                     out_dir=out / "train", resume=True)
-    folder = save_doe(model, out / "model", meta={"steps": res.steps, "domains": s.domains},
-                      extra_files={TOKENIZER_FILE: lambda p: p.write_text(s.tok.to_str(), encoding="utf-8")})
-    summary: dict[str, Any] = {"model": str(folder), "steps": res.steps, "train_windows": len(s.train),
-                               "val_windows": len(s.val), **{f"params_{k}": v for k, v in model.count_params().items()},
-                               "doe_val_ppl": perplexity(model, s.val)}
-    if compare_dense:
-        torch.manual_seed(seed)
-        dense = transformer_lm(lm)
-        train_loop(dense, dense_loss_fn, s.train, tcfg, out_dir=out / "train_dense", resume=True)
-        summary["dense_params"] = dense.num_params()
-        summary["dense_val_ppl"] = perplexity(dense, s.val)
-    rep = routing_report(model, s.val, s.domains, out / "reports")
-    summary.update({"nmi_expert_vs_domain": rep["nmi"], "purity": rep["purity"], "fallback_rate": rep["fallback_rate"],
-                    "plot": rep["plot"], "seconds": time.time() - t0})
-    atomic_write_json(out / "reports" / "metrics.json", summary)
-    return summary
+    s, cats = setup(source, tokenizer, cfg.vocab_size, max_docs_per_domain, cfg.seq_len, cfg.prompt_len,
+                    cfg.train.progress, labels_from=router if cfg.model.gate_supervision == "router" else None)
+    model_cfg = cfg.model.replace(lm=cfg.model.lm.replace(vocab_size=s.tok.vocab_size),
+                                  **({"experts": [c.replace(" ", "_") for c in cats]} if cats else {}))
+    cfg = cfg.replace(model=model_cfg)
+    s.cfg = cfg
+    model, summary = train(s, cfg, Path(out))
+    return {**cleanup(model, s, summary, Path(out)), "seconds": time.time() - t0}
 
 
-def _load_with_tokenizer(model: Path) -> tuple[DOETransformer, Tokenizer]:
+def load_with_tokenizer(model: Path) -> tuple[DOETransformer, Tokenizer]:
     m = load_doe(model)
     tok_path = Path(model) / TOKENIZER_FILE
     if not tok_path.is_file():
@@ -327,7 +334,7 @@ def doe_report(
     prompt_len: int = 32,
 ) -> list[dict[str, Any]]:
     """Which expert takes which domain: table, NMI of the chosen expert vs domain, heatmap PNG."""
-    m, tok = _load_with_tokenizer(model)
+    m, tok = load_with_tokenizer(model)
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=False)
     if split not in corpus.splits:
         raise ConfigError(f"doe report: split must be one of {sorted(corpus.splits)}, got {split!r}")
@@ -339,77 +346,11 @@ def doe_report(
     return rep["table"]
 
 
-def add_expert(
-    model: Path = DEFAULT_OUT / "model",
-    name: str = "new",
-    domain: str = "code",
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    init_from: Optional[str] = None,
-    out: Optional[Path] = None,
-    seq_len: int = 256,
-    prompt_len: int = 32,
-    steps: int = 200,
-    batch_size: int = 16,
-    lr: float = 2e-3,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Add an expert to a trained DOE model and train only it and its gate on one domain's data.
+def __getattr__(name: str) -> Any:
+    """``add_expert`` (``taskmoe doe add-expert``) lives in :mod:`taskmoe.training.recipes.doe_add`, which imports
+    this module; it stays importable from here."""
+    if name == "add_expert":
+        from taskmoe.training.recipes.doe_add import add_expert
 
-    Positives are the --domain documents (or every document of --source); negatives are as many
-    documents of the default corpus's other domains. Everything else stays frozen, so sequences the new gate
-    rejects keep bit-identical outputs.
-    """
-    m, tok = _load_with_tokenizer(model)
-    corpus = get_corpus(None, max_docs_per_domain=max_docs_per_domain, progress=progress)
-    domains = list(corpus.domains)
-    if source is not None:
-        pos_docs = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress).train
-        neg_docs = corpus.train
-    else:
-        if domain not in domains:
-            raise ConfigError(f"doe add-expert: domain must be one of {domains}, got {domain!r}")
-        pos_docs = [d for d in corpus.train if d.domain == domain]
-        neg_docs = [d for d in corpus.train if d.domain != domain]
-    # as many negatives as positives (deterministic pick), so the gate's BCE is balanced
-    step = max(1, len(neg_docs) // max(1, len(pos_docs)))
-    neg_docs = list(neg_docs)[::step][: len(pos_docs)]
-    data = windows_for(list(pos_docs) + list(neg_docs), tok, domains, seq_len, prompt_len,
-                       [1] * len(pos_docs) + [0] * len(neg_docs))
-    torch.manual_seed(seed)
-    m.add_expert(name, init_from=init_from)
-    m.freeze_except(name)
-    j = m.expert_names.index(name)
-    E = len(m.expert_names)
-
-    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        lab = batch["label"]
-        force = torch.full((lab.shape[0], E), -1, dtype=torch.long, device=lab.device)
-        force[:, j] = lab  # the new expert serves its own data during training, never the rest;
-        # the frozen experts route by threshold, as they will at inference
-        out_ = model(batch["input_ids"], prompt_mask=batch["prompt_mask"], force=force, capacity=False)
-        tgt = batch["targets"].masked_fill(lab.unsqueeze(1) == 0, IGNORE_INDEX)  # LM loss on its data only
-        lm = lm_cross_entropy(out_.logits, tgt)
-        bce = torch.nn.functional.binary_cross_entropy(out_.routing.scores[:, j].float().clamp(1e-6, 1 - 1e-6),
-                                                       lab.float())
-        return lm + bce, {"lm": lm.detach(), "gate": bce.detach(), "tokens": int((tgt != IGNORE_INDEX).sum())}
-
-    dest = Path(out) if out is not None else Path(model)
-    res = train_loop(m, loss_fn, data, _train_cfg(steps, batch_size, lr, seed, progress),
-                     out_dir=dest.parent / f"{dest.name}.train_add_{name}", resume=True)
-    for p in m.parameters():
-        p.requires_grad_(True)
-    m.eval()
-    with torch.no_grad():
-        acc = []
-        for i in range(0, len(data), 64):
-            b = [data[k] for k in range(i, min(len(data), i + 64))]
-            r = m.route(torch.stack([x["input_ids"] for x in b]), torch.stack([x["prompt_mask"] for x in b]))
-            acc += r.accepted[:, j].tolist()
-    labels = data.labels.tolist()
-    tp = sum(a and lab == 1 for a, lab in zip(acc, labels))
-    fp = sum(a and lab == 0 for a, lab in zip(acc, labels))
-    folder = save_doe(m, dest, extra_files={TOKENIZER_FILE: lambda p: p.write_text(tok.to_str(), encoding="utf-8")})
-    return {"model": str(folder), "expert": name, "steps": res.steps, "experts": list(m.expert_names),
-            "accept_rate_own_train": tp / max(1, labels.count(1)), "accept_rate_other_train": fp / max(1, labels.count(0))}
+        return add_expert
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

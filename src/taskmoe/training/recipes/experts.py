@@ -1,5 +1,4 @@
-"""Recipe: train the IMoE experts of a run folder (``taskmoe train experts``), and joint fine-tuning
-of a routed mixture with contribution-based pruning.
+"""Recipe: train the IMoE experts of a run folder (``taskmoe train experts``), with the seed's pruning.
 
 Thin by design (setup / train / cleanup) over the shared loop (:func:`taskmoe.training.loop.train`):
 
@@ -12,12 +11,12 @@ Thin by design (setup / train / cleanup) over the shared loop (:func:`taskmoe.tr
   window gets its ``neighbours`` nearest other training windows once, here
   (:class:`taskmoe.experts.semantic_loss.RetrievalWindows`; validation windows query the same
   index).
-- **train** (:func:`train_expert`): build the expert around the shared table (frozen unless
+- **train** (:func:`train`, also named :func:`train_expert`): build the expert around the shared table (frozen unless
   ``fine_tune_embedding``), seeded, and run the loop with :func:`expert_loss`:
   ``(1 - λ) * CE + λ * L_sem``. ``L_sem`` is computed whenever λ > 0 and always at
   evaluation, so ``eval_sem_sim = 1 - L_sem`` (the semantic-similarity score) is reported for
   every λ, and ``eval_ce`` gives the validation perplexity whatever λ is.
-- **cleanup**: the main process saves ``experts/<name>/`` (without the shared table) and
+- **cleanup** (:func:`cleanup`): the main process saves ``experts/<name>/`` (without the shared table) and
   registers it in ``taskmoe.json`` under a file lock (jobs for different experts may finish
   at the same time on a cluster).
 
@@ -26,31 +25,29 @@ Checkpoints and metrics of each expert go to ``<run>/train/experts/<name>/``; re
 same code under DDP (gloo on CPU): every process does the same deterministic setup and the loop
 shards the batches, so N processes with ``batch_size`` B train like one with B * N.
 
-:func:`train_joint` fine-tunes a :class:`~taskmoe.experts.ensemble.RoutedMixture` of experts
-on the mixture's NLL (the c-BTM ensemble trained end to end, each row reading its routed
-experts) with a :class:`~taskmoe.experts.pruning.PruningCallback`: every forward pass reports
-which experts contributed, and one that contributes in fewer than ``min_contributions`` of a
-window of passes is pruned from the mixture.
+Pruning (``cfg.pruning``, :mod:`taskmoe.training.recipes.pruning`): each training window is a
+feed-forward the expert contributes to when the router gives it weight there; an expert that
+contributes to fewer than 3 of a window of 10 stops training, is not saved, and is recorded under
+the manifest's ``pruned``. Joint (mixture) training of the trained experts, with the same rule,
+is :mod:`taskmoe.training.recipes.mixture` (``taskmoe train mixture``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from filelock import FileLock
 from torch import nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, doc, load_config
 from taskmoe.data.datasets import PackedLMDataset, pack_documents
 from taskmoe.errors import CheckpointError, ConfigError, DataError
 from taskmoe.experts.assign import Assignment, route_documents
-from taskmoe.experts.ensemble import RoutedMixture
 from taskmoe.experts.expert_lm import build_expert, expert_config, save_expert
-from taskmoe.experts.pruning import ContributionTracker, PruningCallback, PruningConfig
+from taskmoe.experts.pruning import PruningConfig
 from taskmoe.experts.semantic_loss import (
     RetrievalIndex,
     RetrievalWindows,
@@ -60,20 +57,17 @@ from taskmoe.experts.semantic_loss import (
     semantic_similarity_loss,
 )
 from taskmoe.io import read_json
-from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds
+from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds, manifest_lock
 from taskmoe.models.config import ExpertLMConfig
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.loop import TrainResult, make_accelerator, train
+from taskmoe.training.loop import TrainResult, make_accelerator, train as train_loop
+from taskmoe.training.recipes.pruning import expert_pruning, pruned_names, window_route_weights
 from taskmoe.training.losses import lm_cross_entropy
 
-__all__ = ["ExpertsRecipeConfig", "ExpertData", "ExpertsSetup", "setup", "expert_loss", "train_expert",
-           "register_experts", "train_experts", "MixtureWindows", "mixture_loss", "train_joint"]
+__all__ = ["ExpertsRecipeConfig", "ExpertData", "ExpertsSetup", "setup", "train", "cleanup", "expert_loss", "train_expert",
+           "register_experts", "build_recipe_config", "train_experts"]
 
 INDEX_BACKENDS = ("auto", "exact", "faiss")
-
-
-def _sub(factory: Any, help: str) -> Any:
-    return field(default_factory=factory, metadata={"help": help})
 
 
 @dataclass
@@ -88,9 +82,11 @@ class ExpertsRecipeConfig(Config):
     index_backend: str = doc("auto", "retrieval index: auto (faiss when installed and the index is large), exact, faiss")
     fine_tune_embedding: bool = doc(False, "give each expert its own trainable copy of the shared table (stored in its folder)")
     val_windows: int = doc(256, "at most this many validation windows per expert (evenly spaced)")
-    train: TrainConfig = _sub(lambda: TrainConfig(max_steps=300, batch_size=8, lr=1e-3, warmup_steps=30, eval_every=100,
-                                                  save_every=100, eval_batches=8),
-                              "the training run of each expert")
+    pruning: PruningConfig = doc(PruningConfig(), "the seed's pruning while each expert trains "
+                                                 "(taskmoe.training.recipes.pruning; enabled=false turns it off)")
+    train: TrainConfig = doc(TrainConfig(max_steps=300, batch_size=8, lr=1e-3, warmup_steps=30, eval_every=100,
+                                         save_every=100, eval_batches=8),
+                             "the training run of each expert")
 
     def validate(self) -> None:
         check(self.seq_len >= 2, f"experts.seq_len must be >= 2, got {self.seq_len}")
@@ -110,6 +106,7 @@ class ExpertData:
     eval: RetrievalWindows | None
     documents: int
     tokens: int
+    route_weights: torch.Tensor | None = None  # (N,) the router's weight for this expert per training window
 
 
 @dataclass
@@ -186,7 +183,8 @@ def setup(run_dir: Path, corpus: Any, cfg: ExpertsRecipeConfig, experts: Sequenc
             vw = _evenly(_windows([val_ids[i] for i in val_assign.docs[name]], tok, cfg.seq_len), cfg.val_windows)
             if vw:
                 eval_ds = RetrievalWindows(vw, encode_windows(router.encode, vw), index, cfg.neighbours, exclude_self=False)
-        data[name] = ExpertData(name, train_ds, eval_ds, len(idx), len(windows) * cfg.seq_len)
+        weights = window_route_weights(router, windows, router.categories.index(name)) if cfg.pruning.enabled else None
+        data[name] = ExpertData(name, train_ds, eval_ds, len(idx), len(windows) * cfg.seq_len, weights)
         log(f"expert {name}: {len(idx)} documents, {len(windows)} windows, "
             f"{len(eval_ds) if eval_ds is not None else 0} validation windows, index {index.backend}")
     token_weight = router.encoder.token_weight.detach().clone()
@@ -219,8 +217,8 @@ def expert_loss(lam: float, table: torch.Tensor, token_weight: torch.Tensor | No
     return fn
 
 
-def train_expert(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume: bool = True,
-                 save: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+def train(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume: bool = True,
+          save: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Train expert ``name`` of ``st`` with the shared loop; save it (main process) unless ``save=False``."""
     cfg = st.cfg
     d = st.data[name]
@@ -228,9 +226,13 @@ def train_expert(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume
     torch.manual_seed(cfg.train.seed)  # same initial weights on every process and in every rerun
     model = build_expert(expert_config(st.shared, cfg.lm), st.shared, fine_tune_embedding=cfg.fine_tune_embedding)
     t0 = time.perf_counter()
-    res: TrainResult = train(model, expert_loss(cfg.lam, st.shared.weight, st.token_weight), d.train, cfg.train,
-                             eval_data=d.eval, out_dir=st.run_dir / "train" / "experts" / name, resume=resume,
-                             accelerator=acc)
+    loss, callbacks = expert_loss(cfg.lam, st.shared.weight, st.token_weight), []
+    if d.route_weights is not None:  # the seed's pruning (taskmoe.training.recipes.pruning)
+        others = len(st.router.categories) - 1 - len(set(pruned_names(st.run_dir)) - {name})
+        loss, cb = expert_pruning(name, d.route_weights, cfg.pruning, others, loss)
+        callbacks.append(cb)
+    res: TrainResult = train_loop(model, loss, d.train, cfg.train, eval_data=d.eval, callbacks=callbacks,
+                                  out_dir=st.run_dir / "train" / "experts" / name, resume=resume, accelerator=acc)
     last = res.eval_history[-1] if res.eval_history else {}
     row: dict[str, Any] = {
         "expert": name, "documents": d.documents, "windows": len(d.train), "steps": res.steps,
@@ -239,7 +241,11 @@ def train_expert(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume
         "val_sem_sim": last.get("eval_sem_sim"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    if save and acc.is_main_process:
+    if callbacks and callbacks[0].tracker.pruned:  # not saved; the manifest records it
+        row["pruned"] = {"stage": "experts", **callbacks[0].events[-1]}
+        if acc.is_main_process:
+            register_experts(st.run_dir, st.router, [], pruned={name: row["pruned"]})
+    elif save and acc.is_main_process:
         folder = save_expert(model, st.run_dir / "experts" / name, st.shared,
                              meta={"recipe": cfg.to_dict(), "report": row, "category": name,
                                    "description": st.router.descriptions[st.router.categories.index(name)]})
@@ -248,13 +254,20 @@ def train_expert(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume
     return model, row
 
 
+train_expert = train
+"""The recipe's train step under its descriptive name."""
+
+
 # ----------------------------------------------------------------------------------- cleanup
-def register_experts(run_dir: Path, router: Any, names: Sequence[str]) -> Path:
-    """Add ``experts/<name>`` for each name to ``run_dir/taskmoe.json`` (created if missing), under a lock."""
+def register_experts(run_dir: Path, router: Any, names: Sequence[str], *, pruned: dict[str, dict] | None = None) -> Path:
+    """Add ``experts/<name>`` for each name to ``run_dir/taskmoe.json`` (created if missing), under a lock.
+
+    Each name in ``pruned`` is recorded under the manifest's ``pruned`` instead (with its record:
+    stage, step, window, counts). A name the manifest already lists as pruned stays pruned
+    (delete its entry from ``pruned`` to train and register it again)."""
     run_dir = Path(run_dir)
     path = run_dir / MANIFEST_FILE
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(run_dir / f".{MANIFEST_FILE}.lock")):
+    with manifest_lock(run_dir):
         if path.is_file():
             m = Manifest.from_dict(read_json(path), source=str(path))
         else:
@@ -263,21 +276,39 @@ def register_experts(run_dir: Path, router: Any, names: Sequence[str]) -> Path:
             m = Manifest(tokenizer=tok, router="router", vocab_size=router.embedding.num_embeddings,
                          d_model=router.embedding.embedding_dim,
                          thresholds=Thresholds(t_C_base=pol.t_C_base, k=pol.k, t_CT=pol.t_CT))
-        experts = dict(m.experts)
-        for n in names:
-            experts[str(router.categories.index(n))] = f"experts/{n}"
-        m = m.replace(experts=dict(sorted(experts.items(), key=lambda kv: int(kv[0]))))
-        return m.save(run_dir)
+        experts, gone = dict(m.experts), dict(m.pruned)
+        for n in [*names, *(pruned or {})]:
+            key = str(router.categories.index(n))
+            if n in (pruned or {}):
+                gone[key] = {"expert": n, **(pruned or {})[n]}
+                experts.pop(key, None)
+            elif key not in gone:
+                experts[key] = f"experts/{n}"
+        by_key = lambda d: dict(sorted(d.items(), key=lambda kv: int(kv[0])))  # noqa: E731
+        return m.replace(experts=by_key(experts), pruned=by_key(gone)).save(run_dir)
 
 
-def build_recipe_config(config: Optional[Path], **overrides: Any) -> ExpertsRecipeConfig:
-    """The recipe config from a JSON file (or the defaults) with the given non-None overrides applied."""
-    cfg = ExpertsRecipeConfig.load(config) if config is not None else ExpertsRecipeConfig()
-    o = {k: v for k, v in overrides.items() if v is not None}
-    lm = cfg.lm.replace(**{k: o.pop(k) for k in ("n_layers", "n_heads") if k in o})
-    tr = cfg.train.replace(**{k: o.pop(k) for k in ("max_steps", "batch_size", "grad_accum", "lr", "seed", "progress")
-                              if k in o})
-    return cfg.replace(lm=lm, train=tr, **o)
+def cleanup(st: ExpertsSetup, names: Sequence[str]) -> Path:
+    """The recipe's cleanup step: register the trained experts ``names`` in the run's manifest."""
+    return register_experts(st.run_dir, st.router, names)
+
+
+def build_recipe_config(config: Optional[Path], overrides: Sequence[str] | None = None, **flags: Any) -> ExpertsRecipeConfig:
+    """The recipe config from a JSON file (or the defaults), the CLI flags given (None = unset; see
+    :data:`FLAGS`), then the ``--set PATH=VALUE`` overrides (:func:`taskmoe.config.apply_overrides`)."""
+    unknown = sorted(set(flags) - set(FLAGS))
+    if unknown:
+        raise ConfigError(f"unknown experts flag(s) {unknown}; known: {sorted(FLAGS)}")
+    return load_config(ExpertsRecipeConfig, config, flags={FLAGS[k]: v for k, v in flags.items()}, overrides=overrides or ())
+
+
+FLAGS: dict[str, str] = {
+    "max_steps": "train.max_steps", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
+    "lr": "train.lr", "seed": "train.seed", "progress": "train.progress", "n_layers": "lm.n_layers",
+    "n_heads": "lm.n_heads", "seq_len": "seq_len", "lam": "lam", "neighbours": "neighbours",
+    "fine_tune_embedding": "fine_tune_embedding",
+}
+"""``train experts`` flag -> the config path it sets."""
 
 
 def train_experts(
@@ -295,6 +326,7 @@ def train_experts(
     n_layers: Optional[int] = None,
     fine_tune_embedding: Optional[bool] = None,
     config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
     seed: Optional[int] = None,
     backbone: Optional[Path] = None,
     rank: int = 16,
@@ -307,7 +339,8 @@ def train_experts(
     document trains all), around the router's shared embedding table (frozen unless
     --fine-tune-embedding). Loss (1 - λ) CE + λ L_sem with --lam λ (semantic similarity to the
     expert's own nearest training windows). --config reads an ExpertsRecipeConfig JSON; the
-    flags given override it. Writes RUN/experts/NAME/ and registers it in RUN/taskmoe.json;
+    flags given override it, and --set PATH=VALUE (repeatable, e.g. --set train.lr=3e-4
+    --set lm.attention.chunk_size=32) overrides any field last. Writes RUN/experts/NAME/ and registers it in RUN/taskmoe.json;
     checkpoints in RUN/train/experts/NAME/ (a rerun resumes). One job per expert on a cluster:
     --expert NAME. Several processes (DDP, gloo on CPU):
     accelerate launch --multi_gpu --num_processes 2 -m taskmoe.cli train experts ...
@@ -322,10 +355,10 @@ def train_experts(
         from taskmoe.training.recipes.backbone_experts import train_from_cli
 
         return train_from_cli(run, backbone, expert, source, max_docs_per_domain, rank, config, progress,
-                                      max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                                      seq_len=seq_len, seed=seed)
+                              max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len,
+                              seed=seed)
 
-    cfg = build_recipe_config(config, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+    cfg = build_recipe_config(config, set, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                               seq_len=seq_len, lam=lam, neighbours=neighbours, n_layers=n_layers,
                               fine_tune_embedding=fine_tune_embedding, seed=seed,
                               progress=None if progress else False)
@@ -334,64 +367,15 @@ def train_experts(
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress and acc.is_main_process)
     st = setup(Path(run), corpus, cfg, [expert] if expert else None, progress=progress and acc.is_main_process, log=say)
     rows = []
+    gone = pruned_names(st.run_dir)
     for name in st.data:
+        if name in gone:
+            say(f"expert {name} was pruned ({gone[name]}); skipped (delete it from 'pruned' in taskmoe.json to retrain)")
+            continue
         say(f"training expert {name} ({acc.num_processes} process(es))")
-        _, row = train_expert(name, st, accelerator=acc)
+        _, row = train(name, st, accelerator=acc)
         rows.append(row)
         if acc.is_main_process:
-            register_experts(st.run_dir, st.router, [name])
+            cleanup(st, [name])
     acc.wait_for_everyone()
     return rows
-
-
-# ------------------------------------------------------------------- joint training + pruning
-class MixtureWindows(torch.utils.data.Dataset):
-    """Windows with per-window routing weights ``(E,)`` and confidences ``(E,)`` (the fallback)."""
-
-    def __init__(self, windows: Sequence[torch.Tensor], weights: torch.Tensor, confidences: torch.Tensor | None = None) -> None:
-        if len(windows) != weights.shape[0]:
-            raise ConfigError(f"{len(windows)} windows but {weights.shape[0]} weight rows")
-        self.windows = list(windows)
-        self.weights = weights.float()
-        self.confidences = (confidences if confidences is not None else weights).float()
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.windows[i], self.weights[i], self.confidences[i]
-
-    @staticmethod
-    def collate(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        w = torch.stack([x for x, _, _ in items]).long()  # (B, T + 1)
-        return {"input_ids": w[:, :-1], "targets": w[:, 1:], "weights": torch.stack([x for _, x, _ in items]),
-                "confidences": torch.stack([x for _, _, x in items])}
-
-
-def mixture_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Token NLL of the mixture: ``-mean log sum_e w_e p_e(y_t)`` (the mixture returns log-probs)."""
-    logp = model(batch["input_ids"], batch["weights"], batch["confidences"])  # (B, T, V)
-    return lm_cross_entropy(logp, batch["targets"]), {"tokens": int(batch["targets"].numel())}
-
-
-def train_joint(mixture: RoutedMixture, data: MixtureWindows, cfg: TrainConfig, *, pruning: PruningConfig | None = None,
-                eval_data: MixtureWindows | None = None, out_dir: str | Path | None = None, resume: bool = True,
-                accelerator: Any = None) -> tuple[TrainResult, PruningCallback]:
-    """Fine-tune ``mixture`` end to end with pruning (module docstring); returns the run and the callback.
-
-    Under DDP an expert may get no rows on a process, so the default accelerator asks DDP to
-    tolerate unused parameters.
-    """
-    tracker = ContributionTracker(list(mixture.names), pruning or PruningConfig())
-    cb = PruningCallback(tracker, on_prune=mixture.prune)
-    loss = cb.wrap(mixture_loss, lambda b: mixture.contributions(b["weights"], b["confidences"]))
-    if accelerator is None:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        cuda = torch.cuda.is_available()
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda,
-                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    res = train(mixture, loss, data, cfg, eval_data=eval_data, eval_fn=mixture_loss, out_dir=out_dir, resume=resume,
-                callbacks=[cb], accelerator=accelerator)
-    return res, cb

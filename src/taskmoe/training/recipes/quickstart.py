@@ -185,7 +185,9 @@ def _samples(system: Any, corpus: Any, cfg: QuickstartConfig) -> list[dict[str, 
         out.append({"domain": p.domain, "prompt": text, "answer": a.text, "routing": tr.routing_line(),
                     "adapter": tr.adapter, "clarify": tr.clarify,
                     "disagreement": round(tr.disagreement["score"], 3) if tr.disagreement else None,
-                    "experts": [e.name for e in tr.experts]})
+                    "experts": [e.name for e in tr.experts],
+                    "crosstalk": None if tr.crosstalk is None else {"pair": tr.crosstalk["pair"], "ran": tr.crosstalk["ran"],
+                                                                    "turns": len(tr.crosstalk["turns"])}})
     return out
 
 
@@ -243,8 +245,9 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
 
     st("router", lambda: _has(out / "router"), router_stage)
 
-    def expert_names() -> list[str]:
-        return [f"c{i}" for i in range(cfg.n_categories)]
+    def expert_names() -> list[str]:  # pruned in training (manifest 'pruned') are done: they are not retrained
+        gone = {r.get("expert") for r in _manifest(out).get("pruned", {}).values()}
+        return [f"c{i}" for i in range(cfg.n_categories) if f"c{i}" not in gone]
 
     def experts_stage() -> str:
         from taskmoe.training.recipes.experts import register_experts, setup, train_expert
@@ -257,12 +260,14 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
             say(f"training expert {name}")
             _, row = train_expert(name, s)
             register_experts(out, s.router, [name])
-            parts.append(f"{name}: {row['documents']} docs, loss {row['train_loss']:.2f}")
+            parts.append(f"{name}: {row['documents']} docs, " +
+                         (f"pruned at step {row['pruned']['step']}" if "pruned" in row else f"loss {row['train_loss']:.2f}"))
         return "; ".join(parts)
 
     def experts_done() -> bool:
         m = _manifest(out)
-        return all(_has(out / "experts" / n) for n in expert_names()) and len(m.get("experts", {})) == cfg.n_categories
+        return (all(_has(out / "experts" / n) for n in expert_names())
+                and len(m.get("experts", {})) + len(m.get("pruned", {})) == cfg.n_categories)
 
     st("experts", experts_done, experts_stage)
 
@@ -301,7 +306,8 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
     def samples_stage() -> str:
         ctx["samples"] = samples = _samples(system, corpus, cfg)
         atomic_write_json(out / "reports" / "samples.json", samples)
-        return f"{len(samples)} prompts, {sum(s['clarify'] for s in samples)} clarifications"
+        talked = sum(bool(s["crosstalk"] and s["crosstalk"]["ran"]) for s in samples)
+        return f"{len(samples)} prompts, {sum(s['clarify'] for s in samples)} clarifications, {talked} cross-talks"
 
     st("samples", lambda: (out / "reports" / "samples.json").is_file(), samples_stage, always_after_change=True)
     samples = ctx.get("samples") or read_json(out / "reports" / "samples.json")

@@ -178,8 +178,8 @@ def run_backbone_quickstart(out: Path, cfg: BackboneQuickstartConfig, *, backbon
         from taskmoe.data.backbone_tokenizer import BackboneTokenizer
         from taskmoe.training.recipes.router import build_config, train_router
 
-        rc = build_config(cfg.router_encoder, str(cfg.n_categories), 256, 0, "", cfg.seed, None, Path(backbone_dir),
-                          cfg.router_layer)
+        rc = build_config(cfg.router_encoder, str(cfg.n_categories), 256, 0, "", cfg.seed, None,
+                          backbone=Path(backbone_dir), layer=cfg.router_layer)
         router = train_router(corpus, BackboneTokenizer.load(backbone_dir), rc, progress=progress, log=say,
                               backbone=base() if cfg.router_encoder == "backbone" else None)
         router.save(out / "router")

@@ -3,11 +3,11 @@
 Thin by design (setup / train / cleanup): everything the router *is* lives in
 :mod:`taskmoe.router`; this file only
 
-- **setup**: loads the corpus (the embedded default or ``--source``), loads or trains the
+- **setup** (:func:`setup`): loads the corpus (the embedded default or ``--source``), loads or trains the
   tokenizer, tokenises the train and validation splits, and builds a :class:`RouterConfig`;
-- **train**: calls :func:`taskmoe.router.fit.fit_router` with a trainer built on the shared loop
+- **train** (:func:`train` = :func:`train_router`): calls :func:`taskmoe.router.fit.fit_router` with a trainer built on the shared loop
   (:func:`loop_trainer`, used by the learned encoder's contrastive objective);
-- **cleanup**: saves the router folder (with the tokenizer) and returns a short report.
+- **cleanup** (:func:`cleanup`): saves the router folder (with the tokenizer) and returns a short report.
 
 The domain labels of the corpus are never passed to the router.
 """
@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from taskmoe.config import load_config
 from taskmoe.data.commands import DEFAULT_VOCAB_SIZE, corpus_tokenizer, get_corpus
 from taskmoe.data.corpus import Corpus
 from taskmoe.data.tokenizer import Tokenizer
@@ -71,10 +72,11 @@ def setup(
 
 def build_config(
     encoder: str, n_categories: str, d_model: int, steps: int, pretrained_path: str, seed: int, config: Optional[Path],
+    overrides: Sequence[str] = (),
     backbone: Optional[Path] = None, layer: Optional[int] = None,
 ) -> RouterConfig:
-    """The RouterConfig from a JSON file (``--config``) or the defaults, with the CLI's overrides applied."""
-    cfg = RouterConfig.load(config) if config is not None else RouterConfig()
+    """The RouterConfig from a JSON file (``--config``) or the defaults, with the CLI's flags applied,
+    then the ``--set PATH=VALUE`` overrides (:func:`taskmoe.config.apply_overrides`)."""
     n_cat: int | str
     if n_categories == "auto":
         n_cat = "auto"
@@ -83,14 +85,10 @@ def build_config(
             n_cat = int(n_categories)
         except ValueError:
             raise ConfigError(f"n_categories must be an integer or 'auto', got {n_categories!r}") from None
-    return cfg.replace(
-        encoder=encoder,
-        learned=cfg.learned.replace(d_model=d_model, steps=steps, seed=seed),
-        pretrained=cfg.pretrained.replace(path=pretrained_path) if pretrained_path else cfg.pretrained,
-        backbone=cfg.backbone.replace(**({"path": str(backbone)} if backbone is not None else {}),
-                                      **({"layer": layer} if layer is not None else {})),
-        clustering=cfg.clustering.replace(n_categories=n_cat, seed=seed),
-    )
+    flags = {"encoder": encoder, "learned.d_model": d_model, "learned.steps": steps, "learned.seed": seed,
+             "pretrained.path": pretrained_path or None, "clustering.n_categories": n_cat, "clustering.seed": seed,
+             "backbone.path": None if backbone is None else str(backbone), "backbone.layer": layer}
+    return load_config(RouterConfig, config, flags=flags, overrides=overrides)
 
 
 def train_router(
@@ -119,6 +117,7 @@ def route_fit(
     backbone: Optional[Path] = None,
     layer: Optional[int] = None,
     config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
     train_dir: Optional[Path] = None,
     seed: int = 0,
     progress: bool = True,
@@ -131,14 +130,25 @@ def route_fit(
     the one experts share), tfidf (c-BTM baseline), pretrained (--pretrained-path, local only) or
     backbone (--backbone DIR: mean-pooled hidden states of block --layer of the backbone, with the
     backbone's tokenizer; any encoder given --backbone uses the backbone's tokenizer).
-    --config reads a RouterConfig JSON; the flags above override it. The folder OUT holds the
-    router and its tokenizer.json.
+    --config reads a RouterConfig JSON; the flags above override it, and --set PATH=VALUE
+    (repeatable, e.g. --set classifier.epochs=50 --set policy.k=2) overrides any field last.
+    The folder OUT holds the router and its tokenizer.json.
     """
     if encoder == "backbone" and backbone is None:
         raise ConfigError("--encoder backbone needs --backbone DIR (a folder made by `taskmoe backbone import`)")
-    cfg = build_config(encoder, n_categories, d_model, steps, pretrained_path, seed, config, backbone, layer)
+    cfg = build_config(encoder, n_categories, d_model, steps, pretrained_path, seed, config, set or (),
+                       backbone=backbone, layer=layer)
     corpus, tok = setup(source, tokenizer, vocab_size, max_docs_per_domain, progress, backbone)
     router = train_router(corpus, tok, cfg, train_dir=train_dir, progress=progress, log=print if progress else (lambda s: None))
+    return cleanup(router, out, cfg)
+
+
+train = train_router
+"""The recipe's train step (setup / train / cleanup)."""
+
+
+def cleanup(router: Router, out: Path, cfg: RouterConfig) -> dict[str, Any]:
+    """Save the router folder (with its tokenizer) and return the summary row."""
     path = router.save(out)
     rep = router.report
     row: dict[str, Any] = {

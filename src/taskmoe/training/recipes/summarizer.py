@@ -1,7 +1,7 @@
 """Summarizer recipe: fusion data -> expert drafts (cached) -> train the SSM summarizer; then the
 coding LoRA adapter and the intent head. Thin setup/train/cleanup over the shared loop.
 
-Steps (:func:`run`):
+Steps (:func:`run` = :func:`setup` (1-3) -> :func:`train` (4-6) -> :func:`cleanup` (7)):
 
 1. **Pairs** (:func:`taskmoe.summarizer.examples.fusion_pairs`): corpus documents -> (prompt,
    target) token ids: prefix -> true continuation, dialogue turn -> reply.
@@ -10,7 +10,7 @@ Steps (:func:`run`):
    ``<out>/drafts.jsonl`` keyed by prompt/expert/weights/settings hash.
 3. **Fusion sequences** (:class:`taskmoe.summarizer.fuser.FusionFormat`): prompt + drafts (most
    confident first, confidence in the header) + answer; loss only on the answer.
-4. **Train** the summarizer autoregressively with :func:`taskmoe.training.loop.train` and
+4. **Train** the summarizer autoregressively (:func:`train_fusion`) with :func:`taskmoe.training.loop.train` and
    :func:`fusion_loss` (token cross-entropy on answer positions); save it with
    :func:`taskmoe.models.checkpoint.save_lm` *before* any adapter is injected, so the summarizer
    file holds the base weights only.
@@ -30,7 +30,6 @@ built summarizer) is passed in; the CLI / quickstart assemble them.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,7 +47,7 @@ from taskmoe.summarizer.examples import FusionPair, fusion_pairs
 from taskmoe.summarizer.fuser import FusedSequence, FusionFormat, collate
 from taskmoe.summarizer.intent import IntentClassifier, domain_intents, pooled_hidden
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.loop import TrainResult, train
+from taskmoe.training.loop import TrainResult, train as train_loop
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 
 __all__ = [
@@ -57,17 +56,17 @@ __all__ = [
     "fusion_loss",
     "answer_perplexity",
     "build_sequences",
-    "train_summarizer",
+    "train_fusion",
     "train_code_adapter",
     "fit_intent",
+    "FusionData",
+    "setup",
+    "train",
+    "cleanup",
     "run",
 ]
 
 ADAPTER = "code"
-
-
-def _sub(factory: Any, help: str) -> Any:
-    return dataclasses.field(default_factory=factory, metadata={"help": help})
 
 
 @dataclass
@@ -88,10 +87,10 @@ class SummarizerRecipeConfig(Config):
     intent_C: float = doc(1.0, "inverse L2 strength of the intent logistic regression")
     fine_tune_embedding: bool = doc(False, "train the summarizer's token embedding; by default it is the router's "
                                     "shared table, kept frozen and not stored in the summarizer folder")
-    train: TrainConfig = _sub(lambda: TrainConfig(max_steps=300, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=100),
-                              "training of the summarizer on fusion sequences")
-    adapter_train: TrainConfig = _sub(lambda: TrainConfig(max_steps=100, batch_size=8, lr=2e-3, warmup_steps=10, eval_every=50),
-                                      "training of the coding adapter on code-domain fusion sequences")
+    train: TrainConfig = doc(TrainConfig(max_steps=300, batch_size=8, lr=1e-3, warmup_steps=20, eval_every=100),
+                             "training of the summarizer on fusion sequences")
+    adapter_train: TrainConfig = doc(TrainConfig(max_steps=100, batch_size=8, lr=2e-3, warmup_steps=10, eval_every=50),
+                                     "training of the coding adapter on code-domain fusion sequences")
 
     def validate(self) -> None:
         for f in ("prompt_tokens", "target_tokens", "draft_tokens", "max_len", "max_replies_per_doc",
@@ -152,14 +151,16 @@ def answer_perplexity(model: nn.Module, data: FusionDataset, batch_size: int = 1
 
 
 # ---------------------------------------------------------------------------- training
-def train_summarizer(model: nn.Module, data: FusionDataset, cfg: TrainConfig, *, eval_data: FusionDataset | None = None,
-                     out_dir: str | Path | None = None, freeze_embedding: bool = True) -> TrainResult:
-    """Train the summarizer on fusion sequences; the (shared) embedding stays frozen unless told otherwise."""
+def train_fusion(model: nn.Module, data: FusionDataset, cfg: TrainConfig, *, eval_data: FusionDataset | None = None,
+                 out_dir: str | Path | None = None, freeze_embedding: bool = True) -> TrainResult:
+    """Train the summarizer LM on fusion sequences with the shared loop; the (shared) embedding stays
+    frozen unless told otherwise. (The ``train summarizer`` command is
+    :func:`taskmoe.training.recipes.summarizer_run.train_summarizer`.)"""
     emb = model.embedding.weight
     was = emb.requires_grad
     emb.requires_grad_(not freeze_embedding)
     try:
-        return train(model, fusion_loss, data, cfg, eval_data=eval_data, out_dir=out_dir)
+        return train_loop(model, fusion_loss, data, cfg, eval_data=eval_data, out_dir=out_dir)
     finally:
         emb.requires_grad_(was)
 
@@ -176,7 +177,7 @@ def train_code_adapter(model: nn.Module, data: FusionDataset, cfg: SummarizerRec
     mark_only_adapter_trainable(model, ADAPTER)
     try:
         with use_adapter(model, ADAPTER):
-            result = train(model, fusion_loss, data, cfg.adapter_train, eval_data=eval_data, out_dir=out_dir)
+            result = train_loop(model, fusion_loss, data, cfg.adapter_train, eval_data=eval_data, out_dir=out_dir)
     finally:
         for n, p in model.named_parameters():
             if n in flags and ".lora_" not in n:
@@ -204,7 +205,78 @@ def fit_intent(model: nn.Module, train_pairs: Sequence[FusionPair], fmt: FusionF
     return clf, acc
 
 
-# --------------------------------------------------------------------------------- run
+# ------------------------------------------------------------------ setup / train / cleanup
+@dataclass
+class FusionData:
+    """What :func:`setup` prepares: the fusion pairs, their sequences (with drafts) and the format."""
+
+    fmt: FusionFormat
+    pad_id: int
+    train_pairs: list[FusionPair]
+    val_pairs: list[FusionPair]
+    train: FusionDataset
+    val: FusionDataset | None
+
+
+def setup(corpus: Any, tokenizer: Any, drafter: Drafter, out_dir: str | Path, cfg: SummarizerRecipeConfig, *,
+          progress: bool = True) -> FusionData:
+    """Steps 1-3 of the module docstring: pairs, (cached) drafts, fusion sequences."""
+    if drafter.cache is None:
+        drafter.cache = DraftCache(Path(out_dir) / "drafts.jsonl")
+    fmt = FusionFormat(tokenizer, max_len=cfg.max_len)
+    kw = dict(prompt_tokens=cfg.prompt_tokens, target_tokens=cfg.target_tokens, max_replies_per_doc=cfg.max_replies_per_doc)
+    train_pairs = fusion_pairs(corpus.train, tokenizer, **kw)
+    val_pairs = fusion_pairs(corpus.validation, tokenizer, **kw)
+    if not train_pairs:
+        raise DataError("summarizer recipe: the corpus's train split gave no fusion pairs")
+    pad = tokenizer.pad_id
+    train_ds = build_sequences(train_pairs, drafter.draft([p.prompt for p in train_pairs], progress=progress), fmt, pad)
+    val_ds = (build_sequences(val_pairs, drafter.draft([p.prompt for p in val_pairs], progress=progress), fmt, pad)
+              if val_pairs else None)
+    return FusionData(fmt, pad, train_pairs, val_pairs, train_ds, val_ds)
+
+
+def train(model: nn.Module, data: FusionData, out_dir: str | Path, cfg: SummarizerRecipeConfig) -> dict[str, Any]:
+    """Steps 4-6: the summarizer (saved before any adapter exists), the coding adapter, the intent
+    head, each saved under ``out_dir/summarizer/``; returns the report so far."""
+    from taskmoe.models.checkpoint import save_lm
+
+    out = Path(out_dir)
+    result = train_fusion(model, data.train, cfg.train, eval_data=data.val, out_dir=out / "train_summarizer",
+                          freeze_embedding=not cfg.fine_tune_embedding)
+    save_lm(model, out / "summarizer", kind="summarizer", include_embedding=cfg.fine_tune_embedding,
+            meta={"recipe": cfg.to_dict(), "steps": result.steps})
+    report: dict[str, Any] = {"fusion_pairs": {"train": len(data.train_pairs), "validation": len(data.val_pairs)},
+                              "summarizer_final_loss": result.losses[-1] if result.losses else None}
+    if data.val is not None:
+        report["val_answer_ppl"] = answer_perplexity(model, data.val)
+
+    code_train = data.train.subset(cfg.code_domain)
+    code_val = data.val.subset(cfg.code_domain) if data.val is not None and cfg.code_domain in data.val.domains else None
+    if code_val is not None:
+        report["code_answer_ppl_base"] = answer_perplexity(model, code_val)
+    names, ares = train_code_adapter(model, code_train, cfg, eval_data=code_val, out_dir=out / "train_code_adapter")
+    save_adapter(model, out / "summarizer" / "adapters" / ADAPTER, ADAPTER, meta={"steps": ares.steps})
+    report["adapter_modules"] = names
+    if code_val is not None:
+        with use_adapter(model, ADAPTER):
+            report["code_answer_ppl_adapter"] = answer_perplexity(model, code_val)
+
+    clf, acc = fit_intent(model, data.train_pairs, data.fmt, data.pad_id, code_domain=cfg.code_domain, C=cfg.intent_C,
+                          eval_pairs=data.val_pairs)
+    clf.save(out / "summarizer" / "intent")
+    report["intent_val_accuracy"] = acc
+    return report
+
+
+def cleanup(report: dict[str, Any], drafter: Drafter, out_dir: str | Path) -> dict[str, Any]:
+    """Step 7: add the draft-cache counts and write ``out_dir/summarizer_report.json``."""
+    cache = drafter.cache
+    report["draft_cache"] = {"entries": len(cache), "hits": cache.hits, "misses": cache.misses} if cache is not None else None
+    atomic_write_json(Path(out_dir) / "summarizer_report.json", report)
+    return report
+
+
 def run(
     model: nn.Module,
     corpus: Any,
@@ -215,48 +287,9 @@ def run(
     *,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The whole recipe (module docstring): writes ``summarizer/``, ``summarizer/adapters/code/``,
-    ``summarizer/intent/``, ``drafts.jsonl`` and ``summarizer_report.json`` under ``out_dir``."""
-    from taskmoe.models.checkpoint import save_lm
-
+    """The whole recipe, :func:`setup` -> :func:`train` -> :func:`cleanup`: writes ``summarizer/``,
+    ``summarizer/adapters/code/``, ``summarizer/intent/``, ``drafts.jsonl`` and
+    ``summarizer_report.json`` under ``out_dir``."""
     cfg = cfg or SummarizerRecipeConfig()
-    out = Path(out_dir)
-    if drafter.cache is None:
-        drafter.cache = DraftCache(out / "drafts.jsonl")
-    fmt = FusionFormat(tokenizer, max_len=cfg.max_len)
-    kw = dict(prompt_tokens=cfg.prompt_tokens, target_tokens=cfg.target_tokens, max_replies_per_doc=cfg.max_replies_per_doc)
-    train_pairs = fusion_pairs(corpus.train, tokenizer, **kw)
-    val_pairs = fusion_pairs(corpus.validation, tokenizer, **kw)
-    if not train_pairs:
-        raise DataError("summarizer recipe: the corpus's train split gave no fusion pairs")
-    train_ds = build_sequences(train_pairs, drafter.draft([p.prompt for p in train_pairs], progress=progress), fmt, tokenizer.pad_id)
-    val_ds = (build_sequences(val_pairs, drafter.draft([p.prompt for p in val_pairs], progress=progress), fmt, tokenizer.pad_id)
-              if val_pairs else None)
-
-    result = train_summarizer(model, train_ds, cfg.train, eval_data=val_ds, out_dir=out / "train_summarizer",
-                              freeze_embedding=not cfg.fine_tune_embedding)
-    save_lm(model, out / "summarizer", kind="summarizer", include_embedding=cfg.fine_tune_embedding,
-            meta={"recipe": cfg.to_dict(), "steps": result.steps})
-    report: dict[str, Any] = {"fusion_pairs": {"train": len(train_pairs), "validation": len(val_pairs)},
-                              "summarizer_final_loss": result.losses[-1] if result.losses else None}
-    if val_ds is not None:
-        report["val_answer_ppl"] = answer_perplexity(model, val_ds)
-
-    code_train = train_ds.subset(cfg.code_domain)
-    code_val = val_ds.subset(cfg.code_domain) if val_ds is not None and cfg.code_domain in val_ds.domains else None
-    if code_val is not None:
-        report["code_answer_ppl_base"] = answer_perplexity(model, code_val)
-    names, ares = train_code_adapter(model, code_train, cfg, eval_data=code_val, out_dir=out / "train_code_adapter")
-    save_adapter(model, out / "summarizer" / "adapters" / ADAPTER, ADAPTER, meta={"steps": ares.steps})
-    report["adapter_modules"] = names
-    if code_val is not None:
-        with use_adapter(model, ADAPTER):
-            report["code_answer_ppl_adapter"] = answer_perplexity(model, code_val)
-
-    clf, acc = fit_intent(model, train_pairs, fmt, tokenizer.pad_id, code_domain=cfg.code_domain, C=cfg.intent_C,
-                          eval_pairs=val_pairs)
-    clf.save(out / "summarizer" / "intent")
-    report["intent_val_accuracy"] = acc
-    report["draft_cache"] = {"entries": len(drafter.cache), "hits": drafter.cache.hits, "misses": drafter.cache.misses}
-    atomic_write_json(out / "summarizer_report.json", report)
-    return report
+    data = setup(corpus, tokenizer, drafter, out_dir, cfg, progress=progress)
+    return cleanup(train(model, data, out_dir, cfg), drafter, out_dir)

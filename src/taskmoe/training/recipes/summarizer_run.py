@@ -22,12 +22,12 @@ from a run folder that already has a router and experts, then registers the resu
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from taskmoe.config import load_config
 from taskmoe.errors import CheckpointError, DataError
 from taskmoe.eval.fusion import calibrate_disagreement, heldout_pairs
 from taskmoe.experts.expert_lm import expert_loader
@@ -68,17 +68,18 @@ def summarizer_drafter(run_dir: Path, cfg: SummarizerRecipeConfig, pipeline: Pip
     if router.embedding is None or router.tokenizer is None:
         raise CheckpointError(f"{res.router}: the summarizer needs a router with a learned (shared) embedding table "
                               "and its tokenizer.json")
-    missing = [c for i, c in enumerate(router.categories) if i not in res.experts]
+    router.unavailable = frozenset(res.pruned)  # pruned in training: routed to the remaining experts
+    missing = [c for i, c in enumerate(router.categories) if i not in res.experts and i not in res.pruned]
     if missing:
         raise CheckpointError(f"{res.run_dir / MANIFEST_FILE}: categories {missing} have no expert yet "
                               "(run `taskmoe train experts` first)")
     store = ExpertStore(expert_loader(router.embedding), exclude_shared=[router.embedding.weight])
     expert_of, prints = {}, {}
-    for i, c in enumerate(router.categories):
-        folder = res.experts[i]
-        store.register(folder.name, folder)
-        expert_of[c] = folder.name
-        prints[folder.name] = folder_fingerprint(folder)
+    for i, folder in sorted(res.experts.items()):
+        name = res.expert_name(i)
+        store.register(name, folder)
+        expert_of[router.categories[i]] = name
+        prints[name] = folder_fingerprint(folder)
     tok = router.tokenizer
     drafter = Drafter(router, store, draft_generator(tok.eos_id, pipeline.draft_repetition_penalty), bos_id=tok.bos_id,
                       max_new_tokens=cfg.draft_tokens, batch_size=cfg.draft_batch_size, expert_of=expert_of,
@@ -140,6 +141,7 @@ def train_summarizer(
     max_len: Optional[int] = None,
     calibrate: bool = True,
     config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -152,21 +154,20 @@ def train_summarizer(
     adapter is trained on the code domain and an intent head (code vs other) is fitted on the
     summarizer's pooled prompt states. --calibrate picks the disagreement threshold on
     validation prompts (natural vs planted draft conflicts). --config reads a
-    SummarizerRecipeConfig JSON; the flags given override it. Writes RUN/summarizer/ and
-    registers it in RUN/taskmoe.json; a rerun resumes training and reuses cached drafts.
+    SummarizerRecipeConfig JSON; the flags given override it, and --set PATH=VALUE (repeatable,
+    e.g. --set adapter_rank=4 --set train.lr=3e-4) overrides any field last. Writes
+    RUN/summarizer/ and registers it in RUN/taskmoe.json; a rerun resumes training and reuses
+    cached drafts.
     """
     from taskmoe.data.commands import get_corpus
 
-    cfg = SummarizerRecipeConfig.load(config) if config is not None else SummarizerRecipeConfig()
-    o = {k: v for k, v in dict(draft_tokens=draft_tokens, prompt_tokens=prompt_tokens, target_tokens=target_tokens,
-                               max_len=max_len).items() if v is not None}
-    t = {k: v for k, v in dict(max_steps=steps, batch_size=batch_size, lr=lr).items() if v is not None}
-    cfg = cfg.replace(train=cfg.train.replace(seed=seed, progress=progress, **t),
-                      adapter_train=cfg.adapter_train.replace(seed=seed, progress=progress,
-                                                              **({"max_steps": adapter_steps} if adapter_steps else {})),
-                      **o)
+    flags = {"draft_tokens": draft_tokens, "prompt_tokens": prompt_tokens, "target_tokens": target_tokens,
+             "max_len": max_len, "train.max_steps": steps, "train.batch_size": batch_size, "train.lr": lr,
+             "train.seed": seed, "train.progress": progress, "adapter_train.max_steps": adapter_steps or None,
+             "adapter_train.seed": seed, "adapter_train.progress": progress}
+    cfg = load_config(SummarizerRecipeConfig, config, flags=flags, overrides=set or ())
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
-    report = train_summarizer_run(Path(run), corpus, cfg, lm=dataclasses.replace(SUMMARIZER_LM, n_layers=n_layers),
+    report = train_summarizer_run(Path(run), corpus, cfg, lm=SUMMARIZER_LM.replace(n_layers=n_layers),
                                   seed=seed, progress=progress)
     row: dict[str, Any] = {"run": str(run), **{k: v for k, v in report.items() if not isinstance(v, (dict, list))}}
     if calibrate:

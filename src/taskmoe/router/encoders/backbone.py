@@ -42,10 +42,9 @@ from torch import nn
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import ConfigError
 from taskmoe.layers.lora import lora_layers, use_adapter
-from taskmoe.router import encoders as _registry
-from taskmoe.router.encoders import NotFittedError, Seqs, Trainer
+from taskmoe.router.encoders.base import NotFittedError, Seqs, Trainer, normalize_rows
 
-__all__ = ["BackboneEncoderConfig", "BackboneEncoder", "pool_hidden"]
+__all__ = ["BackboneEncoderConfig", "BackboneEncoder", "pool_hidden", "attach_backbone"]
 
 
 @dataclass
@@ -146,7 +145,7 @@ class BackboneEncoder:
             raise NotFittedError("backbone encoder is not fitted (call fit or load a router folder)")
         x = self._raw(seqs) - self.mean
         x[~self.readable(seqs)] = 0.0
-        return _registry._normalize(x)
+        return normalize_rows(x)
 
     def readable(self, seqs: Seqs) -> np.ndarray:
         return np.array([len(s) > 0 for s in seqs], dtype=bool)
@@ -166,10 +165,6 @@ class BackboneEncoder:
             raise ConfigError("backbone encoder: saved router has no encoder.mean tensor")
         enc.mean = tensors["mean"].float().numpy()
         return enc
-
-
-_registry.ENCODERS[BackboneEncoder.kind] = BackboneEncoder
-_registry.CONFIGS[BackboneEncoder.kind] = BackboneEncoderConfig
 
 
 def attach_backbone(router: Any, model: nn.Module) -> None:

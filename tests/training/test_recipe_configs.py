@@ -1,0 +1,98 @@
+"""Uniform recipes: the one dotted-override helper, and every recipe's config + setup/train/cleanup."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Optional
+
+import pytest
+from typer.testing import CliRunner
+
+from taskmoe.config import Config, apply_overrides, load_config
+from taskmoe.errors import ConfigError
+from taskmoe.training.recipes.crosstalk import CrosstalkRecipeConfig
+from taskmoe.training.recipes.doe import DOERecipeConfig, recipe_config
+from taskmoe.training.recipes.experts import ExpertsRecipeConfig
+
+RECIPES = {
+    "router": "RouterConfig", "experts": "ExpertsRecipeConfig", "summarizer": "SummarizerRecipeConfig",
+    "crosstalk": "CrosstalkRecipeConfig", "doe": "DOERecipeConfig",
+}
+
+
+def test_dotted_text_overrides_parse_as_the_field_type() -> None:
+    cfg = apply_overrides(ExpertsRecipeConfig(), ["train.lr=3e-4", "lm.attention.chunk_size=32", "lam=0.5",
+                                                  "fine_tune_embedding=true", "train.betas=[0.8, 0.9]"])
+    assert cfg.train.lr == 3e-4 and cfg.lm.attention.chunk_size == 32 and cfg.lam == 0.5
+    assert cfg.fine_tune_embedding is True and cfg.train.betas == (0.8, 0.9)
+    assert ExpertsRecipeConfig().train.lr == 1e-3  # defaults untouched (each instance owns its sub-configs)
+
+
+def test_typed_flags_skip_unset_and_sets_win() -> None:
+    cfg = load_config(CrosstalkRecipeConfig, flags={"train.max_steps": 7, "gan.reward": None},
+                      overrides=["train.max_steps=9"])
+    assert cfg.train.max_steps == 9 and cfg.gan.reward == CrosstalkRecipeConfig().gan.reward
+
+
+@pytest.mark.parametrize("bad,match", [
+    (["train.lrr=1"], r"TrainConfig has no field 'lrr'"),
+    (["lam.x=1"], r"ExpertsRecipeConfig.lam is not a config"),
+    (["lam"], r"expected PATH=VALUE"),
+    (["train.max_steps=many"], r"cannot read 'many' as int"),
+    (["lam=2"], r"experts.lam"),  # nested validation runs again
+    (["lm.attention.normalize=true"], r"positive feature map"),
+])
+def test_override_errors_name_the_path(bad, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(ExpertsRecipeConfig(), bad)
+
+
+def test_config_file_then_flags_then_sets(tmp_path) -> None:
+    path = tmp_path / "doe.json"
+    DOERecipeConfig(seq_len=64, prompt_len=8).save(path)
+    cfg = recipe_config(path, ["model.tau=0.25"], experts=2, steps=40, d_model=None)
+    assert (cfg.seq_len, cfg.prompt_len, cfg.model.tau) == (64, 8, 0.25)
+    assert cfg.model.experts == ["e0", "e1"] and cfg.train.max_steps == 40 and cfg.train.warmup_steps == 2
+    assert cfg.model.lm.d_model == 128
+    assert DOERecipeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_set_is_repeatable() -> None:
+    from taskmoe.cli import build_app
+
+    seen = {}
+
+    def cmd(set: Optional[list[str]] = None) -> None:
+        """A command with --set."""
+        seen["cfg"] = apply_overrides(ExpertsRecipeConfig(), set or ())
+
+    r = CliRunner().invoke(build_app({"x": cmd}), ["--set", "seq_len=16", "--set", "train.seed=3"])
+    assert r.exit_code == 0, r.output
+    assert seen["cfg"].seq_len == 16 and seen["cfg"].train.seed == 3
+
+
+@pytest.mark.parametrize("module,config", sorted(RECIPES.items()))
+def test_every_recipe_has_one_shape(module, config) -> None:
+    mod = importlib.import_module(f"taskmoe.training.recipes.{module}")
+    for step in ("setup", "train", "cleanup"):
+        assert callable(getattr(mod, step, None)), f"recipes/{module}.py has no {step}()"
+    cls = getattr(mod, config) if hasattr(mod, config) else getattr(importlib.import_module("taskmoe.router.fit"), config)
+    assert issubclass(cls, Config)
+
+    def walk(c: type, where: str) -> None:
+        for f in dataclasses.fields(c):
+            assert f.metadata.get("help"), f"{where}.{f.name} has no help text"
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(default, Config):
+                walk(type(default), f"{where}.{f.name}")
+
+    walk(cls, cls.__name__)
+
+
+def test_one_public_train_summarizer() -> None:
+    from taskmoe.cli.table import COMMANDS
+    from taskmoe.training.recipes import summarizer, summarizer_run
+
+    assert not hasattr(summarizer, "train_summarizer")
+    assert COMMANDS["train summarizer"] is summarizer_run.train_summarizer
