@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from taskmoe.data.backbone_tokenizer import BackboneTokenizer
 from taskmoe.inference.generate import generate_rows
 from taskmoe.inference.rowwise import EnsembleLM
 from taskmoe.inference.stages.base import Call, Row
@@ -33,7 +34,7 @@ def lm_input(tok: Any, ids: list[int]) -> list[int]:
     """What the experts decode from: ``<|bos|> prompt``, or, with a pretrained backbone's tokenizer
     (experts are its LoRA adapters), the prompt as a user turn of its chat template, which an
     instruct backbone answers."""
-    if hasattr(tok, "encode_chat"):
+    if isinstance(tok, BackboneTokenizer):
         return list(tok.encode_chat([{"role": "user", "content": tok.decode(list(ids))}]))
     return [tok.bos_id, *ids]
 
