@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--legal", default="/work/shared/data/legal_qa/legalbench")
+    ap.add_argument("--legal-items", type=int, default=0, help="score only the first N hearsay / rule_qa items (0 = all)")
+    ap.add_argument("--shots", type=int, default=5, help="hearsay few-shot examples from train.tsv (0-5)")
     args = parse_bench_args(ap, argv)
     if args.quick:
         args.steps, args.eval_windows, args.max_docs_per_domain = 2, 2, 20
@@ -173,11 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     legal_rows = []
     legal = Path(args.legal)
     if (legal / "hearsay" / "test.tsv").is_file():
-        shots = read_tsv(legal / "hearsay" / "train.tsv")
+        shots = read_tsv(legal / "hearsay" / "train.tsv")[: args.shots]
         test = read_tsv(legal / "hearsay" / "test.tsv")
         qa = read_tsv(legal / "rule_qa" / "test.tsv")
         if args.quick:
             test, qa = test[:6], qa[:4]
+        if args.legal_items:
+            step = max(1, len(test) // args.legal_items)  # evenly spaced: the file is sorted by slice
+            test, qa = test[::step][: args.legal_items], qa[: args.legal_items]
         yes, no = tok.encode("Yes")[:1], tok.encode("No")[:1]
         for label, pick in (("base", lambda text: base_scorer(base)),
                             ("routed", lambda text: scorers[names[router.route_batch([tok.encode(text)])[0].top]])):
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{(time.perf_counter() - t_start) / 60:.1f} min.\n\n" + md_table(rows)
         + f"\n\nGoal (b) < (a) by >= 15% on every domain: met on {wins_b} of {len(rows)}; (b) < (c) on >= 3 of 4: "
         f"met on {wins_c} of {len(rows)}.\n"
-        + ("\nLegalBench (hearsay: few-shot, Yes/No log-probability of the first assistant token; rule_qa: reference "
+        + (f"\nLegalBench (hearsay: {args.shots}-shot, Yes/No log-probability of the first assistant token; rule_qa: reference "
            "answer log-likelihood per token as the assistant's turn; the routed system scores with the expert the "
            "router picks for the question):\n\n" + md_table(legal_rows) if legal_rows else "")
     )
