@@ -15,7 +15,10 @@ Ragged prompts, exactly: left-padding would feed pad tokens into convolution buf
 states (and shift positions), so it is not exact. Instead prompts are **prefilled in groups of
 equal length** (one batched forward per distinct length, no padding at all), then the groups'
 states are concatenated (fixed-size recurrent states stack directly; KV caches keep per-row
-lengths and mask the unused slots) and **decoded together**, one token per row per step. A row
+lengths and mask the unused slots) and **decoded together**, one token per row per step. (A model
+with only attention mixers, ``model.supports_padded_prefill``, is instead prefilled in one
+right-padded forward with per-row ``lengths``: exact for causal attention, one weight pass instead
+of one per length.) A row
 that emits a stop token, reaches its ``max_new_tokens`` or is halted by its ``emit`` is dropped
 from the batch (``state.select``), so finished rows cost nothing, and no forward is run for a
 token nobody will sample. Greedy results for each row equal running that row alone (tested).
@@ -128,6 +131,8 @@ def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[
     groups: dict[int, list[int]] = defaultdict(list)
     for i in rows:
         groups[len(prompts[i])].append(i)
+    if len(groups) > 1 and getattr(model, "supports_padded_prefill", False):
+        return _prefill_padded(model, prompts, rows, device, side)
     order, states, logits = [], [], []
     with torch.inference_mode():
         for length in sorted(groups):
@@ -141,6 +146,22 @@ def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[
         state = states[0] if len(states) == 1 else type(states[0]).cat(states)
         vocab = logits[0].shape[-1]
         return _Batch(order, state, torch.cat(logits), seen_mask([prompts[i] for i in order], vocab, device))
+
+
+def _prefill_padded(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[int], device: torch.device,
+                    side: Sequence[Any] | None = None) -> _Batch:
+    """All rows in one right-padded forward, for models that say ``supports_padded_prefill`` (exact:
+    attention-only models, see :class:`~taskmoe.models.CausalLM`)."""
+    rows = list(rows)
+    lengths = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.long, device=device)  # (B,)
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)  # (B, T), 0 = padding
+    for j, i in enumerate(rows):
+        ids[j, : len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
+    with torch.inference_mode():
+        state = model.init_state(len(rows)) if side is None else model.init_state(len(rows), side=[side[i] for i in rows])
+        out = model(ids, state, logits_to_keep=1, lengths=lengths)
+        logits = out.logits[:, -1]  # (B, V)
+        return _Batch(rows, out.state, logits, seen_mask([prompts[i] for i in rows], logits.shape[-1], device))
 
 
 def _draw(batch: _Batch, cfgs: Sequence[GenerationConfig], generators: Sequence[torch.Generator | None]) -> torch.Tensor:
