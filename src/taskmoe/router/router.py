@@ -265,6 +265,9 @@ class Router:
         }  # fmt: skip
         if self.tokenizer is not None:
             extra[TOKENIZER_FILE] = lambda p: p.write_text(self.tokenizer.to_str(), encoding="utf-8")
+            if hasattr(self.tokenizer, "chat_template"):  # a backbone's tokenizer: its config travels with it
+                extra["tokenizer_config.json"] = lambda p: atomic_write_json(
+                    p, {**self.tokenizer.config, "chat_template": self.tokenizer.chat_template})
         config = {
             "encoder_kind": self.encoder.kind,
             "encoder": self.encoder.config_dict(),
@@ -285,9 +288,11 @@ class Router:
             if key not in cfg:
                 raise CheckpointError(f"{comp.folder / 'config.json'}: router config lacks {key!r}")
         if tokenizer is None and (comp.folder / TOKENIZER_FILE).is_file():
+            from taskmoe.data.backbone_tokenizer import BackboneTokenizer, is_backbone_tokenizer_dir
             from taskmoe.data.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.load(comp.folder / TOKENIZER_FILE)
+            tokenizer = (BackboneTokenizer.load(comp.folder) if is_backbone_tokenizer_dir(comp.folder)
+                         else Tokenizer.load(comp.folder / TOKENIZER_FILE))
         weights = comp.tensors()
         enc_t = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
         head_t = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
