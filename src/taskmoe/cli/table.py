@@ -13,6 +13,7 @@ from taskmoe.inference.commands import chat, generate_text
 from taskmoe.models.backbones.load import import_backbone
 from taskmoe.router.commands import route_predict
 from taskmoe.serving.serve import serve
+from taskmoe.training.recipes.backbone_experts import experts_add
 from taskmoe.training.recipes.crosstalk import train_crosstalk
 from taskmoe.training.recipes.dpo import train_dpo
 from taskmoe.training.recipes.doe import add_expert as doe_add_expert, doe_report, train_doe
@@ -48,6 +49,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "train dpo": train_dpo,
     "doctor": doctor,
     "backbone import": import_backbone,
+    "experts add": experts_add,
     "train modality": train_modality,
 }
 
@@ -58,5 +60,6 @@ GROUP_HELP: dict[str, str] = {
     "route": "Fit the router, route a text, or report routing quality.",
     "eval": "Evaluate trained components (perplexity matrices and plots) or a model on legal tasks.",
     "doe": "Fused experts: report a DOE model's routing or add an expert to it.",
+    "experts": "Experts of a backbone system: register a PEFT LoRA adapter trained elsewhere.",
     "backbone": "Pretrained backbones: import a GGUF file or a local Hugging Face folder as a backbone folder.",
 }
