@@ -164,7 +164,8 @@ def train_expert(name: str, st: BackboneExpertsSetup, *, accelerator: Any = None
         p.requires_grad_(False)
     last = res.eval_history[-1] if res.eval_history else {}
     row: dict[str, Any] = {
-        "expert": name, "documents": len(st.assignment.docs[name]), "windows": len(windows), "steps": res.steps,
+        "expert": name, "documents": len(st.assignment.docs.get(name, range(st.assignment.total))),
+        "windows": len(windows), "steps": res.steps,
         "train_loss": res.losses[-1] if res.losses else None,
         "val_ppl": float(torch.tensor(last["eval_ce"]).exp()) if "eval_ce" in last else None,
         "adapter_parameters": sum(p.numel() for p in model.parameters()),
