@@ -56,6 +56,7 @@ from taskmoe.experts.semantic_loss import (
     expected_embedding,
     semantic_similarity_loss,
 )
+from taskmoe.eval.nll import perplexity
 from taskmoe.io import read_json
 from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds, manifest_lock
 from taskmoe.models.config import ExpertLMConfig
@@ -237,7 +238,7 @@ def train(name: str, st: ExpertsSetup, *, accelerator: Any = None, resume: bool 
     row: dict[str, Any] = {
         "expert": name, "documents": d.documents, "windows": len(d.train), "steps": res.steps,
         "train_loss": res.losses[-1] if res.losses else None,
-        "val_ppl": float(torch.tensor(last["eval_ce"]).exp()) if "eval_ce" in last else None,
+        "val_ppl": perplexity(last["eval_ce"]) if "eval_ce" in last else None,
         "val_sem_sim": last.get("eval_sem_sim"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
