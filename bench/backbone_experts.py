@@ -11,8 +11,8 @@ On the embedded default corpus (4 domains), with SmolLM2-135M-Instruct as the fr
   4 experts) trained ``4 x steps`` steps of the same batch (the same total tokens) on every training window;
 - **(d) c-BTM ensemble**: ``log sum_e w_e p_e(y)`` with the router's confidences as weights.
 
-Held-out perplexity is token-weighted over the first ``eval_windows`` windows of each domain's test
-documents (windows routed by their own tokens). LegalBench (``../shared/data/legal_qa``, scored for the
+Held-out perplexity is token-weighted over the first ``eval_windows`` windows of each domain's test and
+validation documents (windows routed by their own tokens). LegalBench (``../shared/data/legal_qa``, scored for the
 base and the routed system): **hearsay** balanced accuracy from the Yes / No log-probabilities of the
 assistant's first token after the backbone's chat template (the 5 train examples as few-shot turns),
 and **rule_qa** mean log-likelihood per token of the reference answer as the assistant's turn.
@@ -37,6 +37,7 @@ from taskmoe.eval.nll import perplexity
 from taskmoe.experts.adapter_expert import AdapterExpert
 from taskmoe.experts.ensemble import mixture_logprobs
 from taskmoe.layers.lora import use_adapter
+from taskmoe.models.adapters import load_adapter
 from taskmoe.models.backbones import load_backbone
 from taskmoe.training.recipes.backbone_experts import (AdapterExpertsConfig, BackboneExpertsSetup, setup,
                                                        train_expert)
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--reuse", action="store_true",
+                    help="load experts already saved in OUT/experts by an earlier run of the same command")
     ap.add_argument("--legal", default="/work/shared/data/legal_qa/legalbench")
     ap.add_argument("--legal-items", type=int, default=0, help="score only the first N hearsay / rule_qa items (0 = all)")
     ap.add_argument("--shots", type=int, default=5, help="hearsay few-shot examples from train.tsv (0-5)")
@@ -127,7 +130,13 @@ def main(argv: list[str] | None = None) -> None:
     st = setup(out, corpus, args.backbone, cfg, base=base, progress=False, log=print)
     experts: dict[str, AdapterExpert] = {}
     t0 = time.perf_counter()
+    reused = []
     for name in router.categories:
+        if args.reuse and (out / "experts" / name / "adapter_config.json").is_file():
+            load_adapter(base, out / "experts" / name, name=name)
+            experts[name] = AdapterExpert(base, name)
+            reused.append(name)
+            continue
         experts[name], row = train_expert(name, st, resume=False)
         print(row, flush=True)
     t_experts = time.perf_counter() - t0
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     dense_st = BackboneExpertsSetup(out, Path(args.backbone), base, router, st.assignment, {"all": (all_windows, [])},
                                     dense_cfg)
     t0 = time.perf_counter()
-    dense, drow = train_expert("all", dense_st, resume=False)
+    dense, drow = train_expert("all", dense_st, resume=args.reuse)  # --reuse: continue (or reload) its checkpoint
     t_dense = time.perf_counter() - t0
     print(drow, flush=True)
     params = {"experts": sum(p.numel() for e in experts.values() for p in e.parameters()),
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     scorers = {n: expert_scorer(e) for n, e in experts.items()}
     rows = []
     for dom in corpus.domains:
-        docs = [d for d in corpus.test if d.domain == dom]
+        docs = [d for d in corpus.test + corpus.validation if d.domain == dom]  # held out: never trained on
         wins = _windows(tok.encode_batch([d.text for d in docs], allow_special=False), tok, args.seq_len)[: args.eval_windows]
         acc = {k: [0.0, 0] for k in ("base", "routed", "dense", "ensemble")}
         for w in wins:
@@ -209,9 +218,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.max_docs_per_domain} chunks per domain; tf-idf router on the backbone tokenizer, {n_e} categories "
         f"(routing {st.assignment.summary()}). (b): {n_e} experts of rank {args.rank}, {args.steps} steps x {args.batch} "
         f"windows x {args.seq_len} tokens each ({params['experts']:,} adapter parameters in total, "
-        f"{t_experts:.0f} s); (c): one rank-{args.rank * n_e} LoRA, {args.steps * n_e} steps of the same batch on all "
+        + ("trained by an earlier run of this command (its training crashed after the experts, in (c)), loaded here"
+           if reused else f"{t_experts:.0f} s") + f"); (c): one rank-{args.rank * n_e} LoRA, {args.steps * n_e} steps of the same batch on all "
         f"{len(all_windows)} training windows ({params['dense']:,} parameters, {t_dense:.0f} s); lr {args.lr}, "
-        f"warmup 10% then cosine. Held-out: the first {args.eval_windows} windows of each domain's test documents. "
+        f"warmup 10% then cosine. Held-out: the first {args.eval_windows} windows of each domain's test + validation documents (never trained on). "
         f"2-core box, loaded machine (other jobs running), {torch.get_num_threads()} torch threads; whole run "
         f"{(time.perf_counter() - t_start) / 60:.1f} min.\n\n" + md_table(rows)
         + f"\n\nGoal (b) < (a) by >= 15% on every domain: met on {wins_b} of {len(rows)}; (b) < (c) on >= 3 of 4: "

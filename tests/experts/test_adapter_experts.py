@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "backbon
 from backbone_helpers import write_hf_backbone  # noqa: E402
 
 import taskmoe  # noqa: E402
-from taskmoe.errors import CheckpointError  # noqa: E402
+from taskmoe.errors import CheckpointError, ConfigError  # noqa: E402
 from taskmoe.experts.adapter_expert import AdapterExpert  # noqa: E402
 from taskmoe.io import read_json  # noqa: E402
 from taskmoe.training.recipes.experts import train_experts  # noqa: E402
@@ -80,3 +80,36 @@ def test_missing_backbone_is_a_clear_error(backbone_run, tmp_path):
     (copy / "taskmoe.json").write_text(json.dumps(m))
     with pytest.raises(CheckpointError, match="meta.backbone"):
         taskmoe.load(copy)
+
+
+def test_experts_add_registers_a_peft_adapter_trained_elsewhere(backbone_run, tmp_path):
+    import shutil
+
+    peft = pytest.importorskip("peft")
+    from taskmoe.training.recipes.backbone_experts import experts_add
+
+    root, run, hf, _ = backbone_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(write_hf_backbone(tmp_path / "hf"), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.save_pretrained(str(tmp_path / "elsewhere"))
+    row = experts_add("mine", tmp_path / "elsewhere", run=copy, category="c1")
+    assert row["replaced"] == "experts/c1" and row["r"] == 2
+    assert read_json(copy / "taskmoe.json")["experts"]["1"] == "experts/mine"
+    system = taskmoe.load(copy)
+    ids = torch.tensor([[7, 8, 9, 10]])
+    assert (system.store.get("mine")(ids).logits - pm.eval()(ids).logits).abs().max().item() < 1e-4
+
+    with pytest.raises(ConfigError, match="not a router category"):
+        experts_add("x", tmp_path / "elsewhere", run=copy, category="c9")
+    wide = peft.get_peft_model(write_hf_backbone(tmp_path / "hf2", hidden_size=96, intermediate_size=128),
+                               peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    wide.save_pretrained(str(tmp_path / "wide"))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        experts_add("wide", tmp_path / "wide", run=copy, category="c0")
+    assert not (copy / "experts" / "wide").exists()

@@ -14,6 +14,9 @@ process and every expert is a named adapter injected into it.
 - :func:`adapter_expert_loader` is the store's loader: load the folder's adapter into the shared
   backbone (once; a second load of the same name reuses it) and wrap it.
 
+Thread safety: a forward and an adapter load hold the backbone's
+:func:`~taskmoe.models.switch_lock.switch_lock`, so concurrent passes on one backbone see their own switch.
+
 Design choice: switching adapters per forward (not merging) keeps the base weights bit-exact
 and lets several experts share the backbone in one process; the cost is the low-rank update
 ``s * B (A x)`` on every projection, a few percent of the base matmul at r = 16.
@@ -28,6 +31,7 @@ from torch import Tensor, nn
 
 from taskmoe.layers.lora import lora_layers, set_adapter, use_adapter
 from taskmoe.models.adapters import load_adapter
+from taskmoe.models.switch_lock import switch_lock
 
 __all__ = ["AdapterExpert", "adapter_expert_loader", "adapter_parameters"]
 
@@ -73,7 +77,7 @@ class AdapterExpert(nn.Module):
         return self.base.init_state(batch_size, device, dtype)  # type: ignore[attr-defined]
 
     def forward(self, input_ids: Tensor, state: Any = None, *, logits_to_keep: int = 0) -> Any:
-        with use_adapter(self.base, self.adapter):
+        with switch_lock(self.base), use_adapter(self.base, self.adapter):
             return self.base(input_ids, state, logits_to_keep=logits_to_keep)
 
 
@@ -83,9 +87,10 @@ def adapter_expert_loader(base: nn.Module) -> Callable[[Path], nn.Module]:
     def load(folder: Path) -> nn.Module:
         folder = Path(folder)
         name = folder.name.split(".aside-")[0]  # an interrupted save's aside copy keeps its expert's name
-        if not adapter_parameters(base, name):
-            load_adapter(base, folder, name=name)
-            set_adapter(base, None)  # the shared backbone's own forward stays the base model
+        with switch_lock(base):
+            if not adapter_parameters(base, name):
+                load_adapter(base, folder, name=name)
+                set_adapter(base, None)  # the shared backbone's own forward stays the base model
         return AdapterExpert(base, name)
 
     return load

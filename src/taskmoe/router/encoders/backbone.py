@@ -20,7 +20,8 @@ Design choices:
   between documents informative (the k-means and classifier downstream read cosines).
 - **Adapters off**: in a backbone system the same model object carries the experts' LoRA
   adapters; the encoder always reads the base model (:func:`~taskmoe.layers.lora.use_adapter`
-  with ``None``), so routing never depends on which expert ran last.
+  with ``None``, under the model's :func:`~taskmoe.models.switch_lock.switch_lock`), so routing never
+  depends on which expert ran last, nor on a decode running in another thread.
 - **The model is shared, not owned**: :meth:`attach` hands in an already loaded backbone (the
   system loader does, so the 135M weights are in memory once); otherwise it is loaded lazily
   from ``path`` with :func:`~taskmoe.models.backbones.load_backbone` (safetensors only).
@@ -42,6 +43,7 @@ from torch import nn
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import ConfigError
 from taskmoe.layers.lora import lora_layers, use_adapter
+from taskmoe.models.switch_lock import switch_lock
 from taskmoe.router.encoders.base import NotFittedError, Seqs, Trainer, normalize_rows
 
 __all__ = ["BackboneEncoderConfig", "BackboneEncoder", "pool_hidden", "attach_backbone"]
@@ -77,7 +79,7 @@ def pool_hidden(model: nn.Module, seqs: Seqs, layer: int, max_length: int, batch
     out = np.zeros((len(seqs), emb.embedding_dim), dtype=np.float32)
     cut = [list(map(int, s))[:max_length] for s in seqs]
     order = [i for i in np.argsort([len(s) for s in cut], kind="stable") if cut[i]]
-    with use_adapter(model, None) if lora_layers(model) else contextlib.nullcontext():
+    with switch_lock(model), use_adapter(model, None) if lora_layers(model) else contextlib.nullcontext():
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             n = max(len(cut[i]) for i in idx)

@@ -43,7 +43,8 @@ from taskmoe.training.losses import lm_cross_entropy
 from taskmoe.training.recipes.experts import _evenly, _windows
 
 __all__ = ["AdapterExpertsConfig", "BackboneExpertsSetup", "setup", "train_expert", "register_backbone_experts",
-           "window_loss", "backbone_ref", "train_backbone_experts", "train_from_cli"]
+           "window_loss", "backbone_ref", "train_backbone_experts", "train_from_cli",
+           "check_adapter_fits", "experts_add"]
 
 
 @dataclass
@@ -163,7 +164,8 @@ def train_expert(name: str, st: BackboneExpertsSetup, *, accelerator: Any = None
         p.requires_grad_(False)
     last = res.eval_history[-1] if res.eval_history else {}
     row: dict[str, Any] = {
-        "expert": name, "documents": len(st.assignment.docs[name]), "windows": len(windows), "steps": res.steps,
+        "expert": name, "documents": len(st.assignment.docs.get(name, range(st.assignment.total))),
+        "windows": len(windows), "steps": res.steps,
         "train_loss": res.losses[-1] if res.losses else None,
         "val_ppl": float(torch.tensor(last["eval_ce"]).exp()) if "eval_ce" in last else None,
         "adapter_parameters": sum(p.numel() for p in model.parameters()),
@@ -176,8 +178,8 @@ def train_expert(name: str, st: BackboneExpertsSetup, *, accelerator: Any = None
     return model, row
 
 
-def register_backbone_experts(run_dir: Path, router: Any, backbone_dir: Path, names: Sequence[str],
-                              folders: dict[str, str] | None = None) -> Path:
+def register_backbone_experts(run_dir: Path, categories: Sequence[str], backbone_dir: Path, names: Sequence[str],
+                              folders: dict[str, str] | None = None, policy: Any = None) -> Path:
     """Map each name's category to ``experts/<name>`` (or ``folders[name]``) in ``taskmoe.json``, under a lock;
     the manifest's ``meta.backbone`` names the backbone folder."""
     from taskmoe.models.backbones import read_backbone_config
@@ -192,12 +194,12 @@ def register_backbone_experts(run_dir: Path, router: Any, backbone_dir: Path, na
             if m.meta.get("backbone") not in (None, ref):
                 raise ConfigError(f"{path}: the run's experts are adapters of {m.meta['backbone']!r}, not {ref!r}")
         else:
-            pol = router.policy
+            th = Thresholds() if policy is None else Thresholds(t_C_base=policy.t_C_base, k=policy.k, t_CT=policy.t_CT)
             m = Manifest(tokenizer="router/tokenizer.json", router="router", vocab_size=bcfg.vocab_size,
-                         d_model=bcfg.hidden_size, thresholds=Thresholds(t_C_base=pol.t_C_base, k=pol.k, t_CT=pol.t_CT))
+                         d_model=bcfg.hidden_size, thresholds=th)
         experts = dict(m.experts)
         for n in names:
-            experts[str(router.categories.index(n))] = (folders or {}).get(n, f"experts/{n}")
+            experts[str(list(categories).index(n))] = (folders or {}).get(n, f"experts/{n}")
         m = m.replace(experts=dict(sorted(experts.items(), key=lambda kv: int(kv[0]))), meta={**m.meta, "backbone": ref})
         return m.save(run_dir)
 
@@ -215,7 +217,7 @@ def train_backbone_experts(run_dir: Path, corpus: Any, backbone_dir: Path, cfg: 
         _, row = train_expert(name, st, accelerator=acc)
         rows.append(row)
         if acc.is_main_process:
-            register_backbone_experts(st.run_dir, st.router, st.backbone_dir, [name])
+            register_backbone_experts(st.run_dir, st.router.categories, st.backbone_dir, [name], policy=st.router.policy)
     acc.wait_for_everyone()
     return rows
 
@@ -234,3 +236,64 @@ def train_from_cli(run: Path, backbone: Path, expert: str | None, source: str | 
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
     return train_backbone_experts(Path(run), corpus, Path(backbone), cfg, [expert] if expert else None,
                                   progress=progress, log=print if progress else (lambda s: None))
+
+
+def check_adapter_fits(peft_dir: Path, backbone_dir: Path) -> dict[str, Any]:
+    """Load a PEFT adapter into a shape-only (meta-device) copy of the backbone: CheckpointError naming
+    each module or shape that does not fit; returns the adapter's rank, alpha and target modules."""
+    from taskmoe.models.adapters import ADAPTER_CONFIG, is_peft_adapter_dir, load_adapter
+    from taskmoe.models.backbones import llama_lm, read_backbone_config
+
+    peft_dir = Path(peft_dir)
+    if not is_peft_adapter_dir(peft_dir):
+        raise CheckpointError(f"{peft_dir}: not a PEFT adapter folder (needs adapter_config.json and "
+                              "adapter_model.safetensors)")
+    with torch.device("meta"):
+        shell = llama_lm(read_backbone_config(backbone_dir), init=False)
+    load_adapter(shell, peft_dir, name="candidate")
+    cfg = read_json(peft_dir / ADAPTER_CONFIG)
+    return {"r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "target_modules": cfg.get("target_modules"),
+            "base_model_name_or_path": cfg.get("base_model_name_or_path")}
+
+
+def experts_add(
+    name: str,
+    peft_dir: Path,
+    run: Path = Path("runs/quickstart"),
+    category: str | None = None,
+) -> dict[str, Any]:
+    """Register a PEFT LoRA adapter trained elsewhere as the expert of a router category: taskmoe experts add NAME PEFT_DIR.
+
+    RUN must be a backbone system (its taskmoe.json names meta.backbone). The adapter is checked
+    against the backbone (module names, ranks and shapes; DoRA, biases and other non-LoRA options
+    are refused), copied to RUN/experts/NAME/ and mapped to --category (default: NAME, when NAME is
+    a router category); the category's previous expert is replaced.
+    """
+    from taskmoe.inference.backbone_loader import backbone_dir
+    from taskmoe.io import atomic_dir, load_component
+    from taskmoe.manifest import load_manifest
+    from taskmoe.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    res = load_manifest(run)
+    if not res.manifest.meta.get("backbone"):
+        raise ConfigError(f"{Path(run) / MANIFEST_FILE}: not a backbone system (no meta.backbone); PEFT adapters can only "
+                          "be experts of a run whose experts are adapters of a backbone")
+    bdir = backbone_dir(res)
+    categories = list(load_component(res.router).config["categories"])
+    cat = category or name
+    if cat not in categories:
+        raise ConfigError(f"category {cat!r} is not a router category of {run} (categories: {categories}); pass --category")
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"expert name {name!r} must be a plain folder name")
+    info = check_adapter_fits(Path(peft_dir), bdir)
+
+    def build(tmp: Path) -> None:
+        import shutil
+
+        for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copyfile(Path(peft_dir) / f, tmp / f)
+
+    atomic_dir(Path(run) / "experts" / name, build)
+    previous = res.manifest.experts.get(str(categories.index(cat)))
+    register_backbone_experts(Path(run), categories, bdir, [cat], folders={cat: f"experts/{name}"})
+    return {"expert": name, "category": cat, "replaced": previous, "folder": str(Path(run) / "experts" / name), **info}

@@ -81,7 +81,7 @@ def _ppl_table(system: Any, corpus: Any, cfg: BackboneQuickstartConfig) -> list[
     tok = system.tokenizer
     rows = []
     for dom in corpus.domains:
-        docs = [d for d in (corpus.test or corpus.validation) if d.domain == dom]
+        docs = [d for d in corpus.test + corpus.validation if d.domain == dom]  # held out: never trained on
         wins = _windows(tok.encode_batch([d.text for d in docs], allow_special=False), tok, cfg.seq_len)[: cfg.eval_windows]
         tot = {"base": 0.0, "routed": 0.0}
         n = 0
