@@ -208,7 +208,8 @@ def setup(run: Path, cfg: CrosstalkRecipeConfig, *, first: str | None = None, se
     from taskmoe.data.tokenizer import Tokenizer
     from taskmoe.experts.expert_lm import load_expert
     from taskmoe.manifest import MANIFEST_FILE, load_manifest
-    from taskmoe.router.router import Router, load_shared_embedding
+    from taskmoe.router.persist import load_shared_embedding
+    from taskmoe.router.router import Router
 
     run = Path(run)
     res = load_manifest(run)
