@@ -5,7 +5,9 @@ A trained system is a folder::
     taskmoe.json      this manifest
     tokenizer.json    the shared vocabulary
     router/           component: encoder (owns the shared embedding table), classifier, ...
-    experts/<name>/   one component per expert (the embedding table is not repeated)
+    experts/<name>/   one component per expert (the embedding table is not repeated), or, in a
+                      backbone system (``meta.backbone`` names the backbone folder), a PEFT LoRA
+                      adapter folder of that backbone
     summarizer/       component (+ adapters/code/ for the coding LoRA adapter)
     crosstalk/        optional: discriminator and cross-talk LoRA adapters
     reports/          metrics and plots
@@ -150,6 +152,8 @@ def load_manifest(run_dir: str | Path) -> ResolvedManifest:
     )
     for name, folder in [("router", res.router), *[(f"expert {k}", p) for k, p in res.experts.items()],
                          *([("summarizer", res.summarizer)] if res.summarizer else [])]:
+        if (folder / "adapter_config.json").is_file():  # a backbone's PEFT adapter: the loader checks its shapes
+            continue
         vocab, width = _component_dims(folder)
         if vocab is not None and vocab != m.vocab_size:
             raise CheckpointError(

@@ -199,3 +199,16 @@ def test_body_shorter_than_content_length_is_408(backend, caplog) -> None:
             assert httpx.get(srv.url + "/health").status_code == 200
     lines = [r for r in caplog.records if "408" in r.getMessage()]
     assert len(lines) == 1 and "Traceback" not in caplog.text
+
+
+def test_a_scheduler_failure_fails_its_rows_instead_of_hanging(backend) -> None:
+    class Broken(LMBackend):
+        def open_batch(self, route):
+            raise RuntimeError("boom")
+
+    with running(create_app(Broken(backend.models, backend.tokenizer), Limits(generation_timeout_s=60))) as srv:
+        t0 = time.monotonic()
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "expert", "prompt": "x", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert time.monotonic() - t0 < 10
+        assert httpx.get(srv.url + "/health").json()["running_rows"] == 0

@@ -100,6 +100,10 @@ def load_system(
 
     res = load_manifest(path)
     m = res.manifest
+    if m.meta.get("backbone"):  # experts are LoRA adapters of a pretrained backbone
+        from taskmoe.inference.backbone_loader import load_backbone_system
+
+        return load_backbone_system(res, max_experts=max_experts, max_bytes=max_bytes, config=config, device=device)
     mpath = res.run_dir / "taskmoe.json"
     try:
         tok = Tokenizer.load(res.tokenizer)

@@ -13,6 +13,7 @@ so writes are atomic and loading validates the component kind)::
     router/complexity.json          feature names, mean, scale, coef, intercept (readable)
     router/complexity.safetensors   the scorer's per-token tables (vocabulary statistics)
     router/tokenizer.json           the tokenizer the ids come from (when known)
+    router/tokenizer_config.json    a backbone tokenizer's config and chat template (when it has one)
 
 A mismatch between the files (weights vs config, tokenizer vs embedding vocabulary, head outputs
 vs categories, the complexity feature list) raises :class:`~taskmoe.errors.CheckpointError`
@@ -60,6 +61,9 @@ def save_router(router: Router, folder: str | Path) -> Path:
     }  # fmt: skip
     if router.tokenizer is not None:
         extra[TOKENIZER_FILE] = lambda p: p.write_text(router.tokenizer.to_str(), encoding="utf-8")
+        if hasattr(router.tokenizer, "chat_template"):  # a backbone's tokenizer: its config travels with it
+            extra["tokenizer_config.json"] = lambda p: atomic_write_json(
+                p, {**router.tokenizer.config, "chat_template": router.tokenizer.chat_template})
     config = {
         "encoder_kind": router.encoder.kind,
         "encoder": router.encoder.config_dict(),
@@ -95,9 +99,11 @@ def load_router(folder: str | Path, *, tokenizer: Any = None) -> Router:
         if key not in cfg:
             raise CheckpointError(f"{comp.folder / 'config.json'}: router config lacks {key!r}")
     if tokenizer is None and (comp.folder / TOKENIZER_FILE).is_file():
+        from taskmoe.data.backbone_tokenizer import BackboneTokenizer, is_backbone_tokenizer_dir
         from taskmoe.data.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(comp.folder / TOKENIZER_FILE)
+        tokenizer = (BackboneTokenizer.load(comp.folder) if is_backbone_tokenizer_dir(comp.folder)
+                     else Tokenizer.load(comp.folder / TOKENIZER_FILE))
     weights = comp.tensors()
     enc_t = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
     head_t = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}

@@ -81,7 +81,8 @@ def create_app(backend: Backend, limits: Limits | None = None, api_key: str | No
     app.state.scheduler, app.state.metrics, app.state.limits, app.state.api_key = scheduler, metrics, limits, api_key
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    add_routes(app, CompletionHandler(backend, scheduler, limits, metrics), *request_models(limits))
+    add_routes(app, CompletionHandler(backend, scheduler, limits, metrics),
+               *request_models(limits, media=hasattr(backend, "encode_chat_media")))
     app.add_middleware(Edge, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s, metrics=metrics)
     if api_key:  # outermost: a request without the key is refused before its body is read
         app.add_middleware(BearerAuth, api_key=api_key)

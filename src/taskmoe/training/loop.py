@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from taskmoe.errors import TrainingError
+from taskmoe.progress import progress_bar
 from taskmoe.training.checkpoint import (
     Checkpoint,
     checkpoints_dir,
@@ -70,7 +71,6 @@ from taskmoe.training.checkpoint import (
 )
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.evaluate import evaluate, to_device as _to_device
-from taskmoe.progress import progress_bar
 from taskmoe.training.metrics import MetricsWriter
 from taskmoe.training.optim import build_optimizer, build_scheduler
 from taskmoe.training.rng import capture_rng, restore_rng, seed_everything

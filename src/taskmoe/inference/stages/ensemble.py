@@ -2,7 +2,8 @@
 
 Rows are grouped by their selected expert set; each group decodes once with
 :class:`~taskmoe.inference.rowwise.EnsembleLM` (``p(x) = sum_e w_e p_e(x)``), each row's router
-weights travelling with it as side data, each row under its own config and generator. Tokens
+weights travelling with it as side data, each row under its own config and generator; the
+input is :func:`lm_input` (the backbone's chat template in a backbone system). Tokens
 stream as stage ``"answer"``; a row whose control says stop leaves the decode at once. Timed as
 ``ensemble``.
 
@@ -18,14 +19,24 @@ from typing import Any, Mapping
 
 import torch
 
+from taskmoe.data.backbone_tokenizer import BackboneTokenizer
 from taskmoe.inference.generate import generate_rows
 from taskmoe.inference.rowwise import EnsembleLM
 from taskmoe.inference.stages.base import Call, Row
 
-__all__ = ["Ensemble", "ENSEMBLE_CROSSTALK"]
+__all__ = ["Ensemble", "ENSEMBLE_CROSSTALK", "lm_input"]
 
 ENSEMBLE_CROSSTALK = ("experts-only mode: no summarizer reads a dialogue, so the pair is not talked out; "
                       "both experts of the pair are selected and mixed in the ensemble instead")
+
+
+def lm_input(tok: Any, ids: list[int]) -> list[int]:
+    """What the experts decode from: ``<|bos|> prompt``, or, with a pretrained backbone's tokenizer
+    (experts are its LoRA adapters), the prompt as a user turn of its chat template, which an
+    instruct backbone answers."""
+    if isinstance(tok, BackboneTokenizer):
+        return list(tok.encode_chat([{"role": "user", "content": tok.decode(list(ids))}]))
+    return [tok.bos_id, *ids]
 
 
 class Ensemble:
@@ -55,7 +66,7 @@ class Ensemble:
                 if not group:
                     continue
                 model = EnsembleLM([call.store.get(n) for n in names])
-                outs = generate_rows(model, [[tok.bos_id, *r.prompt] for r in group],
+                outs = generate_rows(model, [lm_input(tok, r.prompt) for r in group],
                                      [r.cfg.generation(tok.eos_id) for r in group],
                                      emits=[call.emit(r, "answer") for r in group],
                                      side=[torch.tensor(r.decision.weights, dtype=torch.float32) for r in group])  # type: ignore[union-attr]
