@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check_choice, check_min, check_range, doc, load_config
+from taskmoe.config import Config, check, doc, load_config
 from taskmoe.data.datasets import PackedLMDataset, pack_documents
 from taskmoe.errors import CheckpointError, ConfigError, DataError
 from taskmoe.experts.assign import Assignment, route_documents
@@ -90,10 +90,11 @@ class ExpertsRecipeConfig(Config):
                              "the training run of each expert")
 
     def validate(self) -> None:
-        check_min(self, ("seq_len",), 2, owner="experts")
-        check_range(self, ("lam",), owner="experts")
-        check_min(self, ("neighbours", "val_windows"), 1, owner="experts")
-        check_choice(self, "index_backend", INDEX_BACKENDS, owner="experts")
+        check(self.seq_len >= 2, f"experts.seq_len must be >= 2, got {self.seq_len}")
+        check(0.0 <= self.lam <= 1.0, f"experts.lam (λ) must be in [0, 1], got {self.lam}")
+        check(self.neighbours >= 1, f"experts.neighbours must be >= 1, got {self.neighbours}")
+        check(self.index_backend in INDEX_BACKENDS, f"experts.index_backend must be one of {INDEX_BACKENDS}, got {self.index_backend!r}")
+        check(self.val_windows >= 1, f"experts.val_windows must be >= 1, got {self.val_windows}")
 
 
 # ------------------------------------------------------------------------------------ setup
