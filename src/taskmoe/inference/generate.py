@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_ints, check_min, check_range, doc
 from taskmoe.errors import RequestError
 from taskmoe.inference.sampling import repetition_penalty, sample, seen_mask
 
@@ -76,12 +76,10 @@ class GenerationConfig(Config):
     seed: int | None = doc(None, "seed of the sampling generator when none is passed; None = nondeterministic")
 
     def validate(self) -> None:
-        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
-              f"GenerationConfig.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        check(self.temperature >= 0, f"GenerationConfig.temperature must be >= 0, got {self.temperature}")
-        check(isinstance(self.top_k, int) and self.top_k >= 0, f"GenerationConfig.top_k must be an integer >= 0, got {self.top_k!r}")
-        check(0 < self.top_p <= 1, f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
-        check(self.repetition_penalty > 0, f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_ints(self, ("max_new_tokens", "top_k"), minimum=0)
+        check_min(self, ("temperature",))
+        check_range(self, ("top_p",), open_low=True)
+        check_min(self, ("repetition_penalty",), strict=True)
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_tokens),
               f"GenerationConfig.stop_tokens must be non-negative integers, got {self.stop_tokens!r}")
 
