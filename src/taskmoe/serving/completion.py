@@ -32,6 +32,7 @@ from taskmoe.errors import RequestError
 from taskmoe.serving.backend import Backend, SamplingParams
 from taskmoe.serving.errors import ApiError
 from taskmoe.serving.limits import Limits
+from taskmoe.serving.media import MediaError
 from taskmoe.serving.metrics import ServerMetrics
 from taskmoe.serving.scheduler import Scheduler
 from taskmoe.serving.schemas import (
@@ -109,9 +110,19 @@ class ChatEndpoint(_Endpoint):
     prefix, param = "chatcmpl", "messages"
 
     def texts(self, req: Any) -> list[Any]:
-        return [[{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]]
+        return [[{"role": "system" if m.role == "developer" else m.role,
+                  "content": [p.model_dump() for p in m.content] if m.has_media() else m.text()} for m in req.messages]]
 
     def encode(self, backend: Backend, messages: Any) -> list[int]:
+        if any(not isinstance(m["content"], str) for m in messages):  # image/audio parts (taskmoe.serving.media)
+            encode_media = getattr(backend, "encode_chat_media", None)
+            if encode_media is None:
+                raise ApiError(400, "this model does not accept image or audio content", param=self.param,
+                               code="unsupported_content")
+            try:
+                return encode_media(messages)
+            except MediaError as e:
+                raise ApiError(e.status, str(e), param=self.param, code="invalid_media") from e
         return backend.encode_chat(messages)
 
     def content(self, text: str) -> Delta:
@@ -204,7 +215,7 @@ class CompletionHandler:
         for text in endpoint.texts(req):
             try:
                 ids = await asyncio.to_thread(endpoint.encode, self.backend, text)
-            except RequestError:
+            except (RequestError, ApiError):
                 raise
             except Exception as e:  # noqa: BLE001 - whatever the tokenizer raised, it is this input's fault
                 raise ApiError(400, f"{endpoint.param}: the tokenizer cannot encode this text ({type(e).__name__})",

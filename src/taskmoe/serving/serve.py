@@ -62,7 +62,8 @@ def serve(
 
     PATH is a trained IMoE run folder (taskmoe.json), a DOE model folder, a causal LM component
     folder (tokenizer.json in it or beside it), or a folder of LM folders sharing one
-    tokenizer.json (one model id per subfolder). --name sets the model id of a single model.
+    tokenizer.json (one model id per subfolder), or a backbone folder from `taskmoe backbone import`
+    (chat requests use its own chat template). --name sets the model id of a single model.
 
     Binds 127.0.0.1 unless --host says otherwise. --api-key (or $TASKMOE_API_KEY) requires
     "Authorization: Bearer KEY" on every path but /health. --threads sets torch's intra-op threads
