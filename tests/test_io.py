@@ -14,6 +14,7 @@ from taskmoe.errors import CheckpointError
 from taskmoe.io import (
     FORMAT_VERSION,
     SAVE_LOCK,
+    atomic_dir,
     atomic_write,
     atomic_write_json,
     check_state,
@@ -206,6 +207,17 @@ def test_written_files_get_the_permissions_open_gives(tmp_path):
         single = save_tensors(tmp_path / "x.safetensors", {"w": torch.ones(2)})
         files = [folder / "model.safetensors", folder / "config.json", folder / "t.json", single]
         assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}
+        from safetensors.torch import save_file
+
+        def foreign(tmp: Path) -> None:  # a writer we do not control (save_pretrained calls safetensors)
+            save_file({"w": torch.ones(2)}, str(tmp / "model.safetensors"))
+            (tmp / "sub").mkdir()
+            fd = os.open(tmp / "sub" / "private.json", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+
+        out = atomic_dir(tmp_path / "hf", foreign)
+        assert {oct(f.stat().st_mode & 0o777) for f in out.rglob("*") if f.is_file()} == {"0o644"}
+        assert sorted(f.name for f in out.rglob("*")) == ["model.safetensors", "private.json", "sub"]
         os.umask(0o027)
         atomic_write_json(tmp_path / "y.json", {})
         assert oct((tmp_path / "y.json").stat().st_mode & 0o777) == "0o640"

@@ -271,6 +271,21 @@ def save_component(
     return atomic_dir(folder, build)
 
 
+def _open_modes(root: Path) -> None:
+    """Give every regular file under ``root`` the mode ``open()`` gives (0o666 minus the umask):
+    writers we do not control (transformers' ``save_pretrained``, safetensors) make 0600 files."""
+    probe = root / f".mode-probe{TMP_FILE}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink()
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o777 != mode:
+            os.chmod(p, mode)
+
+
 def atomic_dir(folder: str | Path, build: Callable[[Path], None]) -> Path:
     """Call ``build(tmp_dir)`` to fill a temporary sibling folder, then swap it in as ``folder``.
 
@@ -289,6 +304,7 @@ def atomic_dir(folder: str | Path, build: Callable[[Path], None]) -> Path:
         tmp.mkdir()
         try:
             build(tmp)
+            _open_modes(tmp)
             _fsync_dir(tmp)
             if folder.exists():
                 os.replace(folder, folder.parent / f"{folder.name}{ASIDE}{uuid.uuid4().hex[:8]}")

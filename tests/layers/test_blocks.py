@@ -9,17 +9,9 @@ import torch
 
 from taskmoe.errors import ConfigError
 from taskmoe.layers import SSM, Attention, Block, LinearAttention, RMSNorm, SwiGLU, TemporalConv, elu_plus_one
-from taskmoe.models import (
-    ExpertLMConfig,
-    LinearAttentionConfig,
-    LMConfig,
-    SSMConfig,
-    SummarizerLMConfig,
-    TransformerLMConfig,
-    expert_lm,
-    summarizer_lm,
-    transformer_lm,
-)
+from taskmoe.models import expert_lm, summarizer_lm, transformer_lm
+from taskmoe.models.config import ExpertLMConfig, LinearAttentionConfig, LMConfig, SSMConfig, SummarizerLMConfig
+from taskmoe.models.config import TransformerLMConfig
 from taskmoe.layers.linear_attention import DataDecay
 
 

@@ -6,17 +6,9 @@ import pytest
 import torch
 
 from taskmoe.layers import LMState
-from taskmoe.models import (
-    ExpertLMConfig,
-    LinearAttentionConfig,
-    LMConfig,
-    SSMConfig,
-    SummarizerLMConfig,
-    TransformerLMConfig,
-    expert_lm,
-    summarizer_lm,
-    transformer_lm,
-)
+from taskmoe.models import expert_lm, summarizer_lm, transformer_lm
+from taskmoe.models.config import ExpertLMConfig, LinearAttentionConfig, LMConfig, SSMConfig, SummarizerLMConfig
+from taskmoe.models.config import TransformerLMConfig
 
 BUILDERS = [expert_lm, summarizer_lm, transformer_lm]
 TOL = dict(rtol=1e-4, atol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -155,6 +157,72 @@ def test_oversized_body_and_prompt_are_413(backend) -> None:
         assert e.value.status_code == 413 and e.value.body["code"] == "context_length_exceeded"
         ok = client(srv.url).completions.create(model="expert", prompt="short", max_tokens=2)
         assert ok.choices
+
+
+def _raw(url: str, path: str, body: dict) -> httpx.Response:
+    """POST ``body`` as ASCII JSON, so a lone surrogate travels as the escape ``\\ud800``."""
+    return httpx.post(url + path, content=json.dumps(body).encode(), headers={"content-type": "application/json"},
+                      timeout=60)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "\udfff"}, {"role": "user", "content": "x"}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\ud800"}]}]},
+     "messages.0.content"),
+    ("/v1/completions", {"prompt": "x\ud800y"}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", "\ud800"]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": ["\ud800"]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": "\ud83d"}, "stop"),
+])
+def test_lone_surrogates_are_400_naming_the_field(server, path, body, param) -> None:
+    r = _raw(server.url, path, {"model": "expert", "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    e = _error(r)
+    assert e["code"] == "invalid_text" and e["param"].startswith(param) and "Unicode" in e["message"]
+    r = _post(server.url, "/v1/completions", json={"model": "expert", "prompt": "still fine", "max_tokens": 2})
+    assert r.status_code == 200  # and the connection pool / server are unharmed
+
+
+def test_text_the_tokenizer_cannot_take_is_400(backend) -> None:
+    from taskmoe.serving.backends.lm import LMBackend
+
+    class Picky(LMBackend):
+        def encode_prompt(self, text: str) -> list[int]:
+            raise TypeError("TextInputSequence must be str")
+
+    with running(create_app(Picky(backend.models, backend.tokenizer))) as srv:
+        r = _post(srv.url, "/v1/completions", json={"model": "expert", "prompt": "x"})
+        assert r.status_code == 400 and _error(r)["param"] == "prompt" and _error(r)["code"] == "invalid_text"
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", True), ("stream", "yes"), ("n", 1.5), ("seed", "1"),
+                                          ("temperature", "0.5"), ("prompt", ""), ("prompt", [""])])
+def test_strict_types_and_nonempty_prompts(server, field, value) -> None:
+    """No coercion: what the schema does not allow is a 422 naming the field, never silently accepted."""
+    r = _post(server.url, "/v1/completions", json={"model": "expert", "prompt": "x", "max_tokens": 2, field: value})
+    assert r.status_code == 422 and _error(r)["param"].startswith(field), r.text
+
+
+def test_api_key_guards_every_route_but_health(backend) -> None:
+    app = create_app(backend, api_key="s3cret")
+    paths = {getattr(r, "path", "") for r in app.routes} | {"/no/such/path"}
+    assert {"/docs", "/redoc", "/openapi.json", "/metrics", "/v1/models"} <= paths
+    with running(app) as srv:
+        for path in sorted(paths):
+            url = srv.url + path.replace("{model_id}", "expert")
+            for method in (httpx.get, httpx.post):
+                r = method(url)
+                if path == "/health":
+                    assert r.status_code in (200, 405)
+                    continue
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.status_code)
+        ok = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(srv.url + "/docs", headers=ok).status_code == 200
+        spec = httpx.get(srv.url + "/openapi.json", headers=ok).json()
+        assert spec["security"] == [{"bearer": []}] and spec["paths"]["/health"]["get"]["security"] == []
+        assert httpx.get(srv.url + "/metrics", headers=ok).status_code == 200
 
 
 def test_bearer_auth(backend) -> None:

@@ -147,3 +147,100 @@ def test_imoe_over_http(imoe_run) -> None:
         with pytest.raises(openai.BadRequestError, match="single prompts"):
             c.chat.completions.create(model="imoe", max_tokens=2, messages=[
                 {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
+
+
+# ------------------------------------------------------------------------ component health
+def _corrupt(path: Path) -> None:
+    """Truncate a safetensors file mid-tensor (its header still parses)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - len(data) // 3])
+
+
+def test_corrupt_expert_fails_the_start_check_naming_the_file(imoe_run, tmp_path) -> None:
+    import shutil
+
+    from taskmoe.errors import CheckpointError
+    from taskmoe.serving.serve import check_backend, serve
+
+    root = tmp_path / "run"
+    shutil.copytree(imoe_run[0], root)
+    b = load_backend(root)
+    assert sorted(check_backend(b)) == [f"expert {n}" for n in sorted(b.system.store.names)]
+    assert b.system.store.stats().resident == []  # the check left nothing resident
+    bad = root / "experts" / "c1" / "model.safetensors"
+    _corrupt(bad)
+    with pytest.raises(CheckpointError, match=r"expert 'c1'.*model\.safetensors"):
+        check_backend(load_backend(root))
+    with pytest.raises(CheckpointError, match="c1"):  # the command refuses before it listens
+        serve(root, port=1, check_experts=True)
+
+
+def test_expert_failing_later_is_503_naming_it_and_health_reports_it(imoe_run, tmp_path) -> None:
+    import shutil
+
+    import httpx
+
+    root = tmp_path / "run"
+    shutil.copytree(imoe_run[0], root)
+    b = load_backend(root, name="imoe")  # no start check: experts load lazily
+    prompts = list(imoe_run[1].values())
+    keys = {t: b.route("imoe", b.encode_prompt(t)).key for t in prompts}
+    victim = keys[prompts[0]][0]
+    spared = next((t for t in prompts if victim not in keys[t]), None)
+    _corrupt(root / "experts" / victim / "model.safetensors")
+    with running(create_app(b)) as srv:
+        body = {"model": "imoe", "prompt": prompts[0], "max_tokens": 4}
+        for _ in range(2):  # the first request finds it; the second is refused before any work
+            r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 503, r.text
+            err = r.json()["error"]
+            assert err["param"] == f"expert {victim}" and err["code"] == "component_unavailable"
+            assert victim in err["message"]
+        h = httpx.get(srv.url + "/health").json()
+        assert h["status"] == "degraded" and [f["component"] for f in h["failed"]] == [f"expert {victim}"]
+        if spared is not None:  # requests that do not need it are still answered
+            r = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": spared}, timeout=60)
+            assert r.status_code == 200
+
+
+def test_imoe_rows_with_different_seeds_share_one_call_and_equal_alone(imoe_run) -> None:
+    import taskmoe
+    from taskmoe.serving.backend import Row
+
+    root, prompts = imoe_run
+    b = load_backend(root, name="imoe")
+    calls = []
+    real = b.system.generate_ids
+
+    def counted(ids, **kw):
+        calls.append(len(ids))
+        return real(ids, **kw)
+
+    b.system.generate_ids = counted
+    text = next(iter(prompts.values()))
+    ids = b.encode_prompt(text)
+    params = [SamplingParams(6, 0.9, 1.0, s) for s in (5, 6, 7)] + [SamplingParams(6, 0.8)]
+    out = b.generate_batch(b.route("imoe", ids), [Row(ids, p) for p in params])
+    assert calls == [4]  # one pipeline call: every row decodes with its own generator
+    system = taskmoe.load(root)
+    for p, o in zip(params, out):
+        alone = system.generate(text, max_new_tokens=6, temperature=p.temperature, seed=o.trace["seed"])
+        assert b.tokenizer.decode(o.token_ids, skip_special=True) == alone.text or alone.trace.clarify
+
+
+def test_imoe_row_stops_within_one_step_when_it_dies(imoe_run) -> None:
+    from taskmoe.serving.backend import Row
+
+    root, prompts = imoe_run
+    b = load_backend(root, name="imoe")
+    ids = b.encode_prompt(next(iter(prompts.values())))
+    state = {"n": 0}
+
+    def emit(tok: int) -> bool:
+        state["n"] += 1
+        return True
+
+    alive = lambda: state["n"] < 2  # noqa: E731 - the client leaves after the second answer token
+    (o,) = b.generate_batch(b.route("imoe", ids), [Row(ids, SamplingParams(40, 0.0, 1.0, None), emit, alive)])
+    if not o.trace.get("clarify"):
+        assert o.finish == "halted" and len(o.token_ids) <= 3 and o.trace["stopped"]["reason"] == "cancelled"

@@ -1,13 +1,16 @@
-"""Backpressure, concurrency and cancellation against a real server.
+"""Admission by work, continuous batching, cancellation and timeouts against a real server.
 
-A long-running stream keeps the single generation thread busy (the backend generates without a
-stop token, so a row always runs to max_tokens); with max_batch=1 and queue_size=2 the queue state
-is then fully determined, and read from /health before the request that must be refused.
+The "busy" backend generates without a stop token, so a row always runs to max_tokens (or until it
+is cancelled); forward calls are counted with a pre-forward hook on the served model.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
+import logging
+import math
+import socket
 import time
 
 import httpx
@@ -15,9 +18,12 @@ import openai
 import pytest
 
 from serving_helpers import client, running
+from taskmoe.serving.admission import Admission, Refused
 from taskmoe.serving.app import create_app
 from taskmoe.serving.backends.lm import LMBackend
 from taskmoe.serving.limits import Limits
+
+LONG = 100_000
 
 
 def wait_for(url: str, cond, timeout: float = 30.0) -> dict:
@@ -38,35 +44,113 @@ def metric(url: str, name: str) -> float:
 
 
 @pytest.fixture
-def busy_backend(backend) -> LMBackend:
-    return LMBackend(backend.models, backend.tokenizer, stop_ids=())  # rows always run to max_tokens
+def busy_backend(models_dir) -> LMBackend:
+    return LMBackend.load(models_dir, stop_ids=())  # fresh models (hooks stay local); rows run to max_tokens
 
 
-def test_full_queue_answers_429_with_retry_after_and_disconnect_cancels(busy_backend) -> None:
-    limits = Limits(max_batch=1, queue_size=2, max_n=1, max_wait_ms=0, retry_after_s=3, max_max_tokens=10**6)
-    body = {"model": "expert", "prompt": "x", "stream": True, "max_tokens": 10**6}  # runs until cancelled
-    with running(create_app(busy_backend, limits)) as srv:
+def big(**kw) -> Limits:
+    return Limits(**{"max_max_tokens": LONG, "token_budget": 10 * LONG, "max_request_share": 1.0, **kw})
+
+
+def short_request(url: str) -> float:
+    t0 = time.monotonic()
+    r = client(url).completions.create(model="expert", prompt="y", max_tokens=4)
+    assert r.usage.completion_tokens == 4
+    return time.monotonic() - t0
+
+
+def test_disconnected_stream_stops_within_one_step_and_the_next_request_is_fast(busy_backend) -> None:
+    model = busy_backend.models["expert"]
+    state = {"forwards": 0, "after_cancel": 0}
+    app = create_app(busy_backend, big())
+    metrics = app.state.metrics
+    with running(app) as srv:
+
+        def hook(*_):
+            state["forwards"] += 1
+            if metrics.value("taskmoe_rows_cancelled_total") >= 1:
+                state["after_cancel"] += 1
+
+        model.register_forward_pre_hook(hook)
+        baseline = short_request(srv.url)
+        body = {"model": "expert", "prompt": "x", "stream": True, "max_tokens": LONG}
         with httpx.Client(timeout=60) as http:
-            with http.stream("POST", srv.url + "/v1/completions", json=body) as long_stream:
-                lines = long_stream.iter_lines()  # keep a reference: dropping the iterator closes the stream
-                assert next(lines).startswith("data: ")  # its row is generating now
-                wait_for(srv.url, lambda h: h["running_rows"] == 1)
-                pool = cf.ThreadPoolExecutor(2)
-                short = {**body, "stream": False, "max_tokens": 4}
-                waiting = [pool.submit(httpx.post, srv.url + "/v1/completions", json=short, timeout=60)
-                           for _ in range(2)]
-                wait_for(srv.url, lambda h: h["queue_rows"] == 2)
+            with http.stream("POST", srv.url + "/v1/completions", json=body) as s:
+                lines = (line for line in s.iter_lines() if line)
+                for _ in range(5):
+                    assert next(lines).startswith("data: ")
+        wait_for(srv.url, lambda h: h["running_rows"] == 0 and h["backlog_tokens"] == 0)
+        assert metric(srv.url, "taskmoe_rows_cancelled_total") == 1
+        assert state["after_cancel"] <= 1, state  # at most the forward already running when it was cancelled
+        settled = state["forwards"]
+        time.sleep(0.2)
+        assert state["forwards"] == settled  # nothing decodes for nobody
+        assert short_request(srv.url) < max(2.0, 10 * baseline)
+
+
+def test_a_long_request_does_not_block_a_short_one(busy_backend) -> None:
+    """Continuous batching: the short request joins the running batch and finishes while the long one runs."""
+    with running(create_app(busy_backend, big())) as srv:
+        body = {"model": "expert", "prompt": "x", "stream": True, "max_tokens": 3000}  # within the allowance
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", srv.url + "/v1/completions", json=body) as s:
+                lines = (line for line in s.iter_lines() if line)
+                assert next(lines).startswith("data: ")
+                t = short_request(srv.url)
+                assert wait_for(srv.url, lambda h: True)["running_rows"] == 1  # the long row still runs
+                assert t < 5.0
+
+
+def test_admission_rule_and_retry_after_from_the_backlog() -> None:
+    lim = Limits(token_budget=10_000, max_request_share=0.5, generation_timeout_s=100, admit_fraction=0.5,
+                 max_batch=4, default_max_tokens=64)
+    a = Admission(lim)
+    with pytest.raises(Refused) as e:
+        a.check(6_000, backlog=0)  # over one request's share (5,000): never fits, no Retry-After
+    assert e.value.code == "request_over_share" and e.value.retry_after is None
+    a.check(5_000, backlog=0)  # an idle server takes any request within the share
+    with pytest.raises(Refused) as e:
+        a.check(300, backlog=100)  # before any rate: one batch of default requests, 4 x 64 = 256
+    assert e.value.retry_after == lim.retry_after_s
+    a.observe(tokens=200, seconds=2.0)  # rate 100 tok/s -> allowance min(10,000, 100 x 0.5 x 100) = 5,000
+    assert a.rate == 100 and a.allowance() == 5_000
+    a.check(1_000, backlog=4_000)
+    with pytest.raises(Refused) as e:
+        a.check(1_000, backlog=7_000)
+    assert e.value.code == "server_busy" and e.value.retry_after == math.ceil((7_000 + 1_000 - 5_000) / 100)
+    a.observe(tokens=1_000, seconds=2.0)  # 500 tok/s for 2 s: r += (1 - e^-1) (500 - 100)
+    assert a.rate == pytest.approx(100 + (1 - math.exp(-1)) * 400)
+
+
+def test_busy_server_refuses_early_with_429_and_retry_after(busy_backend) -> None:
+    with running(create_app(busy_backend, big(token_budget=LONG + 10, max_request_share=1.0))) as srv:
+        body = {"model": "expert", "prompt": "x", "stream": True, "max_tokens": LONG}
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", srv.url + "/v1/completions", json=body) as s:
+                lines = (line for line in s.iter_lines() if line)
+                assert next(lines).startswith("data: ")
+                h = wait_for(srv.url, lambda h: h["work_tokens_per_s"])
+                batches = metric(srv.url, "taskmoe_batches_total")
                 with pytest.raises(openai.RateLimitError) as e:
-                    client(srv.url).completions.create(model="expert", prompt="y", max_tokens=1)
-                assert e.value.response.headers["retry-after"] == "3"
-                assert e.value.body["code"] == "queue_full"
-            # the long stream is closed here: only halting its row lets the queued requests run
-            for f in waiting:
-                r = f.result()
-                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-            assert metric(srv.url, "taskmoe_rows_cancelled_total") == 1
-            assert metric(srv.url, "taskmoe_queue_rejected_total") == 1
-            pool.shutdown()
+                    client(srv.url).completions.create(model="expert", prompt="y", max_tokens=64)
+                wait = int(e.value.response.headers["retry-after"])
+                assert e.value.body["code"] == "server_busy"
+                # the backlog is ~LONG tokens; Retry-After is the time to drain what does not fit
+                assert wait >= 1 and wait >= (h["backlog_tokens"] - (LONG + 10)) / h["work_tokens_per_s"] - 1
+                assert metric(srv.url, "taskmoe_batches_total") == batches  # refused before any work
+        with pytest.raises(openai.RateLimitError) as e:  # over one request's share, even when idle
+            client(srv.url).completions.create(model="expert", prompt=["a", "b"], n=2, max_tokens=LONG)
+        assert e.value.body["code"] == "request_over_share" and "retry-after" not in e.value.response.headers
+
+
+def test_overload_burst_gives_only_200_and_429(busy_backend) -> None:
+    limits = Limits(token_budget=2_000, max_request_share=0.25, generation_timeout_s=15.0, max_batch=16)
+    with running(create_app(busy_backend, limits)) as srv:
+        body = {"model": "expert", "prompt": "burst", "max_tokens": 64}
+        with cf.ThreadPoolExecutor(32) as pool:
+            codes = list(pool.map(lambda _: httpx.post(srv.url + "/v1/completions", json=body, timeout=60).status_code,
+                                  range(96)))
+    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
 
 
 def test_32_concurrent_requests_all_answered_and_batched(backend) -> None:
@@ -85,13 +169,60 @@ def test_32_concurrent_requests_all_answered_and_batched(backend) -> None:
         statuses = [line for line in httpx.get(srv.url + "/metrics").text.splitlines()
                     if line.startswith("taskmoe_requests_total{")]
         assert not [s for s in statuses if 'status="5' in s], statuses
-        assert metric(srv.url, "taskmoe_batches_total") < 32  # rows shared batches
+        assert metric(srv.url, "taskmoe_decode_steps_total") < 32 * 16  # rows shared steps
 
 
-def test_generation_timeout_is_504(busy_backend) -> None:
-    limits = Limits(generation_timeout_s=0.2, max_max_tokens=1024, default_max_tokens=1024)
-    with running(create_app(busy_backend, limits)) as srv:
-        with pytest.raises(openai.APIStatusError) as e:
-            client(srv.url).completions.create(model="expert", prompt="x", max_tokens=1024)
-        assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
-        wait_for(srv.url, lambda h: h["running_rows"] == 0)  # the row was halted, not left running
+def test_generation_timeout_is_504_logged_once_without_traceback(busy_backend, caplog) -> None:
+    limits = Limits(generation_timeout_s=0.3, max_max_tokens=LONG, token_budget=10 * LONG, max_request_share=1.0)
+    with caplog.at_level(logging.WARNING):
+        with running(create_app(busy_backend, limits)) as srv:
+            with pytest.raises(openai.APIStatusError) as e:
+                client(srv.url).completions.create(model="expert", prompt="x", max_tokens=LONG)
+            assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+            wait_for(srv.url, lambda h: h["running_rows"] == 0)  # the row was halted, not left running
+    lines = [r for r in caplog.records if "504" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert "never retrieved" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_body_shorter_than_content_length_is_408(backend, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        with running(create_app(backend, Limits(body_timeout_s=0.5))) as srv:
+            with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{\"model\": ")
+                t0 = time.monotonic()
+                data = b""
+                while chunk := sock.recv(65536):  # the server answers, then closes the connection
+                    data += chunk
+                assert time.monotonic() - t0 < 5
+            assert data.startswith(b"HTTP/1.1 408") and b"body_timeout" in data
+            assert httpx.get(srv.url + "/health").status_code == 200
+    lines = [r for r in caplog.records if "408" in r.getMessage()]
+    assert len(lines) == 1 and "Traceback" not in caplog.text
+
+
+def test_a_scheduler_failure_fails_its_rows_instead_of_hanging(backend) -> None:
+    class Broken(LMBackend):
+        def open_batch(self, route):
+            raise RuntimeError("boom")
+
+    with running(create_app(Broken(backend.models, backend.tokenizer), Limits(generation_timeout_s=60))) as srv:
+        t0 = time.monotonic()
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "expert", "prompt": "x", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert time.monotonic() - t0 < 10
+        assert httpx.get(srv.url + "/health").json()["running_rows"] == 0
+
+
+def test_streamed_timeout_is_an_error_event_logged_once(busy_backend, caplog) -> None:
+    limits = Limits(generation_timeout_s=0.3, max_max_tokens=LONG, token_budget=10 * LONG, max_request_share=1.0)
+    with caplog.at_level(logging.WARNING):
+        with running(create_app(busy_backend, limits)) as srv:
+            body = {"model": "expert", "prompt": "x", "stream": True, "max_tokens": LONG}
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as s:
+                events = [line for line in s.iter_lines() if line]
+            assert json.loads(events[-2][len("data: "):])["error"]["code"] == "timeout" and events[-1] == "data: [DONE]"
+            wait_for(srv.url, lambda h: h["running_rows"] == 0)
+    assert len([r for r in caplog.records if "504" in r.getMessage()]) == 1
+    assert "never retrieved" not in caplog.text and "Traceback" not in caplog.text

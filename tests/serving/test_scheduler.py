@@ -1,5 +1,6 @@
-"""The scheduler groups rows by routing key, runs each model once per step for a whole batch, and
-a row's answer never depends on its batch-mates (each equals ``inference.generate`` on that row alone).
+"""The scheduler groups rows by routing key, runs each model once per step for a whole batch, rows
+join a running batch between steps, and a row's answer never depends on its batch-mates or on who
+joins or leaves (each equals ``inference.generate`` on that row alone).
 
 Real backend: two tiny LMs (an expert_lm and a transformer_lm) served side by side, so requests
 naming different models have different routing keys. Forward calls are counted with hooks.
@@ -12,10 +13,12 @@ import asyncio
 import pytest
 
 from taskmoe.inference.generate import GenerationConfig, generate
-from taskmoe.serving.backend import SamplingParams
+from taskmoe.serving.admission import Refused
+from taskmoe.serving.backend import Row, SamplingParams
+from taskmoe.serving.backends.decode import RowBatch
 from taskmoe.serving.backends.lm import LMBackend
 from taskmoe.serving.limits import Limits
-from taskmoe.serving.scheduler import QueueFull, Scheduler
+from taskmoe.serving.scheduler import Scheduler
 
 
 def count_forwards(model) -> list[int]:
@@ -84,16 +87,18 @@ def test_mixed_batch_rows_equal_each_row_alone(backend, tokenizer) -> None:
         assert o.text == tokenizer.decode(alone, skip_special=True)
 
 
-def test_submit_is_all_or_none_when_the_queue_is_full(backend, tokenizer) -> None:
+def test_admit_is_all_or_none_when_the_queue_is_full(backend, tokenizer) -> None:
     async def main() -> None:
         sched = Scheduler(backend, Limits(queue_size=3, max_n=1, max_wait_ms=10_000, max_batch=8))
         await sched.start()
         try:
             ids = [tokenizer.bos_id]
             r = backend.route("expert", ids)
+            sched.admit([r], [ids], 2, 2)
             sched.submit(r, [(ids, SamplingParams(2))] * 2)
-            with pytest.raises(QueueFull):
-                sched.submit(r, [(ids, SamplingParams(2))] * 2)
+            with pytest.raises(Refused) as e:
+                sched.admit([r], [ids], 2, 2)
+            assert e.value.code == "queue_full" and e.value.retry_after == sched.limits.retry_after_s
             assert sched.waiting_rows == 2  # the refused request left nothing behind
             t = sched.submit(r, [(ids, SamplingParams(2))])[0]
             t.cancel()
@@ -102,3 +107,43 @@ def test_submit_is_all_or_none_when_the_queue_is_full(backend, tokenizer) -> Non
             await sched.close()
 
     asyncio.run(main())
+
+
+def test_rows_joining_between_steps_equal_each_row_alone(backend, tokenizer) -> None:
+    """Continuous batching is exact: rows that join a running batch mid-way (other prompt lengths,
+    other positions in their KV caches, sampled with their own seeds) and rows that leave early give
+    each row exactly its solo ``generate`` output, and every step is ONE forward for all live rows."""
+    model = backend.models["transformer"]  # attention: joined rows sit at other KV positions
+    calls = count_forwards(model)
+    enc = [[tokenizer.bos_id, *tokenizer.encode(t, allow_special=False)]
+           for t in ["{", "def f(x):", "The JSON encoder", "wrap text", "[1, 2, 3]"]]
+    params = [SamplingParams(9, 0.0), SamplingParams(6, 1.0, 1.0, 21), SamplingParams(8, 0.9, 0.8, 22),
+              SamplingParams(5, 1.2, 1.0, 23), SamplingParams(7, 0.0)]
+    batch = RowBatch(model, stop_ids=())
+    got: dict[int, list[int]] = {}
+    first = batch.add([Row(ids, p) for ids, p in zip(enc[:2], params[:2])])
+    for _ in range(3):
+        for h, r in batch.step():
+            got[h] = r.token_ids
+    later = batch.add([Row(ids, p) for ids, p in zip(enc[2:], params[2:])])  # join at step 3
+    before = calls[0]
+    steps = 0
+    while len(batch):
+        for h, r in batch.step():
+            got[h] = r.token_ids
+        steps += 1
+    assert calls[0] - before <= steps  # one forward per step for every live row together (none after the last)
+    for h, ids, p in zip(first + later, enc, params):
+        cfg = GenerationConfig(max_new_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed)
+        assert got[h] == generate(model, [ids], cfg)[0], h
+
+
+def test_dropped_row_costs_no_further_forward(backend, tokenizer) -> None:
+    model = backend.models["expert"]
+    calls = count_forwards(model)
+    batch = RowBatch(model, stop_ids=())
+    (h,) = batch.add([Row([tokenizer.bos_id, 50], SamplingParams(1000, 0.0))])
+    batch.step()
+    n = calls[0]
+    assert batch.drop([h])[0][1].finish == "halted" and len(batch) == 0
+    assert batch.step() == [] and calls[0] == n

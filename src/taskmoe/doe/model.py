@@ -25,6 +25,10 @@ Design choices:
 - Saved as a :mod:`taskmoe.io` component folder (kind ``"doe"``): ``config.json`` holds the
   :class:`DOEConfig` (current expert names and which ones were added late), weights in
   ``model.safetensors``.
+- **On a pretrained backbone** (:mod:`taskmoe.doe.upcycle`): ``lm`` is then a
+  :class:`~taskmoe.models.backbones.LlamaConfig`, ``backbone`` (a :class:`BackboneSpec`) names the
+  backbone folder and each added expert's kind, blocks before ``gate_layer`` stay dense, and the
+  folder stores only the gates and the added experts (the base weights stay in the backbone folder).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,15 +49,36 @@ from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, check_state, load_component, save_component
 from taskmoe.layers import LMState, SwiGLU
 from taskmoe.models import CausalLM, LMOutput, TransformerLMConfig, init_lm_weights, transformer_lm
+from taskmoe.models.backbones import LlamaConfig
 from taskmoe.layers.block import BlockState
 
 KIND = "doe"
 GATE_SUPERVISION = ("none", "router")
+EXPERT_KINDS = ("copy", "lora")
+
+
+@dataclass
+class BackboneSpec(Config):
+    """Where an upcycled DOE model's base weights live, and what each added expert is."""
+
+    path: str = doc("", "the backbone folder (Hugging Face layout) whose weights are the frozen base")
+    kinds: dict[str, str] = doc({}, "added expert -> 'copy' (a full copy of each MLP) or 'lora' (the MLP + a LoRA update)")
+    lora_rank: int = doc(8, "LoRA rank r of a new 'lora' expert")
+    lora_alpha: float = doc(16.0, "LoRA alpha of a new 'lora' expert (scale alpha / r)")
+    fingerprint: str = doc("", "hash of the backbone's weight files at upcycling (a changed backbone is refused)")
+
+    def validate(self) -> None:
+        check(bool(self.path), "BackboneSpec.path must name the backbone folder")
+        bad = {k: v for k, v in self.kinds.items() if v not in EXPERT_KINDS}
+        check(not bad, f"BackboneSpec.kinds: kinds must be one of {EXPERT_KINDS}, got {bad}")
+        check(self.lora_rank >= 1 and self.lora_alpha > 0,
+              f"BackboneSpec: lora_rank >= 1 and lora_alpha > 0 needed, got {self.lora_rank}, {self.lora_alpha}")
 
 
 @dataclass
 class DOEConfig(Config):
-    lm: TransformerLMConfig = doc(TransformerLMConfig(), "the transformer (width, depth, heads, vocab)")
+    lm: TransformerLMConfig | LlamaConfig = doc(TransformerLMConfig(), "the transformer (width, depth, heads, vocab): "
+                                                "ours, or a pretrained backbone's LlamaConfig")
     experts: list[str] = doc(["e0", "e1", "e2", "e3"], "expert names (one SwiGLU per MoE layer and one gate each)")
     late_experts: list[str] = doc([], "experts added after training: they serve only what their gate accepts")
     moe_every: int = doc(1, "layer i is a SequenceMoE when i % moe_every == moe_every - 1 (1 = every layer)")
@@ -65,6 +90,25 @@ class DOEConfig(Config):
     gate_supervision: str = doc("none", "'none': gates learn from the LM loss + capacity targets; "
                                         "'router': BCE against given category labels")
     gate_loss_weight: float = doc(0.1, "weight of the gate BCE loss added to the LM loss")
+    gate_layer: int = doc(0, "blocks before it stay dense MLPs; the gates read the residual stream entering it "
+                             "(pooled over the prompt)")
+    backbone: Optional[BackboneSpec] = doc(None, "set for a model upcycled from a pretrained backbone (doe.upcycle)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lm, dict):  # from JSON: a backbone's config has hidden_size, ours d_model
+            cls = LlamaConfig if "hidden_size" in self.lm else TransformerLMConfig
+            self.lm = cls.from_dict(self.lm, source="DOEConfig.lm")
+        if isinstance(self.backbone, dict):
+            self.backbone = BackboneSpec.from_dict(self.backbone, source="DOEConfig.backbone")
+        super().__post_init__()
+
+    @property
+    def n_layers(self) -> int:
+        return self.lm.num_hidden_layers if isinstance(self.lm, LlamaConfig) else self.lm.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.lm.hidden_size if isinstance(self.lm, LlamaConfig) else self.lm.d_model
 
     def validate(self) -> None:
         check(isinstance(self.experts, list) and len(self.experts) >= 1, "DOEConfig.experts must list at least one name")
@@ -73,8 +117,12 @@ class DOEConfig(Config):
         check(len(set(self.experts)) == len(self.experts), f"DOEConfig.experts has duplicates: {self.experts}")
         check(set(self.late_experts) <= set(self.experts),
               f"DOEConfig.late_experts {self.late_experts} must be a subset of experts {self.experts}")
-        check(isinstance(self.moe_every, int) and 1 <= self.moe_every <= self.lm.n_layers,
-              f"DOEConfig.moe_every must be in [1, lm.n_layers={self.lm.n_layers}], got {self.moe_every!r}")
+        check(isinstance(self.moe_every, int) and 1 <= self.moe_every <= self.n_layers,
+              f"DOEConfig.moe_every must be in [1, lm.n_layers={self.n_layers}], got {self.moe_every!r}")
+        check(isinstance(self.gate_layer, int) and 0 <= self.gate_layer < self.n_layers,
+              f"DOEConfig.gate_layer must be in [0, {self.n_layers - 1}], got {self.gate_layer!r}")
+        check(self.backbone is None or set(self.backbone.kinds) <= set(self.experts),
+              f"DOEConfig.backbone.kinds names experts not in {self.experts}")
         check(isinstance(self.expert_hidden, int) and self.expert_hidden >= 0,
               f"DOEConfig.expert_hidden must be an integer >= 0, got {self.expert_hidden!r}")
         check(0.0 < self.tau < 1.0, f"DOEConfig.tau must be in (0, 1), got {self.tau}")
@@ -87,10 +135,10 @@ class DOEConfig(Config):
 
     @property
     def hidden(self) -> int:
-        return self.expert_hidden or self.lm.mlp_dim
+        return self.expert_hidden or (self.lm.intermediate_size if isinstance(self.lm, LlamaConfig) else self.lm.mlp_dim)
 
     def is_moe(self, layer: int) -> bool:
-        return layer % self.moe_every == self.moe_every - 1
+        return layer >= self.gate_layer and layer % self.moe_every == self.moe_every - 1
 
 
 @dataclass
@@ -102,8 +150,8 @@ class DOETransformer(CausalLM):
     """A :class:`CausalLM` whose MoE blocks share one per-sequence routing (see module docstring)."""
 
     def __init__(self, embedding: nn.Embedding, blocks: Iterable[nn.Module], gate: SequenceGate,
-                 norm: nn.Module | None = None, *, config: DOEConfig) -> None:
-        super().__init__(embedding, blocks, norm, config=config.lm, builder=None)
+                 norm: nn.Module | None = None, *, config: DOEConfig, lm_head: nn.Linear | None = None) -> None:
+        super().__init__(embedding, blocks, norm, config=config.lm, builder=None, lm_head=lm_head)
         self.gate = gate
         self.doe_config = config
         self.moe_layers = [i for i, b in enumerate(self.blocks) if isinstance(getattr(b, "mlp", None), SequenceMoE)]
@@ -129,12 +177,16 @@ class DOETransformer(CausalLM):
         return total + per_expert * len(self.moe_layers) * min(self.gate.max_experts, len(self.expert_names))
 
     # -- routing ----------------------------------------------------------------------------
-    def route(self, input_ids: Tensor, prompt_mask: Tensor | None = None, **gate_kw) -> Routing:
-        """The routing a forward pass would decide for ``input_ids`` (B, T) without running the MoE layers."""
+    def pooled(self, input_ids: Tensor, prompt_mask: Tensor | None = None) -> Tensor:
+        """(B, D): the residual stream entering the first MoE layer, mean-pooled over the prompt (what the gates read)."""
         x = self.embedding(input_ids)
         for i in range(self.moe_layers[0]):
             x, _ = self.blocks[i](x, None)
-        return self.gate(pool_prompt(x, prompt_mask), **gate_kw)
+        return pool_prompt(x, prompt_mask)
+
+    def route(self, input_ids: Tensor, prompt_mask: Tensor | None = None, **gate_kw) -> Routing:
+        """The routing a forward pass would decide for ``input_ids`` (B, T) without running the MoE layers."""
+        return self.gate(self.pooled(input_ids, prompt_mask), **gate_kw)
 
     @staticmethod
     def state_routing(state: LMState | None, layer: int) -> Routing | None:
@@ -190,7 +242,10 @@ class DOETransformer(CausalLM):
 
     # -- flexible experts -------------------------------------------------------------------
     def _set_experts(self) -> None:
-        self.doe_config = self.doe_config.replace(experts=list(self.gate.names), late_experts=list(self.gate.late))
+        names, bb = list(self.gate.names), self.doe_config.backbone
+        if bb is not None:  # a removed expert's kind goes with it
+            bb = bb.replace(kinds={k: v for k, v in bb.kinds.items() if k in names})
+        self.doe_config = self.doe_config.replace(experts=names, late_experts=list(self.gate.late), backbone=bb)
 
     def add_expert(self, name: str, *, init_from: str | None = None, modules: Sequence[nn.Module] | None = None) -> None:
         """Add expert ``name``: one SwiGLU per MoE layer (fresh init, a copy of ``init_from``, or ``modules``) and a gate.
@@ -213,7 +268,7 @@ class DOETransformer(CausalLM):
                 m = copy.deepcopy(self.moe(i).experts[init_from])
             else:
                 m = SwiGLU(self.d_model, self.doe_config.hidden)
-                init_lm_weights(m, self.doe_config.lm.init_std, self.doe_config.lm.n_layers)
+                init_lm_weights(m, getattr(self.doe_config.lm, "init_std", 0.02), self.doe_config.n_layers)
             self.moe(i).add_expert(name, m.to(dev))
         self.gate.add_expert(name, late=True)
         self._set_experts()
@@ -266,8 +321,12 @@ def build_doe(cfg: DOEConfig, embedding: nn.Embedding | None = None,
               expert_factory: Any | None = None) -> DOETransformer:
     """Build a DOE transformer from its config (``embedding`` shares an existing one).
 
-    ``expert_factory(layer, name) -> nn.Module`` replaces the default SwiGLU experts.
+    ``expert_factory(layer, name) -> nn.Module`` replaces the default SwiGLU experts. A config
+    on a backbone (``cfg.backbone``) is built by :func:`taskmoe.doe.upcycle.upcycle_model` instead.
     """
+    if cfg.backbone is not None or isinstance(cfg.lm, LlamaConfig):
+        raise ConfigError("build_doe: this DOEConfig is on a pretrained backbone; use taskmoe.doe.upcycle "
+                          "(upcycle_model / load_upcycled)")
     d, H = cfg.lm.d_model, cfg.hidden
     make = expert_factory or (lambda i, n: SwiGLU(d, H))
 
@@ -286,8 +345,13 @@ def save_doe(model: DOETransformer, folder: str | Path, *, meta: Mapping[str, An
              extra_files: Mapping[str, Callable[[Path], None]] | None = None) -> Path:
     """Write ``model`` as a ``doe`` component folder (config.json + model.safetensors), atomically.
 
-    ``extra_files`` (name -> writer) adds files such as ``tokenizer.json``.
+    ``extra_files`` (name -> writer) adds files such as ``tokenizer.json``. An upcycled model stores
+    only its gates and added experts (:func:`taskmoe.doe.upcycle.save_upcycled`).
     """
+    if model.doe_config.backbone is not None:
+        from taskmoe.doe.upcycle import save_upcycled  # upcycle builds on this module
+
+        return save_upcycled(model, folder, meta=meta, extra_files=extra_files)
     return save_component(folder, KIND, model.doe_config.to_dict(), dict(model.state_dict()), meta=meta,
                           extra_files=extra_files)
 
@@ -297,6 +361,10 @@ def load_doe(folder: str | Path, *, device: str | torch.device = "cpu") -> DOETr
     comp = load_component(folder, KIND)
     source = comp.folder / CONFIG_FILE
     cfg = DOEConfig.from_dict(comp.config, source=str(source))
+    if cfg.backbone is not None:
+        from taskmoe.doe.upcycle import load_upcycled  # upcycle builds on this module
+
+        return load_upcycled(folder, device=device)
     model = build_doe(cfg)
     tensors = comp.tensors()
     check_state(model.state_dict(), tensors, comp.weights)

@@ -144,9 +144,10 @@ class DispatchPlan:
 
     ``rows`` (P,) are batch rows of the (row, expert) pairs sorted by expert; ``pair`` (P,) indexes
     the flattened (B, K) routing weights in the same order; ``splits`` are the pair counts per
-    expert in ``names`` order. ``group`` is set when every row has the same expert slots: the
-    layer then runs those experts on the whole batch (no gather/scatter). ``unit`` means all
-    weights are exactly 1 and need no multiply.
+    expert in ``names`` order. ``group`` (expert ids, ascending) is set when every row has the same
+    expert set: the layer then runs those experts on the whole batch (no gather/scatter), and
+    ``slot`` (B, G) says in which of its K slots each row holds ``group[j]`` (its weight's column).
+    ``unit`` means all weights are exactly 1 and need no multiply.
     """
 
     rows: Tensor
@@ -154,6 +155,7 @@ class DispatchPlan:
     splits: list[int]
     group: tuple[int, ...] | None
     unit: bool
+    slot: Tensor | None = None
 
 
 @dataclass
@@ -193,12 +195,15 @@ class Routing:
         e, order = torch.sort(e, stable=True)
         pair = pair.index_select(0, order)
         splits = torch.bincount(e, minlength=E).tolist()
-        group = None
-        if B > 0 and bool((self.ids == self.ids[:1]).all()):
-            group = tuple(int(i) for i in self.ids[0].tolist() if i >= 0)
+        group, slot = None, None
+        if B > 0:  # the same expert *set* on every row (slots may be in another order: scores differ)
+            order = self.ids.masked_fill(self.ids < 0, E).sort(dim=1)  # (B, K) expert ids ascending, empties last
+            if bool((order.values == order.values[:1]).all()):
+                n = int((order.values[0] < E).sum())
+                group, slot = tuple(int(i) for i in order.values[0, :n].tolist()), order.indices[:, :n]
         unit = bool((self.weights.detach()[self.ids >= 0] == 1).all())
         return DispatchPlan(rows=torch.div(pair, K, rounding_mode="floor"), pair=pair, splits=splits,
-                            group=group, unit=unit)
+                            group=group, unit=unit, slot=slot)
 
     def expert_names(self) -> list[tuple[str, ...]]:
         """Per row, the names of the experts that serve it (best first)."""

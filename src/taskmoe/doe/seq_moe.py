@@ -234,11 +234,10 @@ def dispatch(x: Tensor, routing: Routing, experts: Sequence[nn.Module], stack: S
     scale = not plan.unit or w.requires_grad
     if plan.group is not None:
         y = None
-        slots = sorted(range(len(plan.group)), key=lambda k: plan.group[k])
-        for k in slots:
-            out = experts[plan.group[k]](x)
+        for j, e in enumerate(plan.group):  # ascending expert order
+            out = experts[e](x)
             if scale:
-                out = out * w[:, k].to(out.dtype).view(B, 1, 1)
+                out = out * w.gather(1, plan.slot[:, j : j + 1]).to(out.dtype).view(B, 1, 1)
             y = out if y is None else y + out
         return y
     xs = x.index_select(0, plan.rows)  # (P, T, D), rows sorted by expert

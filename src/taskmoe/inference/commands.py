@@ -26,7 +26,9 @@ from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.model import KIND as DOE_KIND
 from taskmoe.doe.model import load_doe
 from taskmoe.inference.generate import GenerationConfig, generate
+from taskmoe.doe.modality.model import KIND as MM_KIND
 from taskmoe.inference.loader import load_system
+from taskmoe.inference.media import answer_with_media
 from taskmoe.inference.trace import Answer
 from taskmoe.io import CONFIG_FILE, load_component
 from taskmoe.manifest import MANIFEST_FILE
@@ -53,6 +55,8 @@ def generate_text(
     seed: Optional[int] = None,
     max_experts: Optional[int] = None,
     raw: bool = False,
+    image: Optional[Path] = None,
+    audio: Optional[Path] = None,
 ) -> Answer | dict[str, Any]:
     """Answer one prompt with a trained system: taskmoe generate RUN "prompt" [--trace].
 
@@ -64,14 +68,22 @@ def generate_text(
     defaults come from the run's manifest; --max-new-tokens / --temperature / --seed override
     them. --max-experts bounds the experts kept in memory. RUN may also be a backbone folder
     (taskmoe backbone import): the prompt is one user message in its chat template, or a plain
-    completion with --raw.
+    completion with --raw. --image FILE.png / --audio FILE.wav ask a multimodal model (taskmoe
+    train modality) about a picture or a recording; its result names the modality expert that
+    took the question.
     """
-    if is_backbone_dir(path):
+    if image is None and audio is None and is_backbone_dir(path):
         return generate_with_backbone(path, prompt, raw=raw, **_gen(max_new_tokens, temperature, seed))
+    if image is not None or audio is not None or _kind(path) == MM_KIND:
+        return answer_with_media(path, prompt, image=image, audio=audio, **_gen(max_new_tokens, temperature, seed))
     if not (Path(path) / MANIFEST_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file():
         return generate_with_model(path, prompt, **_gen(max_new_tokens, temperature, seed))
     system = load_system(path, max_experts=max_experts)
     return system.generate(prompt, trace=trace, **_gen(max_new_tokens, temperature, seed))
+
+
+def _kind(path: Path) -> str | None:
+    return load_component(path).kind if (Path(path) / CONFIG_FILE).is_file() else None
 
 
 def generate_with_model(path: Path, prompt: str, **gen: Any) -> dict[str, Any]:

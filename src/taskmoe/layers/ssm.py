@@ -87,7 +87,7 @@ class SSM(nn.Module):
 
     def forward(self, u: Tensor, state: SSMState | None = None) -> tuple[Tensor, SSMState | None]:
         x, z = self.in_proj(u).split(self.d_inner, dim=-1)  # (B, T, E) each
-        A = -torch.exp(self.A_log.float()).to(u.dtype)  # (E, N)
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))  # (E, N), >= fp32 as in mamba-ssm
         step = state is not None and u.shape[1] == 1
         if step:
             x, z = x[:, 0], z[:, 0]  # (B, E)

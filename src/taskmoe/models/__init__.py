@@ -6,6 +6,11 @@
 :func:`transformer_lm` (attention + SwiGLU, the DOE base), :data:`BUILDERS` by saved name, and
 :func:`save_lm` / :func:`load_lm` for component folders. Configs: the shared :class:`LMConfig` and
 one per architecture (:class:`ExpertLMConfig`, :class:`SummarizerLMConfig`, :class:`TransformerLMConfig`).
+
+Pretrained backbones (:mod:`taskmoe.models.backbones`: Llama-family checkpoints as our own
+``CausalLM``, import from GGUF / Hugging Face folders), their PEFT-layout LoRA adapters
+(:mod:`taskmoe.models.adapters`) and many adapters in one batch
+(:mod:`taskmoe.models.mixed_adapters`) are imported from their modules.
 """
 
 from taskmoe.models.builders import BUILDERS, CONFIGS, build_lm, expert_lm, summarizer_lm, transformer_lm

@@ -27,7 +27,7 @@ Forms:
   carried: ``o_i += exp(b_i) q_i^T S_in`` and ``S_out = exp(b_L) S_in + sum_j exp(b_L - b_j) k_j v_j^T``.
   Every exponent is a difference ``b_i - b_j <= 0`` taken after masking, so nothing overflows. T need
   not be a multiple of L (the tail is zero-padded: a zero key adds nothing and ``g = 0`` keeps the
-  state). Uses ``fla-core`` on CUDA when importable.
+  state). Uses ``fla-core`` on CUDA when importable, a carried-in state included (prefill).
 - :func:`linear_attention_step` — one decoding step with the ``(Dk, Dv)`` state (O(1) in context).
 - :func:`linear_attention_ref` — the recurrence as a plain loop over time (the test reference).
 
@@ -65,9 +65,9 @@ def linear_attention(
 ) -> tuple[Tensor, Tensor]:
     """Chunked-parallel form: ``(o (B, T, H, Dv), S (B, H, Dk, Dv))``; see the module docstring."""
     fused = kernels.kernel("simple_gla", q, k, v, g, state)
-    if fused is not None:
+    if fused is not None:  # fla's layout is ours, (B, T, H, K): no transpose and no head_first flag (removed in fla 0.5)
         o, S = fused(q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True)
-        return o, S
+        return o, S.to(q.dtype)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     S = _init_state(q, v, state)

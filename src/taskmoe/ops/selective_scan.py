@@ -29,11 +29,14 @@ Forms:
   boundary states; backward recomputes the states and runs the adjoint recurrence with the same
   chunked schedule (formulas in :class:`_SelectiveScan`), so training memory is one transient
   ``(B, T, E, N)`` tensor instead of a dozen saved ones, and it is several times faster than
-  differentiating the loop. Uses ``mamba-ssm`` on CUDA when importable and no state is carried in.
+  differentiating the loop. Uses ``mamba-ssm`` on CUDA when importable; a carried-in state (which the
+  kernel cannot take) adds its closed-form term :func:`state_term`.
 - :func:`selective_scan_step` — one decoding step with the ``(E, N)`` state.
 - :func:`selective_scan_ref` — the recurrence as a plain loop over time (the test reference).
 
-All return ``(y, final_state)``, so a chunked prefill followed by recurrent steps equals one call.
+All return ``(y, final_state)`` in ``x``'s dtype, so a chunked prefill followed by recurrent steps
+equals one call. ``A`` may stay float32 under a bf16/fp16 model (mamba-ssm's convention): the
+scan then runs in float32.
 """
 
 from __future__ import annotations
@@ -215,6 +218,13 @@ class _SelectiveScan(torch.autograd.Function):
         return trim(dx), trim(d_dt), dA, trim(dB), trim(dC), dh0, None
 
 
+def _in_compute_dtype(x: Tensor, A: Tensor, *ts: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``A`` and ``ts`` in ``promote(x.dtype, A.dtype)``: with A kept in float32 (as mamba-ssm keeps it), a
+    bf16/fp16 model scans in float32, like mamba-ssm's own reference (``u.float()``, ...)."""
+    ct = torch.promote_types(x.dtype, A.dtype)
+    return tuple(None if t is None else t.to(ct) for t in (A, *ts))
+
+
 def selective_scan(
     x: Tensor,
     dt: Tensor,
@@ -227,22 +237,55 @@ def selective_scan(
     state: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked two-level scan: ``(y (B, T, E), h (B, E, N))``; ``chunk_size`` None = :func:`auto_chunk`."""
-    if state is None:
-        fused = kernels.kernel("selective_scan", x, dt, A, Bm, Cm)
-        if fused is not None:
-            y, h = fused(
-                x.transpose(1, 2), dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2),
-                D, None if z is None else z.transpose(1, 2), return_last_state=True,
-            )  # (B, E, T), (B, E, N)
-            return y.transpose(1, 2), h
+    """Chunked two-level scan: ``(y (B, T, E), h (B, E, N))``; ``chunk_size`` None = :func:`auto_chunk`.
+
+    ``y`` and ``h`` come back in ``x``'s dtype; the scan itself runs in ``promote(x.dtype, A.dtype)``.
+    """
+    fused = kernels.kernel("selective_scan", x, dt, A, Bm, Cm, state)
+    if fused is not None:
+        return _fused_scan(fused, x, dt, A, Bm, Cm, D, z, state)
     T = x.shape[1]
     h0 = _init_state(x, A, state)
     if T == 0:
         return _finish(x.new_zeros(x.shape), x, D, z), h0
+    A_, x_, dt_, Bm_, Cm_, h0_, D_, z_ = _in_compute_dtype(x, A, x, dt, Bm, Cm, h0, D, z)
     L = max(1, min(chunk_size or auto_chunk(T, x.shape[0] * A.numel()), T))
-    y, h = _SelectiveScan.apply(x, dt, A, Bm, Cm, h0, L)
-    return _finish(y, x, D, z), h
+    y, h = _SelectiveScan.apply(x_, dt_, A_, Bm_, Cm_, h0_, L)
+    return _finish(y, x_, D_, z_).to(x.dtype), h.to(x.dtype)
+
+
+STATE_CHUNK = 256  # time steps per slice of the state term: bounds its (B, L, E, N) transient
+
+
+def state_term(h0: Tensor, dt: Tensor, A: Tensor, Cm: Tensor) -> tuple[Tensor, Tensor]:
+    """What an initial state ``h0`` (B, E, N) adds to a scan, in closed form (the recurrence is linear in h):
+
+    ``h_t = h_t(from zero) + exp(A * s_t) h0`` and ``y_t += (exp(A * s_t) h0) C_t`` with ``s_t = sum_{u<=t} dt_u``
+    (every exponent <= 0). Returns ``(y_h0 (B, T, E), decay_T * h0 (B, E, N))`` in float32.
+    """
+    A32, h32 = A.float(), h0.float()
+    s = dt.float().cumsum(1)  # (B, T, E)
+    ys = [torch.einsum("bten,ben,btn->bte", torch.exp(s[:, a : a + STATE_CHUNK, :, None] * A32), h32,
+                       Cm[:, a : a + STATE_CHUNK].float()) for a in range(0, s.shape[1], STATE_CHUNK)]
+    y = torch.cat(ys, 1) if ys else s.new_zeros(s.shape)
+    return y, torch.exp(s[:, -1, :, None] * A32) * h32 if s.shape[1] else h32
+
+
+def _fused_scan(fused, x, dt, A, Bm, Cm, D, z, state):  # noqa: ANN001, ANN202 - the mamba-ssm call
+    """mamba-ssm's kernel in its layout (module docstring of :mod:`taskmoe.ops.kernels`); a carried-in
+    state adds :func:`state_term` (the kernel itself always starts from zero)."""
+    y, h = fused(
+        x.transpose(1, 2), dt.transpose(1, 2), A.float(), Bm.transpose(1, 2), Cm.transpose(1, 2),
+        None if D is None else D.float(), None if z is None else z.transpose(1, 2), return_last_state=True,
+    )  # (B, E, T), (B, E, N)
+    y = y.transpose(1, 2)  # (B, T, E)
+    if state is not None:
+        _init_state(x, A, state)
+        y_s, h_s = state_term(state, dt, A, Cm)
+        gate = F.silu(z.float()) if z is not None else 1.0
+        y = y.float() + y_s * gate
+        h = h.float() + h_s
+    return y.to(x.dtype), h.to(x.dtype)
 
 
 def selective_scan_step(
@@ -257,10 +300,10 @@ def selective_scan_step(
     state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One step: ``x``, ``dt``, ``z`` (B, E), ``Bm``, ``Cm`` (B, N) -> ``(y (B, E), h (B, E, N))``."""
-    h = _init_state(x, A, state)
-    h = torch.exp(dt.unsqueeze(-1) * A) * h + (dt * x).unsqueeze(-1) * Bm.unsqueeze(1)  # (B, E, N)
-    y = (h @ Cm.unsqueeze(-1)).squeeze(-1)  # (B, E)
-    return _finish(y, x, D, z), h
+    A_, x_, dt_, Bm_, Cm_, h_, D_, z_ = _in_compute_dtype(x, A, x, dt, Bm, Cm, _init_state(x, A, state), D, z)
+    h = torch.exp(dt_.unsqueeze(-1) * A_) * h_ + (dt_ * x_).unsqueeze(-1) * Bm_.unsqueeze(1)  # (B, E, N)
+    y = (h @ Cm_.unsqueeze(-1)).squeeze(-1)  # (B, E)
+    return _finish(y, x_, D_, z_).to(x.dtype), h.to(x.dtype)
 
 
 def selective_scan_ref(
@@ -275,12 +318,12 @@ def selective_scan_ref(
     state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference twin: ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t; y_t = h_t C_t`` as a loop."""
-    h = _init_state(x, A, state)
+    A_, x_, dt_, Bm_, Cm_, h, D_, z_ = _in_compute_dtype(x, A, x, dt, Bm, Cm, _init_state(x, A, state), D, z)
     ys = []
     for t in range(x.shape[1]):
-        dA = torch.exp(torch.einsum("be,en->ben", dt[:, t], A))
-        dBx = torch.einsum("be,bn->ben", dt[:, t] * x[:, t], Bm[:, t])
+        dA = torch.exp(torch.einsum("be,en->ben", dt_[:, t], A_))
+        dBx = torch.einsum("be,bn->ben", dt_[:, t] * x_[:, t], Bm_[:, t])
         h = dA * h + dBx
-        ys.append(torch.einsum("ben,bn->be", h, Cm[:, t]))
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)
-    return _finish(y, x, D, z), h
+        ys.append(torch.einsum("ben,bn->be", h, Cm_[:, t]))
+    y = torch.stack(ys, dim=1) if ys else x_.new_zeros(x.shape)
+    return _finish(y, x_, D_, z_).to(x.dtype), h.to(x.dtype)

@@ -1,12 +1,16 @@
 """taskmoe.serving: an OpenAI-compatible HTTP server over taskmoe models.
 
 Modules: ``limits`` (every limit, at the top), ``backend`` (the protocol the server drives and the
-row/route types), ``backends`` (implementations: a plain causal LM folder, ...), ``scheduler``
-(bounded, expert-grouped batching), ``textstream`` (incremental detokenization and stop
-sequences), ``schemas`` (OpenAI request/response models), ``metrics`` (Prometheus text), ``app``
-(``create_app``), ``serve`` (the ``taskmoe serve`` command).
+row/route types), ``backends`` (implementations: LM folders, DOE, IMoE runs; the continuous
+``RowBatch``), ``admission`` (work estimate, measured rate, 429 + Retry-After), ``tickets`` (one
+row in flight), ``scheduler`` (continuous expert-grouped batching, cancellation within one step),
+``textstream`` (incremental detokenization and stop sequences), ``schemas`` (strict OpenAI
+request/response models), ``metrics`` (``prometheus_client``), ``errors`` (OpenAI error JSON),
+``auth`` (Bearer key on all but ``/health``), ``edge`` (body limits and read timeout),
+``streaming`` (SSE), ``completion`` (the one completion handler), ``routes``, ``app``
+(``create_app``), ``health`` (start-up component checks), ``serve`` (the ``taskmoe serve`` command).
 
-FastAPI, pydantic and uvicorn are the optional ``[serve]`` extra. This package and the ``serve``
+FastAPI, pydantic, uvicorn and prometheus_client are the optional ``[serve]`` extra. This package and the ``serve``
 command import without them; :func:`require_serve_extra` raises a clear error when they are
 missing, and ``create_app`` is resolved lazily.
 """
@@ -18,7 +22,7 @@ from typing import Any
 
 from taskmoe.errors import TaskmoeError
 
-SERVE_EXTRA_MODULES = ("fastapi", "pydantic", "starlette", "uvicorn")
+SERVE_EXTRA_MODULES = ("fastapi", "pydantic", "starlette", "uvicorn", "prometheus_client")
 
 
 class ServeExtraMissing(TaskmoeError, ImportError):

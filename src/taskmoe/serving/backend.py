@@ -15,6 +15,21 @@ ids with the backend's encoders and decodes output incrementally with its tokeni
   thread. After each new token of row ``i`` it calls ``rows[i].emit(token_id)``; ``emit`` returning
   False halts that row (a stop sequence matched, the client went away, or the deadline passed).
 
+Optional, for what a backend can do better (the scheduler checks with ``getattr``):
+
+- ``open_batch(route) -> StepBatch``: continuous batching. The scheduler adds rows between steps
+  and steps the batch itself, so rows of many requests are in flight, a row that ends or is
+  dropped costs nothing more, and no request blocks the others (LM and DOE backends).
+- ``check_components() -> list[str]``: read every weight file the backend may load later (experts
+  load lazily) and raise :class:`~taskmoe.errors.CheckpointError` naming a bad one; returns the
+  names of what it checked (``taskmoe serve`` calls it before reporting healthy).
+- ``components(route) -> list[str]``: the components a route needs, so a request routed to a
+  component that already failed is answered 503 before any work starts.
+
+A component that fails while serving (an expert file corrupted after start) raises
+:class:`ComponentUnavailable` naming it; the server answers 503 naming it and lists it in
+``/health``.
+
 Design choices: rows are independent units (a request with ``n`` choices is ``n`` rows with the
 same route), so a batch mixes rows of different requests freely; per-row sampling settings and
 seeds let a row give the same tokens whatever batch it lands in (tested for the LM backend).
@@ -24,6 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Literal, Mapping, Protocol, Sequence, runtime_checkable
+
+from taskmoe.errors import TaskmoeError
 
 FinishReason = Literal["eos", "length", "halted"]
 """Why a row ended: the model emitted its end token, ``max_tokens`` was reached, or ``emit`` said stop."""
@@ -68,11 +85,14 @@ class SamplingParams:
 
 @dataclass
 class Row:
-    """One sequence to generate: its prompt, sampling settings and the per-token callback."""
+    """One sequence to generate: its prompt, sampling settings, the per-token callback, and
+    ``alive()`` (False once nobody waits for the row: a backend that cannot stop mid-call checks
+    it before starting work)."""
 
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[int], bool] = field(default=lambda _tok: True, repr=False)
+    alive: Callable[[], bool] = field(default=lambda: True, repr=False)
 
 
 @dataclass
@@ -82,6 +102,26 @@ class RowResult:
     token_ids: list[int]
     finish: FinishReason
     trace: Mapping[str, Any] | None = None
+
+
+class ComponentUnavailable(TaskmoeError):
+    """A served component (``"expert code"``, ``"model m"``) failed to load or run (answer 503)."""
+
+    def __init__(self, component: str, reason: str) -> None:
+        super().__init__(f"{component} is unavailable: {reason}")
+        self.component, self.reason = component, reason
+
+
+class StepBatch(Protocol):
+    """A running batch the scheduler drives step by step (see :class:`~taskmoe.serving.backends.decode.RowBatch`)."""
+
+    def __len__(self) -> int: ...
+
+    def add(self, rows: Sequence[Row]) -> list[int]: ...
+
+    def drop(self, handles: Sequence[int]) -> list[tuple[int, RowResult]]: ...
+
+    def step(self) -> list[tuple[int, RowResult]]: ...
 
 
 @runtime_checkable

@@ -12,12 +12,19 @@ What each limit protects against:
   unbounded amount of work. They are written into the request schema (``/openapi.json``), so a
   violation is a 422 like any schema error. A completions request holds at most ``max_n`` prompts
   of ``max_n`` choices each, so ``max_n ** 2 <= queue_size``.
-- ``queue_size``: requests waiting for a batch (counted in rows, one per choice); when full the
-  server answers 429 with ``Retry-After: retry_after_s`` instead of queueing without bound.
-- ``max_batch`` / ``max_wait_ms``: the scheduler waits at most ``max_wait_ms`` after a request's
-  arrival for more requests with the same routing key, and runs at most ``max_batch`` rows at once.
+- ``token_budget`` / ``max_request_share``: **admission by work** (:mod:`taskmoe.serving.admission`).
+  A request costs ``n x (prompt tokens + max_tokens)`` work tokens; the work admitted and not yet
+  done may not exceed the budget, nor what the measured rate finishes within
+  ``admit_fraction x generation_timeout_s``; one request may hold at most ``max_request_share`` of
+  the budget. Refusals are 429 with a ``Retry-After`` computed from the backlog.
+- ``queue_size``: rows (one per choice) waiting to start; a memory bound behind the work budget.
+- ``max_batch`` / ``max_wait_ms``: at most ``max_batch`` rows of one routing key decode together
+  (``batching="fifo"``: of all keys); a key with no running batch waits at most ``max_wait_ms``
+  for batch-mates, then later rows join the running batch between steps.
 - ``generation_timeout_s``: a request still unanswered after this long (queueing included) is
-  cancelled and answered 504 (or, mid-stream, with an error event).
+  halted within one decode step and answered 504 (or, mid-stream, with an error event).
+- ``body_timeout_s``: a request body not fully received after this long (a client that sent a
+  Content-Length and then less) is answered 408 and the connection closed.
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ MAX_BATCH = 32
 MAX_WAIT_MS = 5.0
 GENERATION_TIMEOUT_S = 120.0
 RETRY_AFTER_S = 1
+TOKEN_BUDGET = 1 << 17  # work tokens admitted and not yet done
+MAX_REQUEST_SHARE = 0.25
+ADMIT_FRACTION = 0.5
+BODY_TIMEOUT_S = 10.0
+BATCHING = ("grouped", "fifo")
 
 
 @dataclass
@@ -57,7 +69,12 @@ class Limits(Config):
     max_batch: int = doc(MAX_BATCH, "most rows generated together in one batch")
     max_wait_ms: float = doc(MAX_WAIT_MS, "how long the oldest waiting request may wait for batch-mates")
     generation_timeout_s: float = doc(GENERATION_TIMEOUT_S, "seconds before an unanswered request is cancelled (504)")
-    retry_after_s: int = doc(RETRY_AFTER_S, "Retry-After seconds sent with a 429")
+    retry_after_s: int = doc(RETRY_AFTER_S, "Retry-After seconds of a 429 sent before any decode rate is measured")
+    token_budget: int = doc(TOKEN_BUDGET, "work tokens (n x (prompt + max_tokens)) admitted and not yet done, at most")
+    max_request_share: float = doc(MAX_REQUEST_SHARE, "largest share of token_budget one request may ask for (else 429)")
+    admit_fraction: float = doc(ADMIT_FRACTION, "admit only work the measured rate finishes within this share of the timeout")
+    body_timeout_s: float = doc(BODY_TIMEOUT_S, "seconds to receive a request body before answering 408")
+    batching: str = doc("grouped", "grouped: max_batch rows per routing key; fifo: max_batch rows in all (baseline)")
 
     def validate(self) -> None:
         for name in (
@@ -66,6 +83,12 @@ class Limits(Config):
         ):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"Limits.{name}: must be an integer >= 1, got {v!r}")
+        check(isinstance(self.token_budget, int) and self.token_budget >= 1,
+              f"Limits.token_budget: must be an integer >= 1, got {self.token_budget!r}")
+        check(0 < self.max_request_share <= 1, f"Limits.max_request_share: must be in (0, 1], got {self.max_request_share!r}")
+        check(0 < self.admit_fraction <= 1, f"Limits.admit_fraction: must be in (0, 1], got {self.admit_fraction!r}")
+        check(self.body_timeout_s > 0, f"Limits.body_timeout_s: must be > 0, got {self.body_timeout_s!r}")
+        check(self.batching in BATCHING, f"Limits.batching: must be one of {BATCHING}, got {self.batching!r}")
         check(self.max_wait_ms >= 0, f"Limits.max_wait_ms: must be >= 0, got {self.max_wait_ms!r}")
         check(self.generation_timeout_s > 0, f"Limits.generation_timeout_s: must be > 0, got {self.generation_timeout_s!r}")
         check(

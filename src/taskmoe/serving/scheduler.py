@@ -1,27 +1,28 @@
-"""Expert-grouped batching: a bounded queue of rows, one worker, generation in a thread.
+"""Continuous, expert-grouped batching with admission by work and cancellation within one step.
 
-Each prompt is routed once on arrival (``Backend.route``); its choices become *rows* that wait in
-the queue grouped by ``Route.key``. One worker coroutine repeatedly picks a group and hands up
-to ``max_batch`` of its rows to ``Backend.generate_batch`` in a dedicated thread, so every expert
-a batch needs runs once per decoding step for all of them while the event loop keeps serving
-HTTP (health checks, new arrivals, streaming out tokens).
+Each prompt is routed once on arrival (``Backend.route``); its choices become *rows*
+(:class:`~taskmoe.serving.tickets.Ticket`) that wait grouped by ``Route.key``. One worker coroutine
+plans, hands the plan to a dedicated generation thread (the event loop keeps serving HTTP), and
+settles the results. Two ways to run, picked from the backend:
 
-Picking a group (design choices):
+- **Stepwise** (the backend has ``open_batch``: LM and DOE backends). Every routing key has at
+  most one running :class:`~taskmoe.serving.backend.StepBatch`; each plan (1) drops the rows that
+  died (client gone, deadline passed), (2) lets waiting rows **join** a running batch of their key
+  between steps, up to ``max_batch`` rows (a key with no running batch starts once its oldest row
+  waited ``max_wait_ms`` or the group is full), and (3) runs **one decode step of every running
+  batch**, round robin. So many requests are in flight, a long request never blocks a short one
+  of another key, and a dead row costs at most the forward that was already running.
+  ``batching="fifo"`` (the benchmark's baseline) caps running rows at ``max_batch`` over all keys
+  and lets rows start strictly in arrival order, i.e. batching without grouping by expert.
+- **Whole batch** (only ``generate_batch``: the IMoE system): the group with a full batch, or
+  holding the oldest row once it waited ``max_wait_ms``, runs to the end in one call; rows check
+  ``alive()`` and ``emit`` halts them.
 
-- a group that already holds ``max_batch`` rows runs at once (the one whose oldest row is oldest);
-- otherwise the group holding the oldest row runs when that row has waited ``max_wait_ms`` --
-  rows that arrive meanwhile with the same key join it. While a batch is generating new rows pile
-  up, so under load batches fill themselves and ``max_wait_ms`` only matters when idle;
-- the queue is bounded in rows (``queue_size``): :meth:`Scheduler.submit` raises
-  :class:`QueueFull` rather than queueing without bound, and admits all rows of a request or none.
-
-Cancellation: :meth:`Ticket.cancel` (client disconnect, timeout) removes a waiting row from the
-queue, or makes the row's ``emit`` callback answer False so the backend halts it at the next
-token. Each row also carries a deadline checked in ``emit``.
-
-Text: every row owns a :class:`~taskmoe.serving.textstream.TextStream` fed inside ``emit`` (in
-the generation thread), so a stop sequence halts the row on the token that completes it, and
-streamed text deltas cross to the event loop with ``call_soon_threadsafe``.
+Admission (:meth:`Scheduler.submit`, all rows of a request or none): a component the route needs
+that failed answers :class:`~taskmoe.serving.backend.ComponentUnavailable` (503); more waiting
+rows than ``queue_size`` or more work than :class:`~taskmoe.serving.admission.Admission` allows
+answers :class:`~taskmoe.serving.admission.Refused` (429 with ``Retry-After``). The rate the rule
+uses is measured here: work tokens (prefilled prompts + generated tokens) per second of each plan.
 """
 
 from __future__ import annotations
@@ -31,119 +32,35 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Sequence
 
-from taskmoe.errors import RequestError
-from taskmoe.serving.backend import Backend, Route, Row, RowResult, SamplingParams
+from taskmoe.serving.admission import Admission, Refused, request_cost
+from taskmoe.serving.backend import Backend, ComponentUnavailable, Route, RowResult, SamplingParams, StepBatch
 from taskmoe.serving.limits import Limits
 from taskmoe.serving.metrics import ServerMetrics
-from taskmoe.serving.textstream import TextStream
+from taskmoe.serving.tickets import RowOutcome, Ticket
+from taskmoe.serving.waiting import Plan, Planner
 
 log = logging.getLogger("taskmoe.serving")
 
+__all__ = ["Scheduler", "Ticket", "RowOutcome", "Refused"]
 
-class QueueFull(RequestError):
-    """The scheduler queue cannot take the rows of this request now (answer 429)."""
-
-    def __init__(self, rows: int, waiting: int, capacity: int) -> None:
-        super().__init__(f"server busy: {waiting} of {capacity} queue rows taken, request needs {rows}; retry later")
+SLICE_S = 0.05
+"""Longest the generation thread decodes without handing back to the planner (new rows join then)."""
 
 
 @dataclass
-class RowOutcome:
-    """A finished row as the HTTP layer needs it.
+class _Running:
+    """A running step batch of one key: its rows by handle."""
 
-    ``finish``: ``"stop"`` (end token or stop sequence), ``"length"`` (max_tokens),
-    ``"cancelled"`` (the client went away) or ``"timeout"`` (the deadline passed).
-    """
-
-    text: str
-    token_ids: list[int]
-    finish: str
-    trace: Mapping[str, Any] | None
-
-
-class Ticket:
-    """One row in flight: stream its text with :meth:`deltas`, await :meth:`result`, or :meth:`cancel`."""
-
-    def __init__(self, scheduler: "Scheduler", route: Route, row_ids: list[int], params: SamplingParams,
-                 stop: Sequence[str], deadline: float, stream: bool = True) -> None:
-        self._scheduler = scheduler
-        self._loop = scheduler.loop
-        self.route = route
-        decode = scheduler.backend.tokenizer.decode
-        self.stream = TextStream(lambda ids: decode(ids, skip_special=True), stop)
-        self.row = Row(list(row_ids), params, self._emit)
-        self.deadline = deadline
-        self.enqueued_at = time.monotonic()
-        self.cancelled = threading.Event()
-        self.timed_out = False
-        self.streaming = stream
-        self._deltas: asyncio.Queue[str | None] = asyncio.Queue()
-        self._done: asyncio.Future[RowOutcome] = self._loop.create_future()
-
-    # ---------------------------------------------------------------- called in the thread
-    def _emit(self, token_id: int) -> bool:
-        if self.cancelled.is_set():
-            return False
-        if time.monotonic() > self.deadline:
-            self.timed_out = True
-            return False
-        self._scheduler.metrics.completion_tokens.inc()
-        delta = self.stream.push(token_id)
-        if delta and self.streaming:
-            self._loop.call_soon_threadsafe(self._deltas.put_nowait, delta)
-        return not self.stream.stopped
-
-    # ------------------------------------------------------------- called in the event loop
-    def _resolve(self, result: RowResult | None, error: BaseException | None = None) -> None:
-        if self._done.done():
-            return
-        if error is not None:
-            self._deltas.put_nowait(None)
-            self._done.set_exception(error)
-            self._done.exception()  # mark retrieved: a cancelled reader may never await it
-            return
-        assert result is not None
-        tail = self.stream.finish() if not (self.cancelled.is_set() or self.timed_out) else ""
-        if tail and self.streaming:
-            self._deltas.put_nowait(tail)
-        self._deltas.put_nowait(None)
-        if self.timed_out:
-            finish = "timeout"
-        elif self.cancelled.is_set():
-            finish = "cancelled"
-        elif result.finish == "length":
-            finish = "length"
-        else:  # "eos", or "halted" by a stop sequence
-            finish = "stop"
-        self._done.set_result(RowOutcome(self.stream.text, list(result.token_ids), finish, result.trace))
-
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text pieces as they become safe to show; ends when the row is finished."""
-        while True:
-            piece = await self._deltas.get()
-            if piece is None:
-                return
-            yield piece
-
-    async def result(self) -> RowOutcome:
-        return await asyncio.shield(self._done)
-
-    def cancel(self, *, timeout: bool = False) -> None:
-        """Stop this row (client gone, or ``timeout``): drop it from the queue, or halt it at its next token."""
-        if self._done.done() or self.cancelled.is_set():
-            return
-        self.timed_out = self.timed_out or timeout
-        self.cancelled.set()
-        self._scheduler.metrics.cancelled.inc()
-        if self._scheduler._remove(self):
-            self._resolve(RowResult([], "halted"))
+    route: Route
+    batch: StepBatch
+    rows: dict[int, Ticket] = field(default_factory=dict)
 
 
 class Scheduler:
-    """Bounded, key-grouped batching of rows in front of a :class:`Backend`.
+    """Batching of rows in front of a :class:`Backend` (see the module docstring).
 
     Use inside a running event loop: ``await start()``, then :meth:`submit`; ``await close()``.
     """
@@ -152,16 +69,22 @@ class Scheduler:
         self.backend = backend
         self.limits = limits or Limits()
         self.metrics = metrics or ServerMetrics()
-        self._groups: dict[Hashable, list[Ticket]] = {}
-        self._waiting = 0
-        self._running = 0
+        self.admission = Admission(self.limits)
+        self.stepwise = callable(getattr(backend, "open_batch", None))
+        self.failed: dict[str, str] = {}
+        """Components that failed while serving -> why (answered 503, listed by /health)."""
+        self.planner = Planner(self.limits, self.metrics)
+        self._queue = self.planner.queue
+        self._running: dict[Hashable, _Running] = {}
+        self._live: set[Ticket] = set()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._inflight: list[Ticket] = []
+        self._whole: list[Ticket] = []
+        self._changed = threading.Event()  # set by submit/cancel: the decode slice hands back to the planner
+        self.generated_tokens = 0
+        """Tokens generated so far (counted by the tickets, in the generation thread)."""
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.batch_log: list[tuple[Hashable, int]] = []
-        """(route key, rows) of every batch run, oldest first (the last 10,000)."""
 
     # ------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -176,133 +99,216 @@ class Scheduler:
         """Cancel everything waiting or running and stop the worker."""
         if self._worker is None:
             return
-        for group in list(self._groups.values()):
-            for t in list(group):
-                t.cancel()
-        for t in list(self._inflight):
+        for t in list(self._live):
             t.cancelled.set()
         self._worker.cancel()
         try:
             await self._worker
         except asyncio.CancelledError:
             pass
+        for t in list(self._live):
+            t.resolve(None, RuntimeError("server shutting down"))
         assert self._executor is not None
         await asyncio.get_running_loop().run_in_executor(None, lambda: self._executor.shutdown(wait=True))
         self._worker = None
 
     @property
+    def batch_log(self) -> list[tuple[Hashable, int]]:
+        """(route key, rows) of every group that started together, oldest first (the last 10,000)."""
+        return self.planner.batch_log
+
+    @property
     def waiting_rows(self) -> int:
-        return self._waiting
+        return len(self._queue)
 
     @property
     def running_rows(self) -> int:
-        return self._running
+        return sum(len(r.rows) for r in self._running.values()) + len(self._whole)
+
+    @property
+    def backlog(self) -> int:
+        """Work tokens admitted and not yet done (see :mod:`taskmoe.serving.admission`)."""
+        return sum(t.remaining for t in self._live)
+
+    def wake(self) -> None:
+        self._changed.set()
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     # ----------------------------------------------------------------------- admission
-    def submit(
-        self,
-        route: Route,
-        prompts: Sequence[tuple[list[int], SamplingParams]],
-        stop: Sequence[str] = (),
-        timeout_s: float | None = None,
-        stream: bool = True,
-    ) -> list[Ticket]:
-        """Queue one row per (prompt_ids, params) under ``route``; all or none (:class:`QueueFull`).
+    def admit(self, routes: Sequence[Route], prompts: Sequence[Sequence[int]], n: int, max_tokens: int) -> None:
+        """Raise (503 / 429) unless a request of these prompts (``n`` rows each) may start now."""
+        needs = getattr(self.backend, "components", None)
+        for c in [c for r in routes for c in (needs(r) if needs is not None else [])]:
+            if c in self.failed:  # a component the request needs failed: 503 before any work
+                raise ComponentUnavailable(c, self.failed[c])
+        rows = len(prompts) * n
+        if len(self._queue) + rows > self.limits.queue_size:
+            self.metrics.rejected.inc()
+            raise Refused(f"server busy: {len(self._queue)} of {self.limits.queue_size} queue rows taken, request needs "
+                          f"{rows}; retry later", code="queue_full", retry_after=self.limits.retry_after_s)
+        try:
+            self.admission.check(request_cost([len(p) for p in prompts], n, max_tokens), self.backlog)
+        except Refused:
+            self.metrics.rejected.inc()
+            raise
 
-        ``stream=False``: nobody reads :meth:`Ticket.deltas` (only the result), so text pieces are
-        not handed to the event loop token by token."""
+    def submit(self, route: Route, prompts: Sequence[tuple[list[int], SamplingParams]], stop: Sequence[str] = (),
+               timeout_s: float | None = None, *, sink: asyncio.Queue | None = None, first_index: int = 0) -> list[Ticket]:
+        """Queue one row per (prompt_ids, params) under ``route`` (call :meth:`admit` first).
+
+        ``sink``: the request's queue of ``(index, text piece | None)`` for streaming (rows are
+        numbered from ``first_index``); without it only the results are kept."""
         if self._worker is None or self.loop is None:
             raise RuntimeError("Scheduler.submit before Scheduler.start")
-        if self._waiting + len(prompts) > self.limits.queue_size:
-            self.metrics.rejected.inc()
-            raise QueueFull(len(prompts), self._waiting, self.limits.queue_size)
         deadline = time.monotonic() + (self.limits.generation_timeout_s if timeout_s is None else timeout_s)
-        tickets = [Ticket(self, route, ids, params, stop, deadline, stream) for ids, params in prompts]
-        self._groups.setdefault(route.key, []).extend(tickets)
-        self._waiting += len(tickets)
-        self.metrics.queue_rows.set(self._waiting)
-        assert self._wakeup is not None
-        self._wakeup.set()
+        tickets = [Ticket(self, route, ids, p, stop, deadline, sink=sink, index=first_index + i)
+                   for i, (ids, p) in enumerate(prompts)]
+        self._queue.add(tickets)
+        self._live.update(tickets)
+        self._gauges()
+        self.wake()
         return tickets
 
     def _remove(self, ticket: Ticket) -> bool:
-        group = self._groups.get(ticket.route.key)
-        if group is None or ticket not in group:
-            return False
-        group.remove(ticket)
-        if not group:
-            del self._groups[ticket.route.key]
-        self._waiting -= 1
-        self.metrics.queue_rows.set(self._waiting)
-        return True
+        removed = self._queue.remove(ticket)
+        if removed:
+            self._gauges()
+        return removed
 
-    # -------------------------------------------------------------------------- worker
-    def _pick(self) -> tuple[Hashable | None, float]:
-        """The key to run now (or None) and, if None, how long until the oldest row's wait ends."""
-        full = [(g[0].enqueued_at, k) for k, g in self._groups.items() if len(g) >= self.limits.max_batch]
-        if full:
-            return min(full, key=lambda x: x[0])[1], 0.0
-        oldest_at, key = min(((g[0].enqueued_at, k) for k, g in self._groups.items()), key=lambda x: x[0])
-        remaining = oldest_at + self.limits.max_wait_ms / 1000.0 - time.monotonic()
-        return (key, 0.0) if remaining <= 0 else (None, remaining)
+    def _finished(self, ticket: Ticket) -> None:
+        self._live.discard(ticket)
 
-    async def _next_batch(self) -> tuple[Route, list[Ticket]]:
+    def _gauges(self) -> None:
+        self.metrics.queue_rows.set(len(self._queue))
+        self.metrics.running_rows.set(self.running_rows)
+        self.metrics.backlog_tokens.set(self.backlog)
+
+    # -------------------------------------------------------------------------- planning
+    # ---------------------------------------------------------------------------- worker
+    async def _run(self) -> None:
         assert self._wakeup is not None
         while True:
             self._wakeup.clear()
-            if not self._groups:
-                await self._wakeup.wait()
-                continue
-            key, remaining = self._pick()
-            if key is None:
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            group = self._groups[key]
-            batch, rest = group[: self.limits.max_batch], group[self.limits.max_batch :]
-            if rest:
-                self._groups[key] = rest
-            else:
-                del self._groups[key]
-            self._waiting -= len(batch)
-            self.metrics.queue_rows.set(self._waiting)
-            return batch[0].route, batch
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            route, batch = await self._next_batch()
-            now = time.monotonic()
-            for t in batch:
-                self.metrics.queue_wait.observe(now - t.enqueued_at)
-            self._inflight = batch
-            self._running = len(batch)
-            self.metrics.running_rows.set(self._running)
-            self.metrics.batches.inc()
-            self.metrics.batch_rows.observe(len(batch))
-            self.batch_log.append((route.key, len(batch)))
-            del self.batch_log[:-10_000]
+            self._changed.clear()
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self.backend.generate_batch, route, [t.row for t in batch]
-                )
-                if len(results) != len(batch):
-                    raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} rows")
+                await self._iteration(asyncio.get_running_loop())
             except asyncio.CancelledError:
-                for t in batch:
-                    t.cancelled.set()
-                    t._resolve(None, RuntimeError("server shutting down"))
                 raise
-            except Exception as e:  # a backend failure fails its batch, not the server
-                log.exception("generate_batch failed for route %r", route.key)
-                for t in batch:
-                    t._resolve(None, e)
+            except Exception as e:  # a bug here must fail its rows, never leave them waiting forever
+                log.error("scheduler iteration failed: %s: %s", type(e).__name__, e)
+                self._running.clear()
+                _fail_rows(self.failed, None, [t for t in self._live if t not in set(self._queue)], e)
+
+    async def _iteration(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Plan, run the plan in the generation thread, settle (see the module docstring)."""
+        plan = self.planner.steps(self._running, self.running_rows) if self.stepwise else self.planner.whole()
+        if not (plan.drops or plan.joins or plan.whole or self._running):
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self._queue.until_ripe())  # type: ignore[union-attr]
+            except asyncio.TimeoutError:
+                pass
+            return
+        for key, tickets in plan.joins:
+            if key not in self._running:
+                self._running[key] = _Running(tickets[0].route, self.backend.open_batch(tickets[0].route))
+        self._whole = plan.whole[1] if plan.whole else []
+        self._gauges()
+        t0, work0 = time.monotonic(), self.generated_tokens
+        try:
+            if plan.whole:
+                await self._run_whole(loop, *plan.whole)
             else:
-                for t, r in zip(batch, results):
-                    t._resolve(r)
-            finally:
-                self._inflight = []
-                self._running = 0
-                self.metrics.running_rows.set(0)
+                await self._run_steps(loop, plan)
+        finally:
+            self._whole = []
+            self._gauges()
+        self.admission.observe(self.generated_tokens - work0 + plan.prompt_tokens, time.monotonic() - t0)
+        self.metrics.decode_rate.set(self.admission.rate or 0.0)
+
+    async def _run_steps(self, loop: asyncio.AbstractEventLoop, plan: Plan) -> None:
+        running = list(self._running.values())
+        joins = [(self._running[k], ts) for k, ts in plan.joins]
+        drops = [(self._running[k], hs) for k, hs in plan.drops]
+
+        def post(run: _Running, results: list[tuple[int, RowResult]]) -> None:
+            loop.call_soon_threadsafe(_settle, run, results)
+
+        errors = await loop.run_in_executor(self._executor, _decode_slice, running, joins, drops, self._changed,
+                                            post, self.metrics)
+        for key, run in list(self._running.items()):
+            if id(run) in errors:
+                _fail_rows(self.failed, run.route, list(run.rows.values()), errors[id(run)])
+                run.rows.clear()
+            if not len(run.batch) and not run.rows:
+                del self._running[key]
+
+    async def _run_whole(self, loop: asyncio.AbstractEventLoop, route: Route, batch: list[Ticket]) -> None:
+        try:
+            results = await loop.run_in_executor(self._executor, self.backend.generate_batch, route,
+                                                 [t.row for t in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} rows")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a backend failure fails its batch, not the server
+            _fail_rows(self.failed, route, batch, e)
+        else:
+            for t, r in zip(batch, results):
+                t.resolve(r)
+
+def _fail_rows(failed: dict[str, str], route: Route | None, tickets: list[Ticket], error: BaseException) -> None:
+    """Fail ``tickets`` with ``error``; a :class:`ComponentUnavailable` is remembered in ``failed`` (503 later)."""
+    key = route.key if route is not None else None
+    if isinstance(error, ComponentUnavailable):
+        failed[error.component] = error.reason
+        log.error("%s (route %r): answering 503 for requests that need it", error, key)
+    elif route is not None:
+        log.error("generation failed for route %r: %s: %s", key, type(error).__name__, error)
+    for t in tickets:
+        t.resolve(None, error)
+
+
+def _settle(run: _Running, results: list[tuple[int, RowResult]]) -> None:
+    """In the event loop: resolve the tickets of rows that ended."""
+    for h, r in results:
+        t = run.rows.pop(h, None)
+        if t is not None:
+            t.resolve(r)
+
+
+def _decode_slice(running: list[_Running], joins: list[tuple[_Running, list[Ticket]]],
+                  drops: list[tuple[_Running, list[int]]], changed: threading.Event, post: Callable,
+                  metrics: ServerMetrics) -> dict[int, BaseException]:
+    """In the generation thread: drop dead rows, join new ones, then decode steps of every batch.
+
+    Steps go on (each one step of every batch, round robin) until something changed for the planner
+    (a request arrived or was cancelled), every batch is empty, or :data:`SLICE_S` passed; rows
+    that end are posted to the event loop at once, and a row that died (client gone, deadline) is
+    dropped before the next step. Returns ``{id(run): error}``: a failing batch fails alone."""
+    errors: dict[int, BaseException] = {}
+    for run, handles in drops:
+        post(run, run.batch.drop(handles))
+    for run, tickets in joins:
+        try:
+            for h, t in zip(run.batch.add([t.row for t in tickets]), tickets):
+                run.rows[h] = t
+        except Exception as e:  # noqa: BLE001 - reported per batch
+            errors[id(run)] = e
+            run.rows.update({-1 - i: t for i, t in enumerate(tickets)})
+    end = time.monotonic() + SLICE_S
+    while True:
+        for run in running:
+            if id(run) in errors or not len(run.batch):
+                continue
+            dead = [h for h, t in list(run.rows.items()) if not t.alive()]
+            if dead:
+                post(run, run.batch.drop(dead))
+            try:
+                post(run, run.batch.step())
+            except Exception as e:  # noqa: BLE001
+                errors[id(run)] = e
+        metrics.steps.inc()
+        live = any(len(r.batch) for r in running if id(r) not in errors)
+        if not live or changed.is_set() or time.monotonic() >= end:
+            return errors

@@ -10,27 +10,65 @@ make sense here (``model``, ``messages``/``prompt``, ``max_tokens``, ``temperatu
   client sends it with ``extra_body={"taskmoe": {"trace": True}}`` and exposes it as
   ``response.taskmoe``.
 
-Design choices: unknown request fields are rejected (``extra="forbid"``), so a parameter this
+Design choices: every request model is **strict** (``strict=True``: ``max_tokens: true``,
+``stream: "yes"`` or ``n: 1.0`` are schema errors, not coerced) and rejects unknown fields
+(``extra="forbid"``), so a parameter this
 server does not implement (``logprobs``, ``tools``, penalties, ...) is an error naming the field
 rather than silently ignored; there is no field that names a file, and ``model`` is only ever
 matched against the served model ids. :func:`request_models` derives the request models of one
 server from its :class:`~taskmoe.serving.limits.Limits`, so limits JSON Schema can express
 (``max_tokens``, ``n``, stop sequences, message and prompt counts) are in ``/openapi.json`` and
 answered 422 like any schema violation; the rest (prompt length in tokens, body size, prompts x n)
-are checked by the app.
+are checked by the app. Every request string is :data:`Text`: it must be encodable Unicode (a
+lone UTF-16 surrogate such as ``"\ud800"`` is answered 400 naming the field, see
+:mod:`taskmoe.serving.errors`), and prompts and message texts are non-empty (``minLength: 1``),
+so the schema and the handlers agree on what is accepted.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic_core import PydanticCustomError
 
 from taskmoe.serving.limits import Limits
 
 
+UNENCODABLE = "unencodable_text"
+"""The pydantic error type of a request string that is not encodable Unicode (answered 400)."""
+
+
+def encodable(text: str) -> str:
+    """``text`` unchanged if it encodes as UTF-8; else a validation error (lone surrogates do not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError(UNENCODABLE, "text is not valid Unicode ({reason} at index {index})",
+                                  {"reason": e.reason, "index": e.start}) from None
+    return text
+
+
+def integral(v: Any) -> Any:
+    """JSON Schema counts ``1.0`` as an integer: pass it on as ``1`` (``true``, ``"1"``, ``1.5`` stay errors)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(integral)]
+"""A request integer: a JSON integer (``1`` or ``1.0``), never a boolean or a string."""
+
+
+def int_in(lo: int, hi: int | None = None) -> Any:
+    """:data:`Int` within ``[lo, hi]``, the bounds in the JSON Schema (``minimum``/``maximum``)."""
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(integral)]
+
+Text = Annotated[str, AfterValidator(encodable)]
+"""A request string: any encodable Unicode text."""
+NonEmptyText = Annotated[Text, Field(min_length=1)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ------------------------------------------------------------------------------- errors
@@ -60,29 +98,59 @@ class StreamOptions(_Strict):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: NonEmptyText
+
+
+class ImageURL(_Strict):
+    url: str = Field(description="data:image/png;base64,... (or image/jpeg); remote URLs are not fetched")
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Strict):
+    data: str = Field(description="base64 of a PCM wav file")
+    format: Literal["wav"]
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: Optional[str] = Field(None, max_length=256)
+    content: Union[NonEmptyText, Annotated[list[TextPart], Field(min_length=1)]]
+    name: Optional[Text] = Field(None, max_length=256)
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content if isinstance(p, TextPart))
+
+    def has_media(self) -> bool:
+        return not isinstance(self.content, str) and any(not isinstance(p, TextPart) for p in self.content)
+
+
+class MediaChatMessage(ChatMessage):
+    """A message of a server whose model takes images or audio (``image_url`` / ``input_audio`` parts)."""
+
+    content: Union[NonEmptyText, Annotated[list[Union[TextPart, ImagePart, AudioPart]], Field(min_length=1)]]
 
 
 class _GenerationFields(_Strict):
-    model: str = Field(..., min_length=1, max_length=256, description="one of the ids listed by GET /v1/models")
-    max_tokens: Optional[int] = Field(None, ge=1, description="most tokens to generate per choice")
+    model: Text = Field(..., min_length=1, max_length=256, description="one of the ids listed by GET /v1/models")
+    max_tokens: Optional[int_in(1)] = Field(None, description="most tokens to generate per choice")
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0 is greedy decoding")
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
-    n: Optional[int] = Field(None, ge=1, description="choices per prompt")
-    stop: Optional[Union[str, list[str]]] = Field(None, description="up to 4 sequences where generation stops")
+    n: Optional[int_in(1)] = Field(None, description="choices per prompt")
+    stop: Optional[Union[Text, list[Text]]] = Field(None, description="up to 4 sequences where generation stops")
     stream: Optional[bool] = Field(False, description="stream server-sent events")
     stream_options: Optional[StreamOptions] = None
-    seed: Optional[int] = Field(None, description="makes sampling reproducible (any integer; used modulo 2**63)")
-    user: Optional[str] = Field(None, max_length=256)
+    seed: Optional[Int] = Field(None, description="makes sampling reproducible (any integer; used modulo 2**63)")
+    user: Optional[Text] = Field(None, max_length=256)
     taskmoe: Optional[TaskmoeOptions] = None
 
     def stop_list(self) -> list[str]:
@@ -101,14 +169,14 @@ class _GenerationFields(_Strict):
 
 class ChatCompletionRequest(_GenerationFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, description="newer name of max_tokens")
+    max_completion_tokens: Optional[int_in(1)] = Field(None, description="newer name of max_tokens")
 
     def token_budget(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class CompletionRequest(_GenerationFields):
-    prompt: Union[str, list[str]] = Field(..., description="a prompt, or a list of prompts (n choices each)")
+    prompt: Union[NonEmptyText, list[NonEmptyText]] = Field(..., description="a prompt, or a list of prompts (n choices each)")
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -117,25 +185,27 @@ class CompletionRequest(_GenerationFields):
         return self.max_tokens
 
 
-def request_models(limits: Limits) -> tuple[type[ChatCompletionRequest], type[CompletionRequest]]:
-    """The chat and completion request models with ``limits`` written into their schema."""
-    stop_str = Annotated[str, Field(max_length=limits.max_stop_chars)]
+def request_models(limits: Limits, media: bool = False) -> tuple[type[ChatCompletionRequest], type[CompletionRequest]]:
+    """The chat and completion request models with ``limits`` written into their schema (``media``:
+    chat messages may hold image/audio parts -- only for a backend that takes them, so every
+    schema-valid request of a text server is one it can answer)."""
+    stop_str = Annotated[Text, Field(max_length=limits.max_stop_chars)]
     common: dict[str, Any] = {
-        "max_tokens": (Optional[int], Field(None, ge=1, le=limits.max_max_tokens, description="most tokens to generate per choice")),
-        "n": (Optional[int], Field(None, ge=1, le=limits.max_n, description="choices per prompt")),
+        "max_tokens": (Optional[int_in(1, limits.max_max_tokens)], Field(None, description="most tokens to generate per choice")),
+        "n": (Optional[int_in(1, limits.max_n)], Field(None, description="choices per prompt")),
         "stop": (Optional[Union[stop_str, Annotated[list[stop_str], Field(max_length=limits.max_stop)]]],
                  Field(None, description=f"up to {limits.max_stop} sequences where generation stops")),
     }
     chat = create_model(
         "ChatCompletionRequest", __base__=ChatCompletionRequest, __module__=__name__,
-        messages=(list[ChatMessage], Field(..., min_length=1, max_length=limits.max_messages)),
-        max_completion_tokens=(Optional[int], Field(None, ge=1, le=limits.max_max_tokens,
+        messages=(list[MediaChatMessage if media else ChatMessage], Field(..., min_length=1, max_length=limits.max_messages)),
+        max_completion_tokens=(Optional[int_in(1, limits.max_max_tokens)], Field(None,
                                                      description="newer name of max_tokens")),
         **common,
     )
     completion = create_model(
         "CompletionRequest", __base__=CompletionRequest, __module__=__name__,
-        prompt=(Union[str, Annotated[list[str], Field(min_length=1, max_length=limits.max_n)]],
+        prompt=(Union[NonEmptyText, Annotated[list[NonEmptyText], Field(min_length=1, max_length=limits.max_n)]],
                 Field(..., description="a prompt, or a list of prompts (n choices each)")),
         **common,
     )
@@ -239,8 +309,20 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ComponentStatus(BaseModel):
+    """A served component (an expert, an adapter, a model) that failed, and why."""
+
+    component: str
+    error: str
+
+
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    """``ok``, or ``degraded`` when a component failed (requests that need it get 503 naming it)."""
+
+    status: Literal["ok", "degraded"] = "ok"
     models: list[str]
     queue_rows: int
     running_rows: int
+    backlog_tokens: int = 0
+    work_tokens_per_s: Optional[float] = None
+    failed: list[ComponentStatus] = Field(default_factory=list)

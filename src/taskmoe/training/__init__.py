@@ -1,7 +1,8 @@
 """taskmoe.training: the one train loop and what it is made of.
 
 - :mod:`~taskmoe.training.loop`: :func:`train` (accelerate/DDP, accumulation, eval, metrics,
-  NaN stop, atomic checkpoints, exact resume) and :func:`evaluate`.
+  NaN stop, atomic checkpoints, exact resume); :mod:`~taskmoe.training.evaluate`: its
+  :func:`evaluate` (token-weighted eval loss and perplexity, via :mod:`taskmoe.eval.nll`).
 - :mod:`~taskmoe.training.config`: :class:`TrainConfig`.
 - :mod:`~taskmoe.training.losses`: pure loss functions (CE, sequence log-prob, DPO, balance).
 - :mod:`~taskmoe.training.checkpoint`: step-folder checkpoints, :func:`load_latest`.

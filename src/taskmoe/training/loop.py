@@ -11,7 +11,8 @@ What it does, in order, per optimizer step:
    model nor any checkpoint ever holds a non-finite state;
 4. clip the global gradient norm, AdamW step, LR schedule step (warmup + cosine,
    :mod:`taskmoe.training.optim`);
-5. log (metrics.jsonl, progress bar), call callbacks, evaluate, save a checkpoint.
+5. log (metrics.jsonl, progress bar), call callbacks, evaluate (:mod:`taskmoe.training.evaluate`),
+   save a checkpoint.
 
 Protocols (what recipes pass in):
 
@@ -58,7 +59,7 @@ import torch
 from torch import nn
 
 from taskmoe.errors import TrainingError
-from taskmoe.eval.nll import perplexity
+from taskmoe.progress import progress_bar
 from taskmoe.training.checkpoint import (
     Checkpoint,
     checkpoints_dir,
@@ -69,7 +70,7 @@ from taskmoe.training.checkpoint import (
     step_dirname,
 )
 from taskmoe.training.config import TrainConfig
-from taskmoe.progress import progress_bar
+from taskmoe.training.evaluate import evaluate, to_device as _to_device
 from taskmoe.training.metrics import MetricsWriter
 from taskmoe.training.optim import build_optimizer, build_scheduler
 from taskmoe.training.rng import capture_rng, restore_rng, seed_everything
@@ -243,57 +244,6 @@ def train(
     return _result(st, out, last_ckpt, stopped)
 
 
-def evaluate(
-    model: nn.Module,
-    loss_fn: LossFn,
-    data: Any,
-    cfg: TrainConfig,
-    acc: Any = None,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-) -> dict[str, float]:
-    """Weighted mean loss (and metrics) over a fixed, unshuffled prefix of ``data``.
-
-    The prefix is the first ``cfg.eval_batches`` global batches of ``batch_size * world_size``
-    samples; each process evaluates its ``batch_size`` slice of each and the weighted sums are
-    all-reduced, so every rank gets the same numbers and W processes evaluate exactly the
-    samples one process with ``batch_size * W`` does. Each batch weighs its ``metrics["tokens"]``
-    (else its sample count): with a token-mean loss this is the token-level mean over the whole
-    prefix (the token NLL of :mod:`taskmoe.eval.nll`: summed NLL / token count), and
-    ``eval_ppl = exp(eval_loss)`` is the corpus perplexity.
-    """
-    collate = resolve_collate(data, None if hasattr(data, "collate") else collate_fn)
-    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-    B, n = cfg.batch_size, len(data)
-    G = B * world
-    slices = [(i * G + rank * B, min(i * G + (rank + 1) * B, n)) for i in range(min(cfg.eval_batches, math.ceil(n / G)))]
-    # a rank with no samples of its own still runs one batch with weight 0, so all ranks reduce the same keys
-    mine = [(a, b, True) for a, b in slices if a < b] or [(0, min(B, n), False)]
-    device = acc.device if acc is not None else next(model.parameters()).device
-    sums: dict[str, torch.Tensor] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), (acc.autocast() if acc is not None else nullcontext()):
-            for a, b, real in mine:
-                batch = _to_device(collate([data[j] for j in range(a, b)]), device)
-                loss, metrics = loss_fn(model, batch)
-                metrics = dict(metrics)
-                weight = float(metrics.pop("tokens", b - a)) if real else 0.0
-                for k, v in {"loss": loss, **metrics, "weight": 1.0}.items():
-                    sums[k] = sums.get(k, 0.0) + weight * torch.as_tensor(v, dtype=torch.float64, device=device).detach()
-    finally:
-        model.train(was_training)
-    keys = sorted(sums)
-    vec = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
-    if world > 1:
-        vec = acc.reduce(vec, reduction="sum")
-    tot = dict(zip(keys, vec.tolist()))
-    total_weight = tot.pop("weight")
-    out = {f"eval_{k}": v / total_weight for k, v in tot.items()}
-    out["eval_ppl"] = perplexity(out["eval_loss"])
-    return out
-
-
 # ---------------------------------------------------------------------------------- helpers
 def _accumulate(model: nn.Module, loss_fn: LossFn, micro: list[Any], acc: Any) -> tuple[float, int, dict[str, float]]:
     """Forward/backward every micro-batch; return the step's mean loss, token count and metrics
@@ -329,12 +279,6 @@ def _count_tokens(batch: Any) -> int:
     return t.numel() if isinstance(t, torch.Tensor) else 0
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    from accelerate.utils import send_to_device
-
-    return send_to_device(batch, device)
-
-
 def _nonfinite(what: str, value: float, step: int, last_ckpt: Path | None) -> TrainingError:
     keep = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
     return TrainingError(
@@ -348,10 +292,8 @@ def _resume_checkpoint(out: Path | None, resume: bool | str | Path) -> Checkpoin
         return load_latest(out) if out is not None else None
     if resume is False:
         if out is not None and list_checkpoints(out):
-            raise TrainingError(
-                f"{checkpoints_dir(out)} already holds checkpoints; pass resume=True to continue that run, "
-                "or use another out_dir"
-            )
+            raise TrainingError(f"{checkpoints_dir(out)} already holds checkpoints; pass resume=True to continue "
+                                "that run, or use another out_dir")
         return None
     return open_checkpoint(resume)
 
@@ -362,10 +304,8 @@ def _restore(ckpt: Checkpoint, raw: nn.Module, optimizer: Any, scheduler: Any, c
     changed = ckpt.load_optimization(optimizer, scheduler, cfg)  # applies (and returns) any config change
     ts = ckpt.trainer_state
     if ts.get("num_samples") != plan.num_samples or ts.get("global_batch") != plan.global_batch:
-        log.warning(
-            "%s: saved with %s samples / global batch %s, now %s / %s: resuming, but not exactly",
-            ckpt.path, ts.get("num_samples"), ts.get("global_batch"), plan.num_samples, plan.global_batch,
-        )
+        log.warning("%s: saved with %s samples / global batch %s, now %s / %s: resuming, but not exactly",
+                    ckpt.path, ts.get("num_samples"), ts.get("global_batch"), plan.num_samples, plan.global_batch)
     for cb, s in zip(callbacks, ts.get("callbacks", [])):
         if s is not None and hasattr(cb, "load_state_dict"):
             cb.load_state_dict(s)

@@ -56,22 +56,21 @@ def _map(name: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
     return None
 
 
+def _map_or_raise(name: str, table: list[tuple[re.Pattern[str], str]], side: int, what: str) -> str:
+    out = _map(name, table)
+    if out is None:
+        raise CheckpointError(f"{name!r} is not {what} (known prefixes: {[pair[side] for pair in MODULE_MAP]})")
+    return out
+
+
 def hf_to_ours(name: str) -> str:
     """Our name for a Hugging Face parameter or module name (CheckpointError if outside the map)."""
-    out = _map(name, _HF)
-    if out is None:
-        raise CheckpointError(f"{name!r} is not a Llama-family module name (known prefixes: "
-                              f"{[h for h, _ in MODULE_MAP]})")
-    return out
+    return _map_or_raise(name, _HF, 0, "a Llama-family module name")
 
 
 def ours_to_hf(name: str) -> str:
     """The Hugging Face name for one of our parameter or module names (CheckpointError if outside the map)."""
-    out = _map(name, _OURS)
-    if out is None:
-        raise CheckpointError(f"{name!r} is not a module of our Llama model (known prefixes: "
-                              f"{[o for _, o in MODULE_MAP]})")
-    return out
+    return _map_or_raise(name, _OURS, 1, "a module of our Llama model")
 
 
 def convert_hf_state_dict(hf: Mapping[str, Tensor], cfg: LlamaConfig, *, source: str = "checkpoint") -> dict[str, Tensor]:

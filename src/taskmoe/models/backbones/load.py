@@ -198,6 +198,8 @@ def import_backbone(
             template = (tmp / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
         if template:
             tc["chat_template"] = template
+        if tc.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name; 4.x (and vLLM) read this one
+            tc["tokenizer_class"] = "PreTrainedTokenizerFast"
         atomic_write_json(tmp / TOKENIZER_CONFIG_FILE, tc)
         read_backbone_config(tmp)
         _read_weights(tmp)  # the written folder loads (names and files) before it replaces anything

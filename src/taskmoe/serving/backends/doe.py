@@ -4,8 +4,9 @@ A :class:`~taskmoe.doe.model.DOETransformer` routes each sequence once, from its
 that decision in its decoding state; generated tokens never change it. The server asks the model
 for the same decision before batching (:meth:`DOETransformer.route` pools the same prompt tokens
 the prefill pools), so a batch holds only sequences that run through the same experts and each
-MoE layer touches one expert set per step. Decoding is the shared row-controlled loop
-(:func:`~taskmoe.serving.backends.decode.decode_rows`): the model has the ``CausalLM`` interface.
+MoE layer touches one expert set per step. Decoding is the LM backend's (``generate_batch`` and
+the continuous ``open_batch`` of :mod:`~taskmoe.serving.backends.decode`): the model has the
+``CausalLM`` interface; only :meth:`DOEBackend.model_for` differs.
 
 On disk: a ``doe`` component folder (:func:`taskmoe.doe.model.save_doe`) with ``tokenizer.json``
 inside it or beside it.
@@ -21,8 +22,7 @@ import torch
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.model import DOETransformer, load_doe
 from taskmoe.errors import CheckpointError, DataError
-from taskmoe.serving.backend import Route, Row, RowResult
-from taskmoe.serving.backends.decode import decode_rows
+from taskmoe.serving.backend import Route
 from taskmoe.serving.backends.lm import LMBackend
 
 
@@ -55,6 +55,6 @@ class DOEBackend(LMBackend):
         }
         return Route(key=(model_id, tuple(sorted(experts))), trace=trace)
 
-    def generate_batch(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
+    def model_for(self, route: Route) -> DOETransformer:
         model_id, _experts = route.key
-        return decode_rows(self.models[model_id], rows, self.stop_ids)
+        return self.models[model_id]  # type: ignore[return-value]

@@ -25,7 +25,7 @@ from taskmoe.io import CONFIG_FILE
 from taskmoe.models import CausalLM, load_lm
 from taskmoe.models.backbones import is_backbone_dir, load_backbone
 from taskmoe.serving.backend import Route, Row, RowResult
-from taskmoe.serving.backends.decode import decode_rows
+from taskmoe.serving.backends.decode import RowBatch, decode_rows
 
 
 class LMBackend:
@@ -101,5 +101,13 @@ class LMBackend:
         m = self.models[model_id]
         return Route(key=model_id, trace={"model": model_id, "builder": getattr(m, "builder", None)})
 
+    def model_for(self, route: Route) -> CausalLM:
+        """The weights a route's rows run through."""
+        return self.models[route.key]
+
     def generate_batch(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
-        return decode_rows(self.models[route.key], rows, self.stop_ids)
+        return decode_rows(self.model_for(route), rows, self.stop_ids)
+
+    def open_batch(self, route: Route) -> RowBatch:
+        """A continuous batch for ``route``'s rows (rows join between steps)."""
+        return RowBatch(self.model_for(route), self.stop_ids)

@@ -1,6 +1,7 @@
 """Recipes: one thin module per training job, all of one shape (torchtune's).
 
-Each recipe module has
+Each recipe module (router, experts, summarizer, crosstalk, doe; ``tests/training/test_recipe_configs.py``
+checks the shape) has
 
 - a **config dataclass** (:class:`~taskmoe.config.Config`; every field's ``doc(...)`` help doubles
   as CLI help): ``RouterConfig`` (router), ``ExpertsRecipeConfig`` (experts),

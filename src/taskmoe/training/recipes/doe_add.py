@@ -4,9 +4,12 @@
   document of ``--source``), negatives as many documents of the default corpus's other domains
   (a deterministic pick, so the gate's BCE is balanced); windows as in :mod:`~taskmoe.training.recipes.doe`.
 - **train**: add the expert (optionally initialised from another) and train only it and its gate
-  (everything else frozen) on LM loss over its own data + the gate's BCE, with the shared loop.
-  The new expert is forced on its positives during training; the frozen experts route by
-  threshold, as at inference. Sequences the new gate rejects therefore keep bit-identical outputs.
+  (everything else frozen) on LM loss over its own data + the gate's BCE, with the shared loop
+  (:func:`add_expert_loss`). On its positives the new expert is forced on and every incumbent
+  forced off, so it serves them alone: forcing only the new column let an accepting incumbent
+  outrank it under ``max_experts = 1`` and the new expert got no gradient. On the negatives the new
+  expert is forced off and the frozen experts route by threshold, as at inference, so sequences the
+  new gate rejects keep bit-identical outputs.
 - **cleanup**: save the model folder (with its tokenizer) and report the new gate's accept rates
   on its own and on the other training windows.
 """
@@ -26,7 +29,32 @@ from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 from taskmoe.training.loop import train as train_loop
 from taskmoe.training.recipes.doe import DEFAULT_OUT, TOKENIZER_FILE, load_with_tokenizer, recipe_config, windows_for
 
-__all__ = ["add_expert"]
+__all__ = ["add_expert", "add_expert_force", "add_expert_loss"]
+
+
+def add_expert_force(labels: torch.Tensor, j: int, n_experts: int) -> torch.Tensor:
+    """(B, E) acceptance override: positives (label 1) -> expert ``j`` only; negatives -> not ``j``, others by threshold."""
+    pos = labels.bool().unsqueeze(1)  # (B, 1)
+    force = torch.full((labels.shape[0], n_experts), -1, dtype=torch.long, device=labels.device)
+    force = torch.where(pos, torch.zeros_like(force), force)
+    force[:, j] = labels.long()
+    return force
+
+
+def add_expert_loss(j: int, n_experts: int):
+    """LM loss on the positives (served by the new expert ``j`` alone) + the new gate's BCE against the labels."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        lab = batch["label"]
+        out_ = model(batch["input_ids"], prompt_mask=batch["prompt_mask"], force=add_expert_force(lab, j, n_experts),
+                     capacity=False)
+        tgt = batch["targets"].masked_fill(lab.unsqueeze(1) == 0, IGNORE_INDEX)  # LM loss on its data only
+        lm = lm_cross_entropy(out_.logits, tgt)
+        bce = torch.nn.functional.binary_cross_entropy(out_.routing.scores[:, j].float().clamp(1e-6, 1 - 1e-6),
+                                                       lab.float())
+        return lm + bce, {"lm": lm.detach(), "gate": bce.detach(), "tokens": int((tgt != IGNORE_INDEX).sum())}
+
+    return loss_fn
 
 
 def add_expert(
@@ -71,19 +99,7 @@ def add_expert(
     m.add_expert(name, init_from=init_from)
     m.freeze_except(name)
     j = m.expert_names.index(name)
-    E = len(m.expert_names)
-
-    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        lab = batch["label"]
-        force = torch.full((lab.shape[0], E), -1, dtype=torch.long, device=lab.device)
-        force[:, j] = lab  # the new expert serves its own data during training, never the rest;
-        # the frozen experts route by threshold, as they will at inference
-        out_ = model(batch["input_ids"], prompt_mask=batch["prompt_mask"], force=force, capacity=False)
-        tgt = batch["targets"].masked_fill(lab.unsqueeze(1) == 0, IGNORE_INDEX)  # LM loss on its data only
-        lm = lm_cross_entropy(out_.logits, tgt)
-        bce = torch.nn.functional.binary_cross_entropy(out_.routing.scores[:, j].float().clamp(1e-6, 1 - 1e-6),
-                                                       lab.float())
-        return lm + bce, {"lm": lm.detach(), "gate": bce.detach(), "tokens": int((tgt != IGNORE_INDEX).sum())}
+    loss_fn = add_expert_loss(j, len(m.expert_names))
 
     dest = Path(out) if out is not None else Path(model)
     tcfg = recipe_config(steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress).train

@@ -1,0 +1,275 @@
+"""Serving soak: 64 concurrent clients for 60 s against an IMoE run, then an overload burst of 400.
+
+Setup: a small IMoE run (router, three expert LMs, summarizer with a coding adapter) is trained in
+a temporary folder exactly as the serving tests build theirs (``tests/inference/pipeline_helpers``,
+about a minute), then served by ``create_app`` under uvicorn in a **separate process** on
+127.0.0.1 only (the load generator must not share the server's GIL), with ``--timeout`` 30 s.
+
+Soak (closed loop, bounded by ``--seconds``): ``--clients`` async clients send requests back to
+back, chosen with a fixed seed: 40% streaming chat, 40% non-streaming completions, 20% that hang up
+early (a stream closed after its first event, or a non-streaming request abandoned after 0.2 s).
+Counted: every status; **lost** responses (a request that did not hang up but got neither a
+complete answer -- JSON with choices, or a stream ending in ``[DONE]`` without an error event --
+nor a 4xx); 5xx (must be 0); refusals (must all be 429 with an admission code, i.e. refused
+before any work); p50/p99 latency of complete answers; the server's RSS before and after.
+
+Burst: ``--burst`` non-streaming requests sent at once to the idle server: only 200 and 429 may
+come back (no 504: admission by work refuses what would not finish in time).
+
+The baseline of the run is the server's own idle state: RSS before vs after, p50/p99 of the soak
+vs the latency of one request alone (measured first).
+
+Run: ``python -m bench.serving_soak`` (``--quick``: 16 clients for 15 s, burst 100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from bench._report import md_table, write_section
+from bench.serving import percentile, start_server, stop_server
+from taskmoe.serving.serve import KEEP_ALIVE_S
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 30.0
+MAX_TOKENS = 16
+ADMISSION_CODES = {"server_busy", "queue_full", "request_over_share"}
+
+
+def _helpers():
+    path = ROOT / "tests" / "inference" / "pipeline_helpers.py"
+    spec = importlib.util.spec_from_file_location("pipeline_helpers_for_soak", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def build_run(folder: Path) -> tuple[Path, dict[str, str]]:
+    """Train the tests' tiny IMoE run into ``folder`` (see the module docstring)."""
+    mod = _helpers()
+    return mod.build_run(folder), mod.prompts()
+
+
+def serve_worker(run: str, port: int, threads: int) -> None:
+    """Server process: the IMoE run behind the real app, on 127.0.0.1 only."""
+    import torch
+    import uvicorn
+
+    from taskmoe.serving.app import create_app
+    from taskmoe.serving.backends import load_backend
+    from taskmoe.serving.limits import Limits
+    from taskmoe.serving.serve import check_backend
+
+    torch.set_num_threads(threads)
+    backend = load_backend(run, name="imoe")
+    check_backend(backend)
+    app = create_app(backend, Limits(max_batch=32, max_wait_ms=5.0, generation_timeout_s=TIMEOUT_S))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                timeout_keep_alive=KEEP_ALIVE_S)
+
+
+def rss_mib(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+class Tally:
+    """What the clients saw."""
+
+    def __init__(self) -> None:
+        self.status: Counter[int] = Counter()
+        self.refusal_codes: Counter[str] = Counter()
+        self.kinds: Counter[str] = Counter()
+        self.lost: list[str] = []
+        self.latency: list[float] = []
+
+    def error(self, r: httpx.Response) -> None:
+        self.status[r.status_code] += 1
+        if r.status_code == 429:
+            try:
+                self.refusal_codes[r.json()["error"]["code"]] += 1
+            except (ValueError, KeyError, TypeError):
+                self.refusal_codes["(not an admission error)"] += 1
+        elif r.status_code >= 500:
+            self.lost.append(f"{r.status_code}: {r.text[:200]}")
+
+
+async def one(http: httpx.AsyncClient, rng: random.Random, prompts: list[str], tally: Tally) -> None:
+    text = rng.choice(prompts)
+    u = rng.random()
+    kind = "stream" if u < 0.4 else "json" if u < 0.8 else "hangup-stream" if u < 0.9 else "hangup-json"
+    tally.kinds[kind] += 1
+    t0 = time.perf_counter()
+    if kind in ("stream", "hangup-stream"):
+        body = {"model": "imoe", "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS,
+                "stream": True}
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                tally.error(r)
+                return
+            tally.status[200] += 1
+            events = []
+            async for line in r.aiter_lines():
+                if not line:
+                    continue
+                events.append(line)
+                if kind == "hangup-stream":
+                    return  # close the stream after its first event
+            if events[-1:] != ["data: [DONE]"] or any('"error"' in e for e in events):
+                tally.lost.append(f"stream: {events[-2:]}")
+            else:
+                tally.latency.append(time.perf_counter() - t0)
+        return
+    body = {"model": "imoe", "prompt": text, "max_tokens": MAX_TOKENS}
+    if kind == "hangup-json":  # on its own connection: abandoning it must not touch the shared pool
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=TIMEOUT_S) as own:
+            try:
+                await asyncio.wait_for(own.post("/v1/completions", json=body), 0.2)
+            except asyncio.TimeoutError:
+                pass
+        return
+    r = await http.post("/v1/completions", json=body)
+    if r.status_code != 200:
+        tally.error(r)
+        return
+    tally.status[200] += 1
+    if not r.json().get("choices"):
+        tally.lost.append(f"200 without choices: {r.text[:200]}")
+    else:
+        tally.latency.append(time.perf_counter() - t0)
+
+
+async def soak(url: str, prompts: list[str], clients: int, seconds: float) -> Tally:
+    tally = Tally()
+    stop_at = time.monotonic() + seconds
+    # idle connections expire on the client well before the server's keep-alive (30 s) closes them
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S + 30, limits=limits) as http:
+        async def client(i: int) -> None:
+            rng = random.Random(i)
+            while time.monotonic() < stop_at:
+                try:
+                    await one(http, rng, prompts, tally)
+                except httpx.HTTPError as e:  # a transport failure is a lost response
+                    tally.lost.append(f"{type(e).__name__}: {e}")
+                if tally.status[429]:
+                    await asyncio.sleep(0.05)  # a refused client backs off a little, as a real one would
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    return tally
+
+
+async def burst(url: str, prompts: list[str], n: int) -> Counter[int]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S + 60, limits=limits) as http:
+        rs = await asyncio.gather(*(http.post("/v1/completions", json={
+            "model": "imoe", "prompt": prompts[i % len(prompts)], "max_tokens": MAX_TOKENS}) for i in range(n)),
+            return_exceptions=True)
+    return Counter(r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in rs)
+
+
+def alone_latency(url: str, prompt: str, repeat: int = 5) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/completions", json={"model": "imoe", "prompt": prompt, "max_tokens": MAX_TOKENS},
+                       timeout=60)
+        r.raise_for_status()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="16 clients for 15 s, burst of 100")
+    ap.add_argument("--clients", type=int, default=0)
+    ap.add_argument("--seconds", type=float, default=0)
+    ap.add_argument("--burst", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server process")
+    ap.add_argument("--run", type=Path, default=None, help="reuse (or build once into) this run folder")
+    ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
+    ap.add_argument("--serve-worker", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve_worker:
+        run, port, _max_batch, threads, _batching = args.serve_worker
+        serve_worker(run, int(port), int(threads))
+        return {}
+    clients = args.clients or (16 if args.quick else 64)
+    seconds = args.seconds or (15.0 if args.quick else 60.0)
+    n_burst = args.burst or (100 if args.quick else 400)
+    with tempfile.TemporaryDirectory(prefix="taskmoe-bench-soak-") as tmp:
+        t0 = time.perf_counter()
+        folder = args.run or Path(tmp) / "run"
+        if (folder / "taskmoe.json").is_file():
+            run, by_domain = folder, _helpers().prompts()
+        else:
+            run, by_domain = build_run(folder)
+        build_s = time.perf_counter() - t0
+        prompts = list(by_domain.values())
+        proc, url = start_server(run, 32, args.threads, module="bench.serving_soak")
+        try:
+            alone = alone_latency(url, prompts[0])
+            rss0 = rss_mib(proc.pid)
+            tally = asyncio.run(soak(url, prompts, clients, seconds))
+            time.sleep(1.0)
+            rss1 = rss_mib(proc.pid)
+            health = httpx.get(url + "/health").json()
+            burst_codes = asyncio.run(burst(url, prompts, n_burst))
+            rss2 = rss_mib(proc.pid)
+        finally:
+            stop_server(proc)
+    fivexx = sum(v for k, v in tally.status.items() if k >= 500)
+    refusals = tally.status[429]
+    row = {
+        "clients": clients, "seconds": seconds, "requests": sum(tally.kinds.values()),
+        "200": tally.status[200], "429": refusals, "5xx": fivexx, "lost": len(tally.lost),
+        "429 with admission code": sum(v for k, v in tally.refusal_codes.items() if k in ADMISSION_CODES),
+        "p50 ms": percentile(tally.latency, 50) * 1e3 if tally.latency else float("nan"),
+        "p99 ms": percentile(tally.latency, 99) * 1e3 if tally.latency else float("nan"),
+        "alone ms": alone * 1e3,
+    }
+    mem = {"RSS before MiB": rss0, "RSS after soak MiB": rss1, "RSS after burst MiB": rss2}
+    burst_row = {"burst": n_burst, **{str(k): v for k, v in sorted(burst_codes.items(), key=str)}}
+    print(json.dumps({"soak": row, "kinds": dict(tally.kinds), "memory": mem, "burst": burst_row,
+                      "lost": tally.lost[:5], "health": health}, indent=1))
+    ok = fivexx == 0 and not tally.lost and row["429 with admission code"] == refusals \
+        and set(burst_codes) <= {200, 429}
+    body = (
+        f"IMoE run built like the serving tests' (router + 3 expert LMs + summarizer with a coding adapter, d_model 32; "
+        f"built/loaded in {build_s:.0f} s), served from a separate process on 127.0.0.1 (torch threads {args.threads}, "
+        f"--timeout {TIMEOUT_S:g} s, max_batch 32, default admission). Soak: {clients} concurrent clients for "
+        f"{seconds:g} s, closed loop, max_tokens {MAX_TOKENS}; request mix {dict(tally.kinds)} (hangup = the client "
+        "closes a stream after its first event, or abandons a non-streaming request after 0.2 s). `lost` = a request "
+        "that did not hang up and got neither a complete answer nor a 4xx; latency of complete answers; `alone` = "
+        "one request on the idle server.\n\n"
+        + md_table([row]) + "\n\n" + md_table([{k: round(v, 1) for k, v in mem.items()}]) + "\n\n"
+        f"Overload burst of {n_burst} simultaneous non-streaming requests on the idle server:\n\n"
+        + md_table([burst_row]) + "\n\n"
+        + ("All checks hold: 0 x 5xx, 0 lost, every refusal a 429 from admission (before any work), the burst only "
+           "200/429.\n" if ok else "**A check failed** (see the table).\n")
+        + "\n2-core box, loaded (other jobs were running)."
+        + (" Quick run (`--quick`)." if args.quick else "") + "\n"
+    )
+    print(body)
+    if not args.no_write:
+        flags = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write")
+        write_section("serving_soak", "Serving soak: 64 clients x 60 s against an IMoE run, overload burst",
+                      f"python -m bench.serving_soak {flags}".strip(), body)
+    return {"soak": row, "memory": mem, "burst": burst_row, "ok": ok}
+
+
+if __name__ == "__main__":
+    main()
