@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_min, doc
 from taskmoe.errors import CheckpointError
 from taskmoe.io import atomic_write_json, load_component, read_json, resolve_saved
 from taskmoe.router.policy import PolicyConfig
@@ -80,8 +80,7 @@ class Manifest(Config):
     def validate(self) -> None:
         check(self.format_version == MANIFEST_VERSION,
               f"manifest format_version {self.format_version} is not supported (this taskmoe reads {MANIFEST_VERSION})")
-        check(self.vocab_size > 0, f"vocab_size must be > 0, got {self.vocab_size}")
-        check(self.d_model > 0, f"d_model must be > 0, got {self.d_model}")
+        check_min(self, ("vocab_size", "d_model"), strict=True)
         both = sorted(set(self.experts) & set(self.pruned), key=int)
         check(not both, f"categories {both} are both in 'experts' and in 'pruned'")
 

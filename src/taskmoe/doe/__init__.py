@@ -4,6 +4,8 @@
   expert, combine weights), the :class:`Routing` record and its cached dispatch plan, the gate loss.
 - :mod:`taskmoe.doe.seq_moe` — :class:`SequenceGate` and :class:`SequenceMoE` (grouped dispatch).
 - :mod:`taskmoe.doe.model` — :class:`DOETransformer`, :class:`DOEConfig`, build / save / load.
+- :mod:`taskmoe.doe.upcycle` — a pretrained backbone's MLPs as experts (``base`` + copy / LoRA experts),
+  centroid gates, folders that reference the backbone (``taskmoe doe upcycle``).
 - :mod:`taskmoe.doe.report` — which expert takes which domain (table, NMI, heatmap).
 """
 

@@ -126,10 +126,22 @@ def label_scores(model: nn.Module, tok: Any, contents: Sequence[str], *, progres
     return torch.tensor(rows, dtype=torch.float64)
 
 
+def spread(items: Sequence[Any], n: Optional[int]) -> list[Any]:
+    """``n`` items evenly spaced over ``items`` (all when ``n`` is None): ``items[floor(i * N / n)]``.
+
+    LegalBench's test files are sorted by label (hearsay: every "No" first), so the first ``n`` items
+    would hold one class only and make balanced accuracy meaningless.
+    """
+    N = len(items)
+    if n is None or n >= N:
+        return list(items)
+    return [items[(i * N) // n] for i in range(max(0, n))]
+
+
 def eval_hearsay(model: nn.Module, tok: Any, task_dir: Path, *, max_items: Optional[int] = None, n_boot: int = 1000,
                  progress: bool = False) -> dict[str, Any]:
     """Balanced accuracy (raw and calibrated, few- and zero-shot) on ``task_dir/test.tsv``."""
-    items = read_tsv(task_dir / "test.tsv", ("label", "text"))[:max_items]
+    items = spread(read_tsv(task_dir / "test.tsv", ("label", "text")), max_items)
     gold = [LABELS.index(r["label"].strip()) for r in items]
     few, zero = hearsay_templates((task_dir / "base_prompt.txt").read_text(encoding="utf-8"))
     out: dict[str, Any] = {"items": len(items), "yes_share_gold": gold.count(0) / len(gold)}

@@ -39,7 +39,8 @@ from taskmoe.manifest import ResolvedManifest, load_manifest
 from taskmoe.models.checkpoint import load_lm
 from taskmoe.layers.lora import load_adapter
 from taskmoe.router.policy import PolicyConfig
-from taskmoe.router.router import Router, load_shared_embedding
+from taskmoe.router.persist import load_shared_embedding
+from taskmoe.router.router import Router
 from taskmoe.summarizer.intent import IntentClassifier
 
 __all__ = ["load_system", "INTENT_DIR"]

@@ -35,6 +35,9 @@ from taskmoe.serving.limits import (
 )
 
 API_KEY_ENV = "TASKMOE_API_KEY"
+KEEP_ALIVE_S = 30
+"""Seconds an idle keep-alive connection stays open: longer than clients' own expiry (httpx, and so
+the openai client, use 5 s), so a client never reuses a connection the server is closing."""
 
 
 def serve(
@@ -87,7 +90,7 @@ def serve(
     backend = load_backend(path, name=name)
     checked = check_backend(backend) if check_experts else []
     app = create_app(backend, limits, api_key=api_key or os.environ.get(API_KEY_ENV) or None)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=KEEP_ALIVE_S)
     metrics = app.state.metrics
     return {
         "served": str(path),

@@ -15,14 +15,14 @@ the trace's ``crosstalk`` says so (``ran: false`` with the reason).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from taskmoe.data.backbone_tokenizer import BackboneTokenizer
 from taskmoe.inference.generate import generate_rows
 from taskmoe.inference.rowwise import EnsembleLM
-from taskmoe.inference.stages.base import Call, Row
+from taskmoe.inference.stages.base import Call, ExpertStage, Row
 
 __all__ = ["Ensemble", "ENSEMBLE_CROSSTALK", "lm_input"]
 
@@ -39,14 +39,10 @@ def lm_input(tok: Any, ids: list[int]) -> list[int]:
     return [tok.bos_id, *ids]
 
 
-class Ensemble:
+class Ensemble(ExpertStage):
     """Answer the live rows with the mixture of their selected experts."""
 
     name = "ensemble"
-
-    def __init__(self, expert_of: Mapping[str, str], tokenizer: Any) -> None:
-        self.expert_of = dict(expert_of)
-        self.tokenizer = tokenizer
 
     def __call__(self, rows: list[Row], call: Call) -> list[Row]:
         groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
@@ -55,10 +51,7 @@ class Ensemble:
             assert d is not None, "Ensemble runs after Route"
             groups[tuple(self.expert_of[c] for c in d.selected_names)].append(r)
             if d.crosstalk is not None:
-                cats = [d.categories[i] for i in d.crosstalk]
-                r.trace.crosstalk = {"pair": [self.expert_of[c] for c in cats], "categories": cats,
-                                     "joined": [d.categories[i] for i in d.joined], "ran": False, "turns": [],
-                                     "reason": ENSEMBLE_CROSSTALK}
+                r.trace.crosstalk = {**self.crosstalk_entry(d), "reason": ENSEMBLE_CROSSTALK}
         tok = self.tokenizer
         with call.clock("ensemble"):
             for names in sorted(groups):

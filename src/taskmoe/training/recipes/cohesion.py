@@ -24,6 +24,7 @@ routes, so each expert inside the DOE model computes exactly what its adapter do
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +115,13 @@ def _chat_cfg(cls: type, cfg: CohesionConfig, n_layers: int, train: TrainConfig,
 
 
 def legal_splits(cfg: CohesionConfig, progress: bool = False) -> tuple[list[Any], list[Any]]:
-    """(train, held-out) legal documents: the legal corpus's train and validation splits."""
-    corpus = get_corpus(f"legal:{cfg.legal_source}", progress=progress)
+    """(train, held-out) legal documents: the legal corpus's train and validation splits (parsed once per process)."""
+    return _legal_splits(cfg.legal_source, progress)
+
+
+@functools.lru_cache(maxsize=4)
+def _legal_splits(source: str, progress: bool) -> tuple[list[Any], list[Any]]:
+    corpus = get_corpus(f"legal:{source}", progress=progress)
     return list(corpus.train), list(corpus.validation)
 
 
