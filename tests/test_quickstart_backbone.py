@@ -33,6 +33,7 @@ def test_backbone_quickstart_builds_a_loadable_system_and_a_report(qs):
     root, res = qs
     assert [s["stage"] for s in res.stages] == ["corpus", "backbone", "router", "experts", "evaluate", "samples", "report"]
     text = res.report.read_text()
+    assert "categories (with their most characteristic words): c0:" in text
     assert "## Held-out perplexity per domain" in text and "## Sample answers" in text and "routing:" in text
     assert len(res.samples) == 4 and all(s["experts"] for s in res.samples)
     system = taskmoe.load(res.run_dir)

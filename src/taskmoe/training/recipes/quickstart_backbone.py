@@ -113,9 +113,12 @@ def _report(out: Path, rows: list[dict[str, Any]], state: dict[str, Any], sample
             ppl: list[dict[str, Any]]) -> Path:
     from taskmoe.eval.report import md_table  # type: ignore[attr-defined]
 
-    router = read_json(out / "router" / "config.json")
+    from taskmoe.io import load_component
+
+    router = load_component(out / "router").config
     lines = ["# taskmoe quickstart: routed LoRA experts of a pretrained backbone", "",
-             f"Backbone: `{state.get('backbone')}`; categories: {', '.join(router.get('categories', []))}.", "",
+             f"Backbone: `{state.get('backbone')}`; categories (with their most characteristic words): "
+             + "; ".join(f"{c}: {d}" for c, d in zip(router.get("categories", []), router.get("descriptions") or [])) + ".", "",
              "## Stages", "", md_table([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}
                                          for r in rows]), "",
              "## Held-out perplexity per domain", "", md_table(ppl) if ppl else "(no held-out windows)", "",
