@@ -97,6 +97,32 @@ def step_ms(model, prompts, steps: int, side=None) -> float:
     return statistics.median(times[1:]) * 1e3
 
 
+def hf_step_ms(model, prompts, steps: int, pad: int, **kw) -> float:
+    """Median ms of one transformers decode step (its KV cache) after a left-padded prefill."""
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    times = []
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+        for _ in range(steps + 1):
+            tok = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            t0 = time.perf_counter()
+            out = model(input_ids=tok, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True, **kw)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
+
+
+def interleaved(fns: dict, rounds: int) -> dict:
+    """Median over ``rounds`` of each measurement, run in turn (ABCABC...) so machine load hits all alike."""
+    samples: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k].append(fn())
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def agree(a: list[list[int]], b: list[list[int]]) -> str:
     return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
 
@@ -125,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "baseline tok/s": theirs, "ratio": f"{ours / theirs:.2f}x", "same tokens": agree(o_out, h_out)})
         print(rows[-1], flush=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())
     bw = bandwidth_gbs()
     ms1 = step_ms(model, prompts[:1], 8 if args.quick else 24)
     floor_ms = weight_bytes / (bw * 1e9) * 1e3
@@ -142,15 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     side = [ADAPTERS[i % 4] for i in range(16)]
     lm = MixedAdapterLM(model)
     mixed, m_out = ours_tps(lm, prompts, n, side=side)
-    steps = 6 if args.quick else 16
-    with use_adapter(model, None):
-        base_ms = step_ms(model, prompts, steps)
-    mixed_ms = step_ms(lm, prompts, steps, side=side)
     t0 = time.perf_counter()
     for name in ADAPTERS:
         with use_adapter(model, name):
-            generate(model, [p for p, s in zip(prompts, side) if s == name], GenerationConfig(max_new_tokens=n,
-                                                                                              temperature=0.0))
+            rows_k = [p for p, s in zip(prompts, side) if s == name]
+            generate(model, rows_k, GenerationConfig(max_new_tokens=n, temperature=0.0))
     one_at_a_time = 16 * n / (time.perf_counter() - t0)
     import peft
 
@@ -162,32 +185,53 @@ def main(argv: list[str] | None = None) -> dict:
             pm.load_adapter(str(Path(tmp) / name), adapter_name=name)
         pm.eval()
         peft_tps, p_out = hf_tps(pm, prompts, n, tok.pad_id, adapter_names=side)
+        steps = 4 if args.quick else 8
+
+        def base_step() -> float:
+            with use_adapter(model, None):
+                return step_ms(model, prompts, steps)
+
+        def hf_base_step() -> float:
+            with pm.disable_adapter():
+                return hf_step_ms(pm, prompts, steps, tok.pad_id)
+
+        ms = interleaved({"base": base_step, "mixed": lambda: step_ms(lm, prompts, steps, side=side),
+                          "hf base": hf_base_step,
+                          "peft mixed": lambda: hf_step_ms(pm, prompts, steps, tok.pad_id, adapter_names=side)},
+                         2 if args.quick else 3)
     rows += [
-        {"comparison": "16 rows / 4 adapters, one batch: step time vs base alone", "ours tok/s": mixed,
-         "baseline": "base model, batch 16", "baseline tok/s": base[16],
-         "ratio": f"{mixed_ms / base_ms:.2f}x step time ({mixed_ms:.0f} vs {base_ms:.0f} ms)"},
         {"comparison": "16 rows / 4 adapters, one batch", "ours tok/s": mixed, "baseline": "one adapter's rows at a time",
          "baseline tok/s": one_at_a_time, "ratio": f"{mixed / one_at_a_time:.2f}x"},
         {"comparison": "16 rows / 4 adapters, one batch", "ours tok/s": mixed,
          "baseline": "peft mixed batch (adapter_names=)", "baseline tok/s": peft_tps,
          "ratio": f"{mixed / peft_tps:.2f}x", "same tokens": agree(m_out, p_out)},
     ]
-    for r in rows[-3:]:
+    steps_rows = [
+        {"decode step, batch 16": "ours, 4 adapters in one batch vs ours base alone (LoRA overhead)",
+         "ms": ms["mixed"], "baseline ms": ms["base"], "ratio": f"{ms['mixed'] / ms['base']:.2f}x step time"},
+        {"decode step, batch 16": "ours base vs transformers base", "ms": ms["base"], "baseline ms": ms["hf base"],
+         "ratio": f"{ms['hf base'] / ms['base']:.2f}x throughput"},
+        {"decode step, batch 16": "ours 4 adapters vs peft mixed batch (adapter_names=)", "ms": ms["mixed"],
+         "baseline ms": ms["peft mixed"], "ratio": f"{ms['peft mixed'] / ms['mixed']:.2f}x throughput"},
+    ]
+    for r in rows[-2:] + steps_rows:
         print(r, flush=True)
     body = (
-        f"Backbone `{args.backbone}` ({sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M params, float32); "
+        f"Backbone `{args.backbone}` ({n_params / 1e6:.0f}M params, float32); "
         f"{n} new tokens per row, greedy, no stop token; chat-template prompts of different lengths; "
         f"tokens/s = rows x new tokens / wall time of the whole generate call (prefill included). "
         f"Adapters: 4 x LoRA r 16 on q,k,v,o,gate,up,down (random B). "
         f"**2-core box, loaded** (other jobs were running): ratios within one run are comparable, absolute "
         f"numbers are not.\n\n{md_table(rows, ['comparison', 'ours tok/s', 'baseline', 'baseline tok/s', 'ratio', 'same tokens'])}\n\n"
+        f"Decode steps alone (median ms of one step after prefill, the four measured in turn, "
+        f"{2 if args.quick else 3} rounds):\n\n{md_table(steps_rows)}\n\n"
         + "\n".join(f"- {x}" for x in notes) + "\n"
         + ("\n_Quick smoke run (16 new tokens)._\n" if args.quick else "")
     )
     if not args.no_write:
         write_section("backbone_decode", "Backbone decode: ours vs transformers, bandwidth bound, mixed adapters",
                       command("backbone_decode", argv), body)
-    return {"rows": rows, "notes": notes}
+    return {"rows": rows, "steps": steps_rows, "notes": notes}
 
 
 if __name__ == "__main__":

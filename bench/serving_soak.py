@@ -39,6 +39,7 @@ import httpx
 
 from bench._report import md_table, write_section
 from bench.serving import percentile, start_server, stop_server
+from taskmoe.serving.serve import KEEP_ALIVE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30.0
@@ -46,12 +47,17 @@ MAX_TOKENS = 16
 ADMISSION_CODES = {"server_busy", "queue_full", "request_over_share"}
 
 
-def build_run(folder: Path) -> tuple[Path, dict[str, str]]:
-    """Train the tests' tiny IMoE run into ``folder`` (see the module docstring)."""
+def _helpers():
     path = ROOT / "tests" / "inference" / "pipeline_helpers.py"
     spec = importlib.util.spec_from_file_location("pipeline_helpers_for_soak", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def build_run(folder: Path) -> tuple[Path, dict[str, str]]:
+    """Train the tests' tiny IMoE run into ``folder`` (see the module docstring)."""
+    mod = _helpers()
     return mod.build_run(folder), mod.prompts()
 
 
@@ -69,7 +75,8 @@ def serve_worker(run: str, port: int, threads: int) -> None:
     backend = load_backend(run, name="imoe")
     check_backend(backend)
     app = create_app(backend, Limits(max_batch=32, max_wait_ms=5.0, generation_timeout_s=TIMEOUT_S))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                timeout_keep_alive=KEEP_ALIVE_S)
 
 
 def rss_mib(pid: int) -> float:
@@ -127,11 +134,12 @@ async def one(http: httpx.AsyncClient, rng: random.Random, prompts: list[str], t
                 tally.latency.append(time.perf_counter() - t0)
         return
     body = {"model": "imoe", "prompt": text, "max_tokens": MAX_TOKENS}
-    if kind == "hangup-json":
-        try:
-            await asyncio.wait_for(http.post("/v1/completions", json=body), 0.2)
-        except asyncio.TimeoutError:
-            pass
+    if kind == "hangup-json":  # on its own connection: abandoning it must not touch the shared pool
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=TIMEOUT_S) as own:
+            try:
+                await asyncio.wait_for(own.post("/v1/completions", json=body), 0.2)
+            except asyncio.TimeoutError:
+                pass
         return
     r = await http.post("/v1/completions", json=body)
     if r.status_code != 200:
@@ -147,7 +155,8 @@ async def one(http: httpx.AsyncClient, rng: random.Random, prompts: list[str], t
 async def soak(url: str, prompts: list[str], clients: int, seconds: float) -> Tally:
     tally = Tally()
     stop_at = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # idle connections expire on the client well before the server's keep-alive (30 s) closes them
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT_S + 30, limits=limits) as http:
         async def client(i: int) -> None:
             rng = random.Random(i)
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seconds", type=float, default=0)
     ap.add_argument("--burst", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server process")
+    ap.add_argument("--run", type=Path, default=None, help="reuse (or build once into) this run folder")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     ap.add_argument("--serve-worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -202,7 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
     n_burst = args.burst or (100 if args.quick else 400)
     with tempfile.TemporaryDirectory(prefix="taskmoe-bench-soak-") as tmp:
         t0 = time.perf_counter()
-        run, by_domain = build_run(Path(tmp) / "run")
+        folder = args.run or Path(tmp) / "run"
+        if (folder / "taskmoe.json").is_file():
+            run, by_domain = folder, _helpers().prompts()
+        else:
+            run, by_domain = build_run(folder)
         build_s = time.perf_counter() - t0
         prompts = list(by_domain.values())
         proc, url = start_server(run, 32, args.threads, module="bench.serving_soak")
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         and set(burst_codes) <= {200, 429}
     body = (
         f"IMoE run built like the serving tests' (router + 3 expert LMs + summarizer with a coding adapter, d_model 32; "
-        f"trained in {build_s:.0f} s), served from a separate process on 127.0.0.1 (torch threads {args.threads}, "
+        f"built/loaded in {build_s:.0f} s), served from a separate process on 127.0.0.1 (torch threads {args.threads}, "
         f"--timeout {TIMEOUT_S:g} s, max_batch 32, default admission). Soak: {clients} concurrent clients for "
         f"{seconds:g} s, closed loop, max_tokens {MAX_TOKENS}; request mix {dict(tally.kinds)} (hangup = the client "
         "closes a stream after its first event, or abandons a non-streaming request after 0.2 s). `lost` = a request "

@@ -7,7 +7,9 @@ Each component keeps its own small dataclass config next to its code (``models.L
   :class:`~taskmoe.errors.ConfigError` naming the field),
 - ``to_dict`` / ``from_dict`` that reject unknown keys (a typo in a config file is an error, not
   a silently ignored setting), and
-- field docstrings via ``field(metadata={"help": ...})`` that double as CLI help, and
+- field docstrings via ``field(metadata={"help": ...})`` that double as CLI help,
+- the field checks every ``validate`` shares (:func:`check_ints`, :func:`check_min`,
+  :func:`check_range`, :func:`check_choice`), so a rule and its message are written once, and
 - :func:`apply_overrides` / :func:`load_config`: the one way every recipe applies its CLI flags
   and ``--set path=value`` overrides (dotted paths into nested configs).
 """
@@ -100,6 +102,48 @@ def check(cond: bool, msg: str) -> None:
     """Raise ConfigError(msg) unless cond holds. Used by ``validate`` methods."""
     if not cond:
         raise ConfigError(msg)
+
+
+# ------------------------------------------------------------------ field checks of validate()
+# The common ``validate`` checks, each over several fields at once, with one message shape:
+# ``"<owner>.<field> must be <rule>, got <value>"``. ``owner`` defaults to the config's class
+# name; pass the section name a user writes (``owner="learned"``) where that reads better.
+def _where(cfg: Any, name: str, owner: str | None) -> str:
+    return f"{type(cfg).__name__ if owner is None else owner}.{name}"
+
+
+def check_ints(cfg: Any, names: typing.Iterable[str], minimum: int = 1, *, owner: str | None = None) -> None:
+    """Each field in ``names`` is an integer (a bool is not) with ``v >= minimum``."""
+    for name in names:
+        v = getattr(cfg, name)
+        check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+              f"{_where(cfg, name, owner)} must be an integer >= {minimum}, got {v!r}")
+
+
+def check_min(cfg: Any, names: typing.Iterable[str], minimum: float = 0, *, strict: bool = False,
+              owner: str | None = None) -> None:
+    """Each field in ``names`` has ``v >= minimum`` (``v > minimum`` when ``strict``)."""
+    for name in names:
+        v = getattr(cfg, name)
+        check(v > minimum if strict else v >= minimum,
+              f"{_where(cfg, name, owner)} must be {'>' if strict else '>='} {minimum}, got {v}")
+
+
+def check_range(cfg: Any, names: typing.Iterable[str], low: float = 0, high: float = 1, *,
+                open_low: bool = False, open_high: bool = False, owner: str | None = None) -> None:
+    """Each field in ``names`` lies in the interval from ``low`` to ``high`` (closed unless
+    ``open_low`` / ``open_high``); the default is the probability range ``[0, 1]``."""
+    for name in names:
+        v = getattr(cfg, name)
+        ok = (low < v if open_low else low <= v) and (v < high if open_high else v <= high)
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        check(ok, f"{_where(cfg, name, owner)} must be in {interval}, got {v}")
+
+
+def check_choice(cfg: Any, name: str, choices: typing.Collection[Any], *, owner: str | None = None) -> None:
+    """Field ``name`` is one of ``choices``."""
+    v = getattr(cfg, name)
+    check(v in choices, f"{_where(cfg, name, owner)} must be one of {choices}, got {v!r}")
 
 
 # ---------------------------------------------------------------------- dotted overrides

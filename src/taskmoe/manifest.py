@@ -5,7 +5,9 @@ A trained system is a folder::
     taskmoe.json      this manifest
     tokenizer.json    the shared vocabulary
     router/           component: encoder (owns the shared embedding table), classifier, ...
-    experts/<name>/   one component per expert (the embedding table is not repeated)
+    experts/<name>/   one component per expert (the embedding table is not repeated), or, in a
+                      backbone system (``meta.backbone`` names the backbone folder), a PEFT LoRA
+                      adapter folder of that backbone
     summarizer/       component (+ adapters/code/ for the coding LoRA adapter)
     crosstalk/        optional: discriminator and cross-talk LoRA adapters
     reports/          metrics and plots
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_min, doc
 from taskmoe.errors import CheckpointError
 from taskmoe.io import atomic_write_json, load_component, read_json, resolve_saved
 from taskmoe.router.policy import PolicyConfig
@@ -78,8 +80,7 @@ class Manifest(Config):
     def validate(self) -> None:
         check(self.format_version == MANIFEST_VERSION,
               f"manifest format_version {self.format_version} is not supported (this taskmoe reads {MANIFEST_VERSION})")
-        check(self.vocab_size > 0, f"vocab_size must be > 0, got {self.vocab_size}")
-        check(self.d_model > 0, f"d_model must be > 0, got {self.d_model}")
+        check_min(self, ("vocab_size", "d_model"), strict=True)
         both = sorted(set(self.experts) & set(self.pruned), key=int)
         check(not both, f"categories {both} are both in 'experts' and in 'pruned'")
 
@@ -151,6 +152,8 @@ def load_manifest(run_dir: str | Path) -> ResolvedManifest:
     )
     for name, folder in [("router", res.router), *[(f"expert {k}", p) for k, p in res.experts.items()],
                          *([("summarizer", res.summarizer)] if res.summarizer else [])]:
+        if (folder / "adapter_config.json").is_file():  # a backbone's PEFT adapter: the loader checks its shapes
+            continue
         vocab, width = _component_dims(folder)
         if vocab is not None and vocab != m.vocab_size:
             raise CheckpointError(

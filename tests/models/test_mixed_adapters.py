@@ -112,3 +112,17 @@ def test_set_active_per_row_and_errors(model) -> None:
         MixedAdapterLM(model).init_state(2)
     with pytest.raises(ConfigError, match="unknown adapters"):
         MixedAdapterLM(model)(ids, adapters=["x", None, None])
+
+
+def test_training_pass_uses_segments_and_reaches_every_adapter(model) -> None:
+    ids = torch.randint(0, 97, (4, 5))
+    side = ["legal", "code", None, "legal"]
+    mixed = MixedAdapterLM(model)(ids, adapters=side).logits  # grad enabled: the segmented form
+    with torch.no_grad():
+        ref = MixedAdapterLM(model)(ids, adapters=side).logits  # no grad: the stacked form
+    assert (mixed.detach() - ref).abs().max().item() <= 1e-5
+    mixed.square().mean().backward()
+    layer = model.get_submodule("blocks.0.mixer.q_proj")
+    assert layer.lora_B["legal"].grad.abs().sum() > 0 and layer.lora_B["code"].grad.abs().sum() > 0
+    assert layer.lora_B["chat"].grad is None or layer.lora_B["chat"].grad.abs().sum() == 0
+    model.zero_grad(set_to_none=True)

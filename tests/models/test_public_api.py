@@ -24,7 +24,7 @@ SIGNATURES = {
     tmodels.load_lm: "(folder: 'str | Path', kind: 'str | tuple[str, ...] | None' = None, *, "
                  "embedding: 'nn.Embedding | None' = None, device: 'str | torch.device' = 'cpu') -> 'CausalLM'",
     tmodels.CausalLM.forward: "(self, input_ids: 'Tensor', state: 'LMState | None' = None, *, "
-                          "logits_to_keep: 'int' = 0) -> 'LMOutput'",
+                          "logits_to_keep: 'int' = 0, lengths: 'Tensor | None' = None) -> 'LMOutput'",
     tmodels.CausalLM.init_state: "(self, batch_size: 'int', device: 'torch.device | str | None' = None, "
                              "dtype: 'torch.dtype | None' = None) -> 'LMState'",
     tlayers.SwiGLU.__init__: "(self, d_model: 'int', d_hidden: 'int') -> 'None'",

@@ -53,3 +53,20 @@ def test_plan_sorts_once_and_skips_sorted_rows() -> None:
         plan_segments(torch.tensor([0, 2]), 2)
     with pytest.raises(ValueError, match="plan is for 5 rows"):
         segmented_lora(torch.randn(4, IN), _adapters([2, 2]), p, OUT)
+
+
+@pytest.mark.parametrize("ids", [[2, 0, -1, 1, 0, 2, -1, 1, 1], [-1, -1], [1]])
+def test_stacked_form_equals_per_row_loop(ids) -> None:
+    from taskmoe.ops.segmented_lora import row_scale_mask, stacked_lora
+
+    ad = [w for w in _adapters([4, 2, 3])]
+    ids_t = torch.tensor(ids)
+    x = torch.randn(len(ids), 3, IN)
+    a_cat = torch.cat([a for a, _, _ in ad]).detach()
+    b_cat = torch.cat([b for _, b, _ in ad], 1).detach()
+    mask = row_scale_mask(ids_t, [4, 2, 3], [s for _, _, s in ad])
+    with torch.no_grad():
+        fast = stacked_lora(x, a_cat, b_cat, mask)
+        ref = segmented_lora_ref(x, ad, ids_t, OUT)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    assert bool((fast[ids_t == -1] == 0).all())

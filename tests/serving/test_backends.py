@@ -201,3 +201,46 @@ def test_expert_failing_later_is_503_naming_it_and_health_reports_it(imoe_run, t
         if spared is not None:  # requests that do not need it are still answered
             r = httpx.post(srv.url + "/v1/completions", json={**body, "prompt": spared}, timeout=60)
             assert r.status_code == 200
+
+
+def test_imoe_rows_with_different_seeds_share_one_call_and_equal_alone(imoe_run) -> None:
+    import taskmoe
+    from taskmoe.serving.backend import Row
+
+    root, prompts = imoe_run
+    b = load_backend(root, name="imoe")
+    calls = []
+    real = b.system.generate_ids
+
+    def counted(ids, **kw):
+        calls.append(len(ids))
+        return real(ids, **kw)
+
+    b.system.generate_ids = counted
+    text = next(iter(prompts.values()))
+    ids = b.encode_prompt(text)
+    params = [SamplingParams(6, 0.9, 1.0, s) for s in (5, 6, 7)] + [SamplingParams(6, 0.8)]
+    out = b.generate_batch(b.route("imoe", ids), [Row(ids, p) for p in params])
+    assert calls == [4]  # one pipeline call: every row decodes with its own generator
+    system = taskmoe.load(root)
+    for p, o in zip(params, out):
+        alone = system.generate(text, max_new_tokens=6, temperature=p.temperature, seed=o.trace["seed"])
+        assert b.tokenizer.decode(o.token_ids, skip_special=True) == alone.text or alone.trace.clarify
+
+
+def test_imoe_row_stops_within_one_step_when_it_dies(imoe_run) -> None:
+    from taskmoe.serving.backend import Row
+
+    root, prompts = imoe_run
+    b = load_backend(root, name="imoe")
+    ids = b.encode_prompt(next(iter(prompts.values())))
+    state = {"n": 0}
+
+    def emit(tok: int) -> bool:
+        state["n"] += 1
+        return True
+
+    alive = lambda: state["n"] < 2  # noqa: E731 - the client leaves after the second answer token
+    (o,) = b.generate_batch(b.route("imoe", ids), [Row(ids, SamplingParams(40, 0.0, 1.0, None), emit, alive)])
+    if not o.trace.get("clarify"):
+        assert o.finish == "halted" and len(o.token_ids) <= 3 and o.trace["stopped"]["reason"] == "cancelled"

@@ -7,6 +7,7 @@ is cancelled); forward calls are counted with a pre-forward hook on the served m
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import math
 import socket
@@ -199,3 +200,29 @@ def test_body_shorter_than_content_length_is_408(backend, caplog) -> None:
             assert httpx.get(srv.url + "/health").status_code == 200
     lines = [r for r in caplog.records if "408" in r.getMessage()]
     assert len(lines) == 1 and "Traceback" not in caplog.text
+
+
+def test_a_scheduler_failure_fails_its_rows_instead_of_hanging(backend) -> None:
+    class Broken(LMBackend):
+        def open_batch(self, route):
+            raise RuntimeError("boom")
+
+    with running(create_app(Broken(backend.models, backend.tokenizer), Limits(generation_timeout_s=60))) as srv:
+        t0 = time.monotonic()
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "expert", "prompt": "x", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert time.monotonic() - t0 < 10
+        assert httpx.get(srv.url + "/health").json()["running_rows"] == 0
+
+
+def test_streamed_timeout_is_an_error_event_logged_once(busy_backend, caplog) -> None:
+    limits = Limits(generation_timeout_s=0.3, max_max_tokens=LONG, token_budget=10 * LONG, max_request_share=1.0)
+    with caplog.at_level(logging.WARNING):
+        with running(create_app(busy_backend, limits)) as srv:
+            body = {"model": "expert", "prompt": "x", "stream": True, "max_tokens": LONG}
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as s:
+                events = [line for line in s.iter_lines() if line]
+            assert json.loads(events[-2][len("data: "):])["error"]["code"] == "timeout" and events[-1] == "data: [DONE]"
+            wait_for(srv.url, lambda h: h["running_rows"] == 0)
+    assert len([r for r in caplog.records if "504" in r.getMessage()]) == 1
+    assert "never retrieved" not in caplog.text and "Traceback" not in caplog.text

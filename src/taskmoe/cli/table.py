@@ -14,6 +14,7 @@ from taskmoe.inference.commands import chat, generate_text
 from taskmoe.models.backbones.load import import_backbone
 from taskmoe.router.commands import route_predict
 from taskmoe.serving.serve import serve
+from taskmoe.training.recipes.backbone_experts import experts_add
 from taskmoe.training.recipes.cohesion import cohesion
 from taskmoe.training.recipes.crosstalk import train_crosstalk
 from taskmoe.training.recipes.dpo import train_dpo
@@ -52,6 +53,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "train dpo": train_dpo,
     "doctor": doctor,
     "backbone import": import_backbone,
+    "experts add": experts_add,
     "train modality": train_modality,
 }
 
@@ -61,6 +63,7 @@ GROUP_HELP: dict[str, str] = {
     "tokenizer": "Train the shared byte-level BPE tokenizer.",
     "route": "Fit the router, route a text, or report routing quality.",
     "eval": "Evaluate trained components (perplexity matrices and plots) or a model on legal tasks.",
+    "experts": "Experts of a backbone system: register a PEFT LoRA adapter trained elsewhere.",
     "doe": "Fused experts: report a DOE model's routing, add an expert to it, or upcycle a backbone into one.",
     "backbone": "Pretrained backbones: import a GGUF file or a local Hugging Face folder as a backbone folder.",
 }

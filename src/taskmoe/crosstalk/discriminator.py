@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_ints, check_range, doc
 from taskmoe.errors import ConfigError
 from taskmoe.io import load_component, load_state_into, save_component
 
@@ -61,13 +61,10 @@ class DiscriminatorConfig(Config):
     feature_dim: int = doc(0, "width E of the frozen token-feature table (the experts' embeddings); 0 = own embedding")
 
     def validate(self) -> None:
-        for f in ("vocab_size", "d_model", "n_layers", "kernel_size"):
-            v = getattr(self, f)
-            check(isinstance(v, int) and v >= 1, f"DiscriminatorConfig.{f} must be an integer >= 1, got {v!r}")
-        check(isinstance(self.feature_dim, int) and self.feature_dim >= 0,
-              f"DiscriminatorConfig.feature_dim must be an integer >= 0, got {self.feature_dim!r}")
+        check_ints(self, ("vocab_size", "d_model", "n_layers", "kernel_size"))
+        check_ints(self, ("feature_dim",), minimum=0)
         check(self.kernel_size % 2 == 1, f"DiscriminatorConfig.kernel_size must be odd, got {self.kernel_size}")
-        check(0.0 <= self.dropout < 1.0, f"DiscriminatorConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_range(self, ("dropout",), open_high=True)
 
     @property
     def receptive_field(self) -> int:

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_choice, check_min, check_range, doc
 from taskmoe.crosstalk.dialogue import DialogueConfig, DialogueTokens, Speaker, Transcript, run_dialogues, token_scores
 from taskmoe.crosstalk.discriminator import Discriminator, pad_batch
 from taskmoe.errors import ConfigError
@@ -115,9 +115,9 @@ class GANConfig(Config):
         check(1 <= self.opening_min <= self.opening_max < d.max_new_tokens,
               f"GANConfig needs 1 <= opening_min <= opening_max < dialogue.max_new_tokens, got {self.opening_min}, "
               f"{self.opening_max}, {d.max_new_tokens}")
-        check(self.reward in REWARDS, f"GANConfig.reward must be one of {REWARDS}, got {self.reward!r}")
-        check(self.reward_scale > 0, f"GANConfig.reward_scale must be > 0, got {self.reward_scale}")
-        check(0.0 <= self.baseline_momentum < 1.0, f"GANConfig.baseline_momentum must be in [0, 1), got {self.baseline_momentum}")
+        check_choice(self, "reward", REWARDS)
+        check_min(self, ("reward_scale",), strict=True)
+        check_range(self, ("baseline_momentum",), open_high=True)
         check(bool(self.lora_targets), "GANConfig.lora_targets must name at least one module pattern")
         check(self.lora_rank >= 1 and self.lora_alpha > 0, f"GANConfig: lora_rank must be >= 1 and lora_alpha > 0, "
                                                            f"got {self.lora_rank}, {self.lora_alpha}")

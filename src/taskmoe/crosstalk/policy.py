@@ -41,7 +41,7 @@ from typing import Callable, Literal
 
 import torch
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check_choice, check_min, doc
 
 SquashName = Literal["sigmoid", "tanh", "clip"]
 
@@ -71,9 +71,9 @@ class InterruptConfig(Config):
     squash: str = doc("sigmoid", "[epsilon] squash: sigmoid | tanh | clip")
 
     def validate(self) -> None:
-        check(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
-        check(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        check(self.squash in SQUASHES, f"squash must be one of {sorted(SQUASHES)}, got {self.squash!r}")
+        check_min(self, ("alpha",))
+        check_min(self, ("beta",), strict=True)
+        check_choice(self, "squash", sorted(SQUASHES))
 
 
 def interrupt_score(confidence: float, t_since: float, i_recent: int, *, alpha: float, beta: float, shr: float) -> float:

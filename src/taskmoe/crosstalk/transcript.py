@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_ints, check_min, doc
 from taskmoe.crosstalk.policy import InterruptConfig, InterruptState
 from taskmoe.errors import ConfigError
 from taskmoe.layers.lora import use_adapter
@@ -48,14 +48,11 @@ class DialogueConfig(Config):
                                        metadata={"help": "constants of P_interrupt (alpha, beta, shr, squash)"})
 
     def validate(self) -> None:
-        for f in ("max_new_tokens", "n_turns", "segment_tokens", "min_segment_tokens"):
-            v = getattr(self, f)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                  f"DialogueConfig.{f} must be an integer >= 1, got {v!r}")
+        check_ints(self, ("max_new_tokens", "n_turns", "segment_tokens", "min_segment_tokens"))
         check(self.min_segment_tokens <= self.segment_tokens,
               f"DialogueConfig.min_segment_tokens ({self.min_segment_tokens}) must be <= segment_tokens "
               f"({self.segment_tokens})")
-        check(self.temperature >= 0, f"DialogueConfig.temperature must be >= 0, got {self.temperature}")
+        check_min(self, ("temperature",))
         if isinstance(self.interrupt, dict):
             self.interrupt = InterruptConfig.from_dict(self.interrupt, source="DialogueConfig.interrupt")
 

@@ -29,6 +29,7 @@ DEFAULT_VOCAB_SIZE = 8192
 
 log = logging.getLogger(__name__)
 
+
 def get_corpus(
     source: Optional[str] = None,
     *,
@@ -136,15 +137,8 @@ def data_stats(
     Caps apply per domain (0 = no cap). Tokens are counted with --tokenizer if given, else with a
     BPE of --vocab-size trained on the train split (cached, deterministic).
     """
-    corpus = get_corpus(
-        source,
-        text_field=text_field,
-        domain_field=domain_field,
-        max_docs_per_domain=max_docs_per_domain,
-        max_chars_per_domain=max_chars_per_domain,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
+    corpus = get_corpus(source, text_field=text_field, domain_field=domain_field, max_docs_per_domain=max_docs_per_domain,
+                        max_chars_per_domain=max_chars_per_domain, cache_dir=cache_dir, progress=progress)
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else corpus_tokenizer(
         corpus, vocab_size, cache_dir=cache_dir, progress=progress
     )
@@ -163,15 +157,8 @@ def data_build(
 ) -> dict[str, object]:
     """Build the default corpus (or --source) and write OUT/corpus.jsonl and OUT/manifest.json."""
     t0 = time.perf_counter()
-    corpus = get_corpus(
-        source,
-        text_field=text_field,
-        domain_field=domain_field,
-        max_docs_per_domain=max_docs_per_domain,
-        max_chars_per_domain=max_chars_per_domain,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
+    corpus = get_corpus(source, text_field=text_field, domain_field=domain_field, max_docs_per_domain=max_docs_per_domain,
+                        max_chars_per_domain=max_chars_per_domain, cache_dir=cache_dir, progress=progress)
     out = Path(out)
     path = corpus.save(out / "corpus.jsonl")
     counts = {s: len(corpus.splits[s]) for s in SPLITS}
@@ -200,14 +187,8 @@ def tokenizer_train(
     progress: bool = True,
 ) -> dict[str, object]:
     """Train a byte-level BPE tokenizer on the train split of the default corpus (or --source)."""
-    corpus = get_corpus(
-        source,
-        text_field=text_field,
-        max_docs_per_domain=max_docs_per_domain,
-        max_chars_per_domain=max_chars_per_domain,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
+    corpus = get_corpus(source, text_field=text_field, max_docs_per_domain=max_docs_per_domain,
+                        max_chars_per_domain=max_chars_per_domain, cache_dir=cache_dir, progress=progress)
     tok = train_tokenizer(corpus, vocab_size, progress=progress)
     path = tok.save(out)
     return {"path": str(path), "vocab_size": tok.vocab_size, "train documents": len(corpus.train)}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_min, check_range, doc
 from taskmoe.errors import DataError
 from taskmoe.io import atomic_write
 
@@ -200,9 +200,8 @@ class CorpusConfig(Config):
     split_fractions: tuple[float, float, float] = doc((0.9, 0.05, 0.05), "train/validation/test fractions")
 
     def validate(self) -> None:
-        check(self.max_chunk_chars > 0, f"max_chunk_chars must be > 0, got {self.max_chunk_chars}")
-        check(0 <= self.min_chunk_chars <= self.max_chunk_chars,
-              f"min_chunk_chars must be in [0, max_chunk_chars={self.max_chunk_chars}], got {self.min_chunk_chars}")
+        check_min(self, ("max_chunk_chars",), strict=True)
+        check_range(self, ("min_chunk_chars",), 0, self.max_chunk_chars)
         for name in ("max_docs_per_domain", "max_chars_per_domain"):
             v = getattr(self, name)
             check(v is None or v > 0, f"{name} must be None or > 0, got {v}")

@@ -109,10 +109,11 @@ class TextFolder:
         return _nonempty(read(), self.name)
 
 
-# ---------------------------------------------------------------------------------- JSONL
+# ------------------------------------------------------------------------- record files
 @dataclass
-class JsonlFile:
-    """JSON Lines (``.jsonl``/``.jsonl.gz``) or a ``.json`` list of objects."""
+class _RecordFile:
+    """A file of records: the text in ``text_field``, the domain in ``domain_field`` (else the
+    fixed ``domain``). The shared fields of :class:`JsonlFile` and :class:`ParquetFile`."""
 
     path: str | Path
     text_field: str = "text"
@@ -122,6 +123,11 @@ class JsonlFile:
     @property
     def name(self) -> str:
         return str(self.path)
+
+
+@dataclass
+class JsonlFile(_RecordFile):
+    """JSON Lines (``.jsonl``/``.jsonl.gz``) or a ``.json`` list of objects."""
 
     def _records(self) -> Iterator[tuple[str, Any]]:
         path = Path(self.path)
@@ -159,20 +165,11 @@ class JsonlFile:
         return _nonempty(read(), self.name)
 
 
-# -------------------------------------------------------------------------------- Parquet
 @dataclass
-class ParquetFile:
+class ParquetFile(_RecordFile):
     """A Parquet file (or a folder of them) read column-wise in record batches."""
 
-    path: str | Path
-    text_field: str = "text"
-    domain_field: str | None = None
-    domain: str | None = None
     batch_size: int = 1024
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
 
     def __iter__(self) -> Iterator[Document]:
         import pyarrow as pa

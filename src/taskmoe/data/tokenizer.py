@@ -48,6 +48,15 @@ CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant", "expert")
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def _special_id(token: str) -> property:
+    """A read-only ``Tokenizer`` property: the id of special ``token``."""
+
+    def get(self: "Tokenizer") -> int:
+        return self.special_ids[token]
+
+    return property(get, doc=f"id of the {token} special token")
+
+
 def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:
     if not isinstance(messages, (list, tuple)):
         raise DataError(f"chat messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
@@ -149,21 +158,10 @@ class Tokenizer:
         """Size of the id space (base vocabulary plus added tokens)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    @property
-    def pad_id(self) -> int:
-        return self.special_ids["<|pad|>"]
-
-    @property
-    def bos_id(self) -> int:
-        return self.special_ids["<|bos|>"]
-
-    @property
-    def eos_id(self) -> int:
-        return self.special_ids["<|eos|>"]
-
-    @property
-    def unk_id(self) -> int:
-        return self.special_ids["<|unk|>"]
+    pad_id = _special_id("<|pad|>")
+    bos_id = _special_id("<|bos|>")
+    eos_id = _special_id("<|eos|>")
+    unk_id = _special_id("<|unk|>")
 
     def token_id(self, token: str) -> int:
         """Id of a token string (e.g. a special token); DataError if absent."""

@@ -34,7 +34,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check_min, check_range, doc
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,10 @@ class PruningConfig(Config):
     keep_at_least: int = doc(1, "never prune below this many active experts")
 
     def validate(self) -> None:
-        check(self.window >= 1, f"window must be >= 1, got {self.window}")
-        check(0 <= self.min_contributions <= self.window, f"min_contributions must be in [0, window], got {self.min_contributions}")
-        check(0.0 <= self.min_weight <= 1.0, f"min_weight must be in [0, 1], got {self.min_weight}")
-        check(self.keep_at_least >= 0, f"keep_at_least must be >= 0, got {self.keep_at_least}")
+        check_min(self, ("window",), 1)
+        check_range(self, ("min_contributions",), 0, self.window)
+        check_range(self, ("min_weight",))
+        check_min(self, ("keep_at_least",))
 
 
 @dataclass

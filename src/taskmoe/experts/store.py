@@ -124,6 +124,10 @@ class ExpertStore:
     def names(self) -> list[str]:
         return list(self._folders)
 
+    def folder(self, name: str) -> Path:
+        """The folder expert ``name`` is (or will be) loaded from."""
+        return self._folders[name]
+
     def __contains__(self, name: str) -> bool:
         return name in self._folders
 

@@ -15,7 +15,10 @@ Ragged prompts, exactly: left-padding would feed pad tokens into convolution buf
 states (and shift positions), so it is not exact. Instead prompts are **prefilled in groups of
 equal length** (one batched forward per distinct length, no padding at all), then the groups'
 states are concatenated (fixed-size recurrent states stack directly; KV caches keep per-row
-lengths and mask the unused slots) and **decoded together**, one token per row per step. A row
+lengths and mask the unused slots) and **decoded together**, one token per row per step. (A model
+with only attention mixers, ``model.supports_padded_prefill``, is instead prefilled in one
+right-padded forward with per-row ``lengths``: exact for causal attention, one weight pass instead
+of one per length.) A row
 that emits a stop token, reaches its ``max_new_tokens`` or is halted by its ``emit`` is dropped
 from the batch (``state.select``), so finished rows cost nothing, and no forward is run for a
 token nobody will sample. Greedy results for each row equal running that row alone (tested).
@@ -48,7 +51,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_ints, check_min, check_range, doc
 from taskmoe.errors import RequestError
 from taskmoe.inference.sampling import repetition_penalty, sample, seen_mask
 
@@ -73,12 +76,10 @@ class GenerationConfig(Config):
     seed: int | None = doc(None, "seed of the sampling generator when none is passed; None = nondeterministic")
 
     def validate(self) -> None:
-        check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
-              f"GenerationConfig.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        check(self.temperature >= 0, f"GenerationConfig.temperature must be >= 0, got {self.temperature}")
-        check(isinstance(self.top_k, int) and self.top_k >= 0, f"GenerationConfig.top_k must be an integer >= 0, got {self.top_k!r}")
-        check(0 < self.top_p <= 1, f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
-        check(self.repetition_penalty > 0, f"GenerationConfig.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_ints(self, ("max_new_tokens", "top_k"), minimum=0)
+        check_min(self, ("temperature",))
+        check_range(self, ("top_p",), open_low=True)
+        check_min(self, ("repetition_penalty",), strict=True)
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_tokens),
               f"GenerationConfig.stop_tokens must be non-negative integers, got {self.stop_tokens!r}")
 
@@ -128,6 +129,8 @@ def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[
     groups: dict[int, list[int]] = defaultdict(list)
     for i in rows:
         groups[len(prompts[i])].append(i)
+    if len(groups) > 1 and getattr(model, "supports_padded_prefill", False):
+        return _prefill_padded(model, prompts, rows, device, side)
     order, states, logits = [], [], []
     with torch.inference_mode():
         for length in sorted(groups):
@@ -141,6 +144,22 @@ def _prefill(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[
         state = states[0] if len(states) == 1 else type(states[0]).cat(states)
         vocab = logits[0].shape[-1]
         return _Batch(order, state, torch.cat(logits), seen_mask([prompts[i] for i in order], vocab, device))
+
+
+def _prefill_padded(model: nn.Module, prompts: Sequence[Sequence[int]], rows: Sequence[int], device: torch.device,
+                    side: Sequence[Any] | None = None) -> _Batch:
+    """All rows in one right-padded forward, for models that say ``supports_padded_prefill`` (exact:
+    attention-only models, see :class:`~taskmoe.models.CausalLM`)."""
+    rows = list(rows)
+    lengths = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.long, device=device)  # (B,)
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)  # (B, T), 0 = padding
+    for j, i in enumerate(rows):
+        ids[j, : len(prompts[i])] = torch.tensor(list(prompts[i]), dtype=torch.long)
+    with torch.inference_mode():
+        state = model.init_state(len(rows)) if side is None else model.init_state(len(rows), side=[side[i] for i in rows])
+        out = model(ids, state, logits_to_keep=1, lengths=lengths)
+        logits = out.logits[:, -1]  # (B, V)
+        return _Batch(rows, out.state, logits, seen_mask([prompts[i] for i in rows], logits.shape[-1], device))
 
 
 def _draw(batch: _Batch, cfgs: Sequence[GenerationConfig], generators: Sequence[torch.Generator | None]) -> torch.Tensor:

@@ -39,7 +39,8 @@ from taskmoe.manifest import ResolvedManifest, load_manifest
 from taskmoe.models.checkpoint import load_lm
 from taskmoe.layers.lora import load_adapter
 from taskmoe.router.policy import PolicyConfig
-from taskmoe.router.router import Router, load_shared_embedding
+from taskmoe.router.persist import load_shared_embedding
+from taskmoe.router.router import Router
 from taskmoe.summarizer.intent import IntentClassifier
 
 __all__ = ["load_system", "INTENT_DIR"]
@@ -99,6 +100,10 @@ def load_system(
 
     res = load_manifest(path)
     m = res.manifest
+    if m.meta.get("backbone"):  # experts are LoRA adapters of a pretrained backbone
+        from taskmoe.inference.backbone_loader import load_backbone_system
+
+        return load_backbone_system(res, max_experts=max_experts, max_bytes=max_bytes, config=config, device=device)
     mpath = res.run_dir / "taskmoe.json"
     try:
         tok = Tokenizer.load(res.tokenizer)

@@ -65,12 +65,13 @@ def media_tensor(model: MultimodalLM, modality: str, value: Any) -> Tensor:
     return torch.from_numpy(arr)
 
 
-class Bound(nn.Module):
-    """``model`` with ``media`` bound to its next prefill call (see module docstring)."""
+class _MediaLM(nn.Module):
+    """A :class:`MultimodalLM` behind the one LM interface: vocabulary and states are the model's;
+    subclasses decide which forward calls get media."""
 
-    def __init__(self, model: MultimodalLM, media: Sequence[MediaInput]) -> None:
+    def __init__(self, model: MultimodalLM) -> None:
         super().__init__()
-        self.model, self.media, self.pending, self.routing = model, list(media), True, None
+        self.model = model
 
     @property
     def vocab_size(self) -> int:
@@ -78,6 +79,14 @@ class Bound(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None):
         return self.model.init_state(batch_size, device, dtype)
+
+
+class Bound(_MediaLM):
+    """``model`` with ``media`` bound to its next prefill call (see module docstring)."""
+
+    def __init__(self, model: MultimodalLM, media: Sequence[MediaInput]) -> None:
+        super().__init__(model)
+        self.media, self.pending, self.routing = list(media), True, None
 
     def forward(self, input_ids: Tensor, state: Any = None, *, logits_to_keep: int = 0):
         if not self.pending:
@@ -157,3 +166,25 @@ def answer_with_media(path: str | Path, prompt: str, *, image: str | Path | None
     return {"answer": a.text, "model": str(path), "kind": "multimodal", "modality": a.modality or "text",
             "experts": ", ".join(a.experts), "fallback": a.fallback,
             "gates": ", ".join(f"{n}={p:.2f}" for n, p in a.scores.items())}
+
+
+class Broadcast(_MediaLM):
+    """``model`` that splices one medium into every row of every prefill (``T > 1``) whose ids hold the
+    ``pad_id`` placeholders (:func:`~taskmoe.data.media_tasks.media_prompt`); other calls pass through.
+
+    For a server batch that holds one request's rows only (``n`` choices of the same question): the
+    rows join a continuous batch whenever the scheduler adds them, and each prefill gets the medium.
+    """
+
+    def __init__(self, model: MultimodalLM, modality: str, value: Tensor, pad_id: int) -> None:
+        super().__init__(model)
+        self.modality, self.value, self.pad_id = modality, value, pad_id
+
+    def forward(self, input_ids: Tensor, state: Any = None, *, logits_to_keep: int = 0):
+        mask = input_ids == self.pad_id if input_ids.shape[1] > 1 else None
+        if mask is None or not bool(mask.any()):
+            return self.model(input_ids, state, logits_to_keep=logits_to_keep)
+        rows = torch.nonzero(mask.any(dim=1)).squeeze(1)
+        values = self.value.to(input_ids.device).unsqueeze(0).expand(len(rows), *self.value.shape)
+        return self.model(input_ids, state, media=[MediaInput(self.modality, values, mask, rows)],
+                          logits_to_keep=logits_to_keep)

@@ -7,7 +7,8 @@ Sequence layers share one contract, ``forward(x, state=None) -> (y, state)`` plu
 (:mod:`taskmoe.layers.rope`) and a KV cache. Plain layers: :class:`RMSNorm`, :class:`SwiGLU`, :class:`GatedMLP`.
 :class:`Block` is the pre-norm residual wrapper ``x + mixer(norm(x))`` (+ MLP), built by injection.
 States (:mod:`taskmoe.layers.state`) are explicit values that select/cat/clone by row.
-:mod:`taskmoe.layers.lora` holds our own LoRA (per-row adapter masks for exact mixed batches).
+:mod:`taskmoe.layers.lora` holds our own LoRA (inject, switch, merge, save; per-row adapter masks for exact
+mixed batches), on the layer :class:`~taskmoe.layers.lora_linear.LoRALinear`.
 """
 
 from taskmoe.layers.attention import Attention, GQAttention, KVCache

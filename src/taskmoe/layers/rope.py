@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_min, doc
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -37,7 +37,7 @@ class RopeScaling(Config):
     def validate(self) -> None:
         check(self.rope_type in ROPE_TYPES,
               f"RopeScaling.rope_type {self.rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
-        check(self.factor > 0, f"RopeScaling.factor must be > 0, got {self.factor}")
+        check_min(self, ("factor",), strict=True)
         check(self.rope_type != "llama3" or self.high_freq_factor > self.low_freq_factor,
               f"RopeScaling: llama3 needs high_freq_factor > low_freq_factor, got "
               f"{self.high_freq_factor} <= {self.low_freq_factor}")

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_choice, check_ints, check_range, doc
 
 __all__ = ["LMConfig", "ConvConfig", "LinearAttentionConfig", "SSMConfig", "ExpertLMConfig", "SummarizerLMConfig",
            "TransformerLMConfig", "FEATURE_MAPS", "DECAYS", "LEGACY_FIELDS"]
@@ -38,13 +38,6 @@ LEGACY_FIELDS = ("conv_kernel", "conv_levels", "la_feature_map", "la_decay", "la
 L = TypeVar("L", bound="LMConfig")
 
 
-def _positive(owner: str, obj: Any, names: tuple[str, ...], minimum: int = 1) -> None:
-    for name in names:
-        v = getattr(obj, name)
-        check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
-              f"{owner}.{name} must be an integer >= {minimum}, got {v!r}")
-
-
 # ------------------------------------------------------------------------ block configs
 @dataclass
 class ConvConfig(Config):
@@ -54,7 +47,7 @@ class ConvConfig(Config):
     levels: int = doc(4, "convolutions per block; level i has dilation 2**i")
 
     def validate(self) -> None:
-        _positive("ConvConfig", self, ("kernel", "levels"))
+        check_ints(self, ("kernel", "levels"))
 
 
 @dataclass
@@ -67,10 +60,9 @@ class LinearAttentionConfig(Config):
     chunk_size: int = doc(64, "chunk length of the chunked form")
 
     def validate(self) -> None:
-        _positive("LinearAttentionConfig", self, ("chunk_size",))
-        check(self.feature_map in FEATURE_MAPS,
-              f"LinearAttentionConfig.feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
-        check(self.decay in DECAYS, f"LinearAttentionConfig.decay must be one of {DECAYS}, got {self.decay!r}")
+        check_ints(self, ("chunk_size",))
+        check_choice(self, "feature_map", FEATURE_MAPS)
+        check_choice(self, "decay", DECAYS)
         check(not self.normalize or self.feature_map == "elu1",
               "LinearAttentionConfig.normalize needs a positive feature map (feature_map='elu1'): "
               "with 'identity' the normalizer q.sum(k) can be zero or negative")
@@ -87,8 +79,8 @@ class SSMConfig(Config):
     chunk: int = doc(0, "chunk length of the two-level scan; 0 = about sqrt(T)")
 
     def validate(self) -> None:
-        _positive("SSMConfig", self, ("state", "expand", "conv"))
-        _positive("SSMConfig", self, ("dt_rank", "chunk"), minimum=0)
+        check_ints(self, ("state", "expand", "conv"))
+        check_ints(self, ("dt_rank", "chunk"), minimum=0)
 
 
 # --------------------------------------------------------------------------- LM configs
@@ -110,11 +102,11 @@ class LMConfig(Config):
 
     def validate(self) -> None:
         name = type(self).__name__
-        _positive(name, self, ("vocab_size", "d_model", "n_layers", "n_heads"))
-        _positive(name, self, ("mlp_hidden",), minimum=0)
+        check_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads"))
+        check_ints(self, ("mlp_hidden",), minimum=0)
         check(self.d_model % self.n_heads == 0,
               f"{name}.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        check(0.0 <= self.dropout < 1.0, f"{name}.dropout must be in [0, 1), got {self.dropout}")
+        check_range(self, ("dropout",), open_high=True)
         check(self.norm_eps > 0 and self.init_std > 0,
               f"{name}: norm_eps and init_std must be > 0 (got {self.norm_eps}, {self.init_std})")
 

@@ -50,6 +50,10 @@ class MixedAdapterLM(nn.Module):
     def vocab_size(self) -> int:
         return self.model.vocab_size
 
+    @property
+    def supports_padded_prefill(self) -> bool:
+        return bool(getattr(self.model, "supports_padded_prefill", False))
+
     def adapter_ids(self, per_row: Sequence[str | None], device: Any = None) -> Tensor:
         """(B,) int64 ids of adapter names per row (None -> -1, the base model)."""
         bad = sorted({n for n in per_row if n is not None and n not in self._index})
@@ -67,7 +71,7 @@ class MixedAdapterLM(nn.Module):
         return TaggedState(inner, self.adapter_ids(side, device or next(self.model.parameters()).device))
 
     def forward(self, input_ids: Tensor, state: TaggedState | None = None, *, logits_to_keep: int = 0,
-                adapters: Sequence[str | None] | None = None) -> LMOutput:
+                adapters: Sequence[str | None] | None = None, lengths: Tensor | None = None) -> LMOutput:
         """With a state: continue decoding (adapters from the state). Without: ``adapters`` per row."""
         if state is None:
             if adapters is None:
@@ -76,5 +80,6 @@ class MixedAdapterLM(nn.Module):
         else:
             ids = state.tags
         with use_row_adapters(self.model, RowAdapters(self.names, ids)):
-            out = self.model(input_ids, None if state is None else state.inner, logits_to_keep=logits_to_keep)
+            kw = {} if lengths is None else {"lengths": lengths}
+            out = self.model(input_ids, None if state is None else state.inner, logits_to_keep=logits_to_keep, **kw)
         return LMOutput(out.logits, None if state is None else TaggedState(out.state, ids), out.hidden)

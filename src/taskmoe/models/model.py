@@ -8,6 +8,11 @@ Design choices:
 - **Explicit state.** ``forward(ids, state)`` returns the next :class:`~taskmoe.layers.state.LMState`;
   no module remembers anything between calls, so states can be selected, concatenated and
   cloned (batching, grouping by expert, branching). ``state=None`` is the training pass.
+- **One-forward ragged prefill.** When every block is attention (KV cache) with a stateless MLP
+  (:attr:`CausalLM.supports_padded_prefill`), prompts of different lengths can be prefilled in one
+  right-padded forward: ``forward(ids, fresh_state, lengths=...)`` returns each row's logits at its
+  last real token and KV caches whose per-row ``lengths`` drop the padding. Exact: causal attention
+  never lets a real token see a later pad, and the pad slots are masked and overwritten later.
 - **Tied head.** The output head is the embedding matrix unless an untied ``lm_head`` is passed
   (pretrained backbones that do not tie, see :mod:`taskmoe.models.backbones`); ``logits_to_keep``
   skips the head for positions nobody reads (prefill needs only the last one).
@@ -82,8 +87,22 @@ class CausalLM(nn.Module):
             return self.lm_head(hidden)
         return F.linear(hidden, self.embedding.weight)
 
-    def forward(self, input_ids: Tensor, state: LMState | None = None, *, logits_to_keep: int = 0) -> LMOutput:
-        """``input_ids`` (B, T) -> logits (B, T, V); with a state, continue decoding from it."""
+    @property
+    def supports_padded_prefill(self) -> bool:
+        """True when every block is attention with a KV cache and a stateless MLP (see the module docstring)."""
+        from taskmoe.layers.attention import Attention, GQAttention
+        from taskmoe.layers.block import Block, is_stateful
+
+        return all(isinstance(b, Block) and isinstance(b.mixer, (Attention, GQAttention)) and not is_stateful(b.mlp)
+                   for b in self.blocks)
+
+    def forward(self, input_ids: Tensor, state: LMState | None = None, *, logits_to_keep: int = 0,
+                lengths: Tensor | None = None) -> LMOutput:
+        """``input_ids`` (B, T) -> logits (B, T, V); with a state, continue decoding from it.
+
+        ``lengths`` (B,): a right-padded ragged prefill from a fresh state (module docstring); the
+        logits are then (B, 1, V) at each row's last real token.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"CausalLM: input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
         if state is not None and len(state.layers) != len(self.blocks):
@@ -94,8 +113,21 @@ class CausalLM(nn.Module):
             x, s = blk(x, None if state is None else state.layers[i])
             new_layers.append(s)
         hidden = self.norm(x)
+        if lengths is not None:
+            return self._padded_output(hidden, new_layers, lengths, state)
         kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         return LMOutput(self.head(kept), None if state is None else LMState(new_layers), hidden)
+
+    def _padded_output(self, hidden: Tensor, layers: list, lengths: Tensor, state: LMState | None) -> LMOutput:
+        if state is None or not self.supports_padded_prefill:
+            raise ValueError("CausalLM: lengths= needs a fresh decoding state and attention-only blocks "
+                             "(supports_padded_prefill)")
+        import dataclasses
+
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1].unsqueeze(1)  # (B, 1, D)
+        fixed = [dataclasses.replace(s, mixer=dataclasses.replace(s.mixer, lengths=lengths.to(s.mixer.lengths)))
+                 for s in layers]
+        return LMOutput(self.head(last), LMState(fixed), hidden)
 
 
 

@@ -13,6 +13,16 @@ costs two matmuls on its segment, whatever the batch size — a loop over adapte
 Already-sorted rows (the common case when the caller groups by adapter) skip the gather and scatter.
 :func:`segmented_lora_ref` is the plain per-row loop twin.
 
+:func:`stacked_lora` is the second fast form, for decoding, where the K-loop's small ops cost more
+than the adapters' arithmetic: the adapters' A are stacked to ``A_cat`` (R, in), their B to
+``B_cat`` (out, R) (R = sum r_k), and each row keeps only its own adapter's columns::
+
+    delta = ((x A_cat^T) * M) B_cat^T,   M[i, cols of adapter a_i] = s_{a_i}, 0 elsewhere
+
+Three ops per layer whatever K, no gather; the other adapters' columns are multiplied by an exact
+zero, so each row still gets exactly its own adapter's update (the A side does K times the tiny
+``x A^T`` work, which is noise next to the weight reads). The caller builds (and may cache) the stacks.
+
 Rows are the first axis of ``x``; anything between (time) rides along: ``x`` (N, ..., in).
 Glossary: N rows, K adapters, r_k rank of adapter k, s_k = alpha_k / r_k.
 """
@@ -25,7 +35,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SegmentPlan", "plan_segments", "segmented_lora", "segmented_lora_ref"]
+__all__ = ["SegmentPlan", "plan_segments", "segmented_lora", "stacked_lora", "row_scale_mask", "segmented_lora_ref"]
 
 LowRank = tuple[Tensor, Tensor, float] | None
 """(A (r, in), B (out, r), scale) of one adapter on one layer, or None where the layer lacks it."""
@@ -75,6 +85,23 @@ def segmented_lora(x: Tensor, adapters: Sequence[LowRank], plan: SegmentPlan, ou
         pieces.append((seg @ a.t()) @ b.t() * scale)  # (n_k, ..., r_k) -> (n_k, ..., out)
     delta = torch.cat(pieces, 0)
     return delta if plan.inverse is None else delta.index_select(0, plan.inverse)
+
+
+def row_scale_mask(ids: Tensor, ranks: Sequence[int], scales: Sequence[float], dtype=None) -> Tensor:
+    """``M`` (N, R) for :func:`stacked_lora`: row i holds s_{a_i} on adapter a_i's r columns, 0 elsewhere."""
+    ids = ids.reshape(-1).long()
+    col_owner = torch.repeat_interleave(torch.arange(len(ranks), device=ids.device),
+                                        torch.tensor(list(ranks), device=ids.device))  # (R,)
+    col_scale = torch.repeat_interleave(torch.tensor(list(scales), dtype=dtype or torch.float32, device=ids.device),
+                                        torch.tensor(list(ranks), device=ids.device))  # (R,)
+    return (ids.unsqueeze(1) == col_owner).to(col_scale.dtype) * col_scale  # (N, R); rows with id -1 all zero
+
+
+def stacked_lora(x: Tensor, a_cat: Tensor, b_cat: Tensor, mask: Tensor) -> Tensor:
+    """``delta`` (N, ..., out) = ((x A_cat^T) * M) B_cat^T for x (N, ..., in), mask M (N, R) (module docstring)."""
+    h = x @ a_cat.t()  # (N, ..., R)
+    h = h * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+    return h @ b_cat.t()  # (N, ..., out)
 
 
 def segmented_lora_ref(x: Tensor, adapters: Sequence[LowRank], ids: Tensor, out_features: int) -> Tensor:

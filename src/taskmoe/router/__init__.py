@@ -27,7 +27,8 @@ from taskmoe.router.encoders import (
 )
 from taskmoe.router.fit import RouterConfig, fit_router
 from taskmoe.router.policy import PolicyConfig, RoutingDecision, crosstalk_pair, decide, decide_batch, select, threshold
-from taskmoe.router.router import Router, load_shared_embedding
+from taskmoe.router.persist import load_shared_embedding
+from taskmoe.router.router import Router
 
 __all__ = [
     "ClassifierConfig",

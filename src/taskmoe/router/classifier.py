@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check_min, doc
 from taskmoe.errors import DataError
 from taskmoe.layers.lora import LoRALinear
 
@@ -60,14 +60,10 @@ class ClassifierConfig(Config):
     seed: int = doc(0, "seed of initialisation and batch order")
 
     def validate(self) -> None:
-        check(self.hidden >= 0, f"classifier.hidden must be >= 0, got {self.hidden}")
-        check(self.epochs >= 1 and self.add_steps >= 1, "classifier.epochs and add_steps must be >= 1")
-        check(self.add_lr > 0, f"classifier.add_lr must be > 0, got {self.add_lr}")
-        check(self.batch_size >= 1, f"classifier.batch_size must be >= 1, got {self.batch_size}")
-        check(self.lr > 0, f"classifier.lr must be > 0, got {self.lr}")
-        check(self.lora_rank >= 1, f"classifier.lora_rank must be >= 1, got {self.lora_rank}")
-        check(self.replay_per_category >= 1, "classifier.replay_per_category must be >= 1")
-        check(self.ece_bins >= 1, f"classifier.ece_bins must be >= 1, got {self.ece_bins}")
+        check_min(self, ("hidden",), owner="classifier")
+        check_min(self, ("epochs", "add_steps", "batch_size", "lora_rank", "replay_per_category", "ece_bins"), 1,
+                  owner="classifier")
+        check_min(self, ("lr", "add_lr"), strict=True, owner="classifier")
 
 
 class _BranchHead(nn.Module):

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_min, doc
 from taskmoe.errors import ConfigError, DataError
 
 
@@ -60,8 +60,8 @@ class ClusteringConfig(Config):
                   f"clustering.n_categories must be an int >= 1 or 'auto', got {self.n_categories!r}")
         check(2 <= self.k_min <= self.k_max, f"clustering: need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
         check(self.balance >= 1.0, f"clustering.balance must be >= 1 (or inf), got {self.balance}")
-        check(self.n_init >= 1 and self.max_iter >= 1, "clustering.n_init and max_iter must be >= 1")
-        check(self.silhouette_sample >= 10, f"clustering.silhouette_sample must be >= 10, got {self.silhouette_sample}")
+        check_min(self, ("n_init", "max_iter"), 1, owner="clustering")
+        check_min(self, ("silhouette_sample",), 10, owner="clustering")
 
 
 @dataclass

@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check_min, check_range, doc
 from taskmoe.errors import DataError
 from taskmoe.router.vocab import VocabStats
 
@@ -70,9 +70,9 @@ class ComplexityConfig(Config):
     max_iter: int = doc(1000, "logistic-regression solver iterations")
 
     def validate(self) -> None:
-        check(self.C > 0, f"complexity.C must be > 0, got {self.C}")
-        check(0.0 <= self.bigram_lambda < 1.0, f"complexity.bigram_lambda must be in [0, 1), got {self.bigram_lambda}")
-        check(self.max_iter >= 1, f"complexity.max_iter must be >= 1, got {self.max_iter}")
+        check_min(self, ("C",), strict=True, owner="complexity")
+        check_range(self, ("bigram_lambda",), open_high=True, owner="complexity")
+        check_min(self, ("max_iter",), 1, owner="complexity")
 
 
 def token_table(decode: Callable[[Sequence[int]], str], vocab_size: int) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 
 from taskmoe.config import Config, check, doc
 from taskmoe.errors import DataError
+from taskmoe.router.encoders.backbone import BackboneEncoderConfig
 from taskmoe.router.classifier import ClassifierConfig, fit_head
 from taskmoe.router.clustering import ClusteringConfig, assign_nearest, discover, scores_table
 from taskmoe.router.complexity import ComplexityConfig, ComplexityScorer, token_table
@@ -46,17 +47,18 @@ from taskmoe.router.policy import PolicyConfig
 from taskmoe.router.router import Replay, Router
 from taskmoe.router.vocab import VocabStats
 
-ENCODER_KINDS = ("learned", "tfidf", "pretrained")
+ENCODER_KINDS = ("learned", "tfidf", "pretrained", "backbone")
 
 
 @dataclass
 class RouterConfig(Config):
     """Everything :func:`fit_router` needs; one sub-config per part."""
 
-    encoder: str = doc("learned", "encoder kind: 'learned' (default, shared embedding table), 'tfidf' (c-BTM baseline) or 'pretrained'")
+    encoder: str = doc("learned", "encoder kind: 'learned' (default, shared embedding table), 'tfidf' (c-BTM baseline), 'pretrained' or 'backbone' (the backbone's hidden states)")
     learned: LearnedEncoderConfig = doc(LearnedEncoderConfig(), "the learned encoder")
     tfidf: TfidfEncoderConfig = doc(TfidfEncoderConfig(), "the tf-idf encoder")
     pretrained: PretrainedEncoderConfig = doc(PretrainedEncoderConfig(), "the pretrained encoder")
+    backbone: BackboneEncoderConfig = doc(BackboneEncoderConfig(), "the backbone encoder (hidden states of the backbone)")
     clustering: ClusteringConfig = doc(ClusteringConfig(), "category discovery")
     classifier: ClassifierConfig = doc(ClassifierConfig(), "the classifier head")
     complexity: ComplexityConfig = doc(ComplexityConfig(), "the complexity scorer")
@@ -142,6 +144,7 @@ def fit_router(
     tokenizer: Any = None,
     vocab_size: int | None = None,
     complexity_labels: Sequence[int] | None = None,
+    backbone: Any = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> Router:
     """Fit every part of a router on token-id sequences (see the module docstring).
@@ -149,7 +152,8 @@ def fit_router(
     ``tokenizer`` (optional) supplies special ids, ``decode`` (pretrained encoder, descriptions,
     per-token complexity features) and is stored with the router. ``vocab_size`` defaults to the
     tokenizer's, else the learned encoder's. ``complexity_labels`` (0/1 per train sequence)
-    replace the default complexity target. The fit report is ``router.report``.
+    replace the default complexity target. ``backbone`` (a loaded backbone model) is shared with
+    the ``backbone`` encoder instead of loading ``cfg.backbone.path``. The fit report is ``router.report``.
     """
     t0 = time.perf_counter()
     train = [list(map(int, s)) for s in train]
@@ -160,11 +164,13 @@ def fit_router(
     special = sorted(tokenizer.special_ids.values()) if tokenizer is not None else []
     V = vocab_size or (tokenizer.vocab_size if tokenizer is not None else cfg.learned.vocab_size)
     learned_cfg = cfg.learned.replace(vocab_size=V) if cfg.learned.vocab_size != V else cfg.learned
-    enc_cfg = {"learned": learned_cfg, "tfidf": cfg.tfidf, "pretrained": cfg.pretrained}[cfg.encoder]
+    enc_cfg = {"learned": learned_cfg, "tfidf": cfg.tfidf, "pretrained": cfg.pretrained, "backbone": cfg.backbone}[cfg.encoder]
     report: dict[str, Any] = {"encoder": cfg.encoder, "train_docs": len(train), "validation_docs": len(validation)}
 
     log(f"[1/5] fitting the {cfg.encoder} encoder on {len(train)} sequences")
     encoder = build_encoder(cfg.encoder, enc_cfg, decode=decode)
+    if backbone is not None and hasattr(encoder, "attach"):
+        encoder.attach(backbone)  # the backbone encoder reads this already loaded model
     encoder.fit(train, trainer=trainer, special_ids=special)
     ok = encoder.readable(train)
     tr = [s for s, o in zip(train, ok) if o]

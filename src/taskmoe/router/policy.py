@@ -47,7 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_range, doc
 from taskmoe.errors import ConfigError
 
 GAP_EPS = 1e-6
@@ -63,9 +63,8 @@ class PolicyConfig(Config):
     t_CT: float = doc(0.1, "cross-talk threshold: the top two confidences within t_CT start cross-talk")
 
     def validate(self) -> None:
-        check(0.0 <= self.t_C_base <= 1.0, f"policy.t_C_base must be in [0, 1], got {self.t_C_base}")
+        check_range(self, ("t_C_base", "t_CT"), owner="policy")
         check(self.k > 0 and math.isfinite(self.k), f"policy.k must be a finite number > 0, got {self.k}")
-        check(0.0 <= self.t_CT <= 1.0, f"policy.t_CT must be in [0, 1], got {self.t_CT}")
 
 
 # ------------------------------------------------------------------------------ threshold

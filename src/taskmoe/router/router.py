@@ -17,15 +17,9 @@ and a sequence with no token the encoder knows gives ``reason="no known tokens"`
 input to every expert. Token ids outside the vocabulary raise :class:`~taskmoe.errors.DataError`.
 A router whose encoder is not fitted raises :class:`~taskmoe.router.encoders.NotFittedError`.
 
-On disk (:meth:`Router.save` / :meth:`Router.load`, via :mod:`taskmoe.io`)::
-
-    router/config.json              kind "router": encoder kind + config, policy, classifier
-                                    config, category names and descriptions; meta: fit report
-    router/model.safetensors        encoder.* (the shared embedding table for 'learned'), head.*
-    router/centroids.safetensors    centroids (K, D), replay.x (R, D), replay.labels (R,)
-    router/complexity.json          feature names, mean, scale, coef, intercept (readable)
-    router/complexity.safetensors   the scorer's per-token tables (vocabulary statistics)
-    router/tokenizer.json           the tokenizer the ids come from (when known)
+On disk: :meth:`Router.save` / :meth:`Router.load` call :mod:`taskmoe.router.persist`, which
+holds the folder layout, and :func:`~taskmoe.router.persist.load_shared_embedding` (still
+importable from here).
 """
 
 from __future__ import annotations
@@ -39,11 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from taskmoe.errors import CheckpointError, ConfigError, DataError
-from taskmoe.io import atomic_write_json, load_component, load_tensors, read_json, save_component, save_tensors
-from taskmoe.router.classifier import CategoryHead, ClassifierConfig, add_class, head_from_tensors
-from taskmoe.router.complexity import FEATURES, ComplexityScorer
-from taskmoe.router.encoders import Encoder, LearnedEncoder, NotFittedError, load_encoder
+from taskmoe.errors import ConfigError, DataError
+from taskmoe.router.classifier import CategoryHead, ClassifierConfig, add_class
+from taskmoe.router.complexity import ComplexityScorer
+from taskmoe.router.encoders import Encoder, LearnedEncoder, NotFittedError
 from taskmoe.router.availability import restrict, without
 from taskmoe.router.policy import PolicyConfig, RoutingDecision, decide_batch, input_fallback
 
@@ -247,100 +240,27 @@ class Router:
 
     # ---------------------------------------------------------------------------- on disk
     def save(self, folder: str | Path) -> Path:
-        self._check_fitted()
-        sc = self.complexity
-        tensors = {f"encoder.{k}": v for k, v in self.encoder.tensors().items()}
-        tensors.update({f"head.{k}": v for k, v in self.head.tensors().items()})
-        side = {"centroids": torch.from_numpy(self.centroids)}
-        if self.replay is not None:
-            side["replay.x"] = torch.from_numpy(self.replay.x)
-            side["replay.labels"] = torch.from_numpy(self.replay.labels)
-        extra = {
-            "centroids.safetensors": lambda p: save_tensors(p, side),
-            "complexity.safetensors": lambda p: save_tensors(p, {k: v for k, v in sc.tensors().items() if k.startswith(("complexity.vocab.", "complexity.table"))}),
-            "complexity.json": lambda p: atomic_write_json(p, {
-                "features": list(FEATURES), "mean": sc.mean.tolist(), "scale": sc.scale.tolist(),
-                "coef": sc.coef.tolist(), "intercept": sc.intercept,
-            }),
-        }  # fmt: skip
-        if self.tokenizer is not None:
-            extra[TOKENIZER_FILE] = lambda p: p.write_text(self.tokenizer.to_str(), encoding="utf-8")
-        config = {
-            "encoder_kind": self.encoder.kind,
-            "encoder": self.encoder.config_dict(),
-            "policy": self.policy.to_dict(),
-            "classifier": self.classifier_cfg.to_dict(),
-            "categories": self.categories,
-            "descriptions": self.descriptions,
-            "dim": int(self.centroids.shape[1]),
-        }
-        return save_component(folder, KIND, config, tensors, meta={"report": self.report}, extra_files=extra)
+        """Write the router folder (see the module docstring); :func:`~taskmoe.router.persist.save_router`."""
+        from taskmoe.router.persist import save_router
+
+        return save_router(self, folder)
 
     @classmethod
     def load(cls, folder: str | Path, *, tokenizer: Any = None) -> "Router":
-        """Load a router folder; ``tokenizer`` overrides the folder's ``tokenizer.json``."""
-        comp = load_component(folder, KIND)
-        cfg = comp.config
-        for key in ("encoder_kind", "encoder", "policy", "classifier", "categories"):
-            if key not in cfg:
-                raise CheckpointError(f"{comp.folder / 'config.json'}: router config lacks {key!r}")
-        if tokenizer is None and (comp.folder / TOKENIZER_FILE).is_file():
-            from taskmoe.data.tokenizer import Tokenizer
+        """Load a router folder; ``tokenizer`` overrides the folder's ``tokenizer.json``
+        (:func:`~taskmoe.router.persist.load_router`)."""
+        from taskmoe.router.persist import load_router
 
-            tokenizer = Tokenizer.load(comp.folder / TOKENIZER_FILE)
-        weights = comp.tensors()
-        enc_t = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
-        head_t = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
-        try:
-            encoder = load_encoder(cfg["encoder_kind"], cfg["encoder"], enc_t, decode=tokenizer.decode if tokenizer is not None else None)
-            head = head_from_tensors(head_t)
-        except (KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{comp.weights}: router weights do not match config.json ({e})") from e
-        if isinstance(encoder, LearnedEncoder) and tokenizer is not None and tokenizer.vocab_size != encoder.cfg.vocab_size:
-            raise CheckpointError(
-                f"{comp.folder}: vocabulary size mismatch: tokenizer has {tokenizer.vocab_size}, "
-                f"embedding table has {encoder.cfg.vocab_size}"
-            )
-        side = load_tensors(comp.folder / "centroids.safetensors")
-        cx = load_tensors(comp.folder / "complexity.safetensors")
-        cj = read_json(comp.folder / "complexity.json")
-        if cj.get("features") != list(FEATURES):
-            raise CheckpointError(f"{comp.folder / 'complexity.json'}: feature list {cj.get('features')} differs from this taskmoe's {list(FEATURES)}")
-        cx.update({
-            "complexity.mean": torch.tensor(cj["mean"], dtype=torch.float64),
-            "complexity.scale": torch.tensor(cj["scale"], dtype=torch.float64),
-            "complexity.coef": torch.tensor(cj["coef"], dtype=torch.float64),
-            "complexity.intercept": torch.tensor([cj["intercept"]], dtype=torch.float64),
-        })  # fmt: skip
-        replay = Replay(side["replay.x"].numpy(), side["replay.labels"].numpy()) if "replay.x" in side else None
-        cats = list(cfg["categories"])
-        if head.out.out_features != len(cats):
-            raise CheckpointError(f"{comp.weights}: head has {head.out.out_features} outputs for {len(cats)} categories")
-        return cls(
-            encoder, head, side["centroids"].numpy(), ComplexityScorer.from_tensors(cx),
-            PolicyConfig.from_dict(cfg["policy"], source=f"{comp.folder}/config.json:policy"), cats,
-            classifier_cfg=ClassifierConfig.from_dict(cfg["classifier"], source=f"{comp.folder}/config.json:classifier"),
-            replay=replay, descriptions=cfg.get("descriptions"), tokenizer=tokenizer, report=comp.meta.get("report", {}),
-        )
+        return load_router(folder, tokenizer=tokenizer)
 
 
-def load_shared_embedding(folder: str | Path) -> nn.Embedding:
-    """The router's shared token embedding table, read alone from ``folder/model.safetensors``.
+def __getattr__(name: str) -> Any:
+    """``load_shared_embedding`` lived here before :mod:`taskmoe.router.persist`; keep the old import working."""
+    if name == "load_shared_embedding":
+        from taskmoe.router.persist import load_shared_embedding
 
-    For experts and the summarizer, which share this table (pass it as ``embedding=`` to the
-    ``taskmoe.models`` builders). Raises CheckpointError when the router has no learned table.
-    """
-    comp = load_component(folder, KIND)
-    if comp.config.get("encoder_kind") != "learned":
-        raise CheckpointError(
-            f"{comp.folder}: router uses the {comp.config.get('encoder_kind')!r} encoder, which has no shared "
-            "embedding table (fit the router with encoder='learned')"
-        )
-    w = comp.tensors()["encoder.embedding.weight"]  # (V, D)
-    emb = nn.Embedding(w.shape[0], w.shape[1])
-    with torch.no_grad():
-        emb.weight.copy_(w)
-    return emb
+        return load_shared_embedding
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def describe(decision: RoutingDecision) -> str:

@@ -7,6 +7,7 @@
 - :mod:`~taskmoe.serving.errors`: OpenAI-style error JSON for every exception;
 - :mod:`~taskmoe.serving.routes` -> :mod:`~taskmoe.serving.completion` (one handler behind both
   completion endpoints) -> :mod:`~taskmoe.serving.streaming` (SSE, waiting with disconnect watch);
+  :mod:`~taskmoe.serving.route_api` (``/v1/route``: the routing decision alone, for a multi-LoRA engine);
 - :mod:`~taskmoe.serving.scheduler` (continuous batching, admission by work, cancellation), started
   and stopped with the app's lifespan.
 
@@ -35,6 +36,7 @@ from taskmoe.serving.edge import Edge  # noqa: E402
 from taskmoe.serving.errors import install_error_handlers  # noqa: E402
 from taskmoe.serving.limits import Limits  # noqa: E402
 from taskmoe.serving.metrics import ServerMetrics  # noqa: E402
+from taskmoe.serving.route_api import add_route_endpoint  # noqa: E402
 from taskmoe.serving.routes import add_routes  # noqa: E402
 from taskmoe.serving.scheduler import Scheduler  # noqa: E402
 from taskmoe.serving.schemas import ChatCompletionChunk, request_models  # noqa: E402
@@ -81,7 +83,9 @@ def create_app(backend: Backend, limits: Limits | None = None, api_key: str | No
     app.state.scheduler, app.state.metrics, app.state.limits, app.state.api_key = scheduler, metrics, limits, api_key
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    add_routes(app, CompletionHandler(backend, scheduler, limits, metrics), *request_models(limits))
+    add_routes(app, CompletionHandler(backend, scheduler, limits, metrics),
+               *request_models(limits, media=hasattr(backend, "encode_chat_media")))
+    add_route_endpoint(app, backend)  # POST /v1/route for systems that route with a router
     app.add_middleware(Edge, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s, metrics=metrics)
     if api_key:  # outermost: a request without the key is refused before its body is read
         app.add_middleware(BearerAuth, api_key=api_key)

@@ -32,6 +32,7 @@ from taskmoe.errors import RequestError
 from taskmoe.serving.backend import Backend, SamplingParams
 from taskmoe.serving.errors import ApiError
 from taskmoe.serving.limits import Limits
+from taskmoe.serving.media import MediaError
 from taskmoe.serving.metrics import ServerMetrics
 from taskmoe.serving.scheduler import Scheduler
 from taskmoe.serving.schemas import (
@@ -79,32 +80,60 @@ class _Call:
         return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-class ChatEndpoint:
+class _Endpoint:
+    """What differs between the endpoints; pieces, finish and summary chunks are built from ``chunk``."""
+
+    prefix = param = ""
+
+    def content(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def chunk(self, c: _Call, i: int, content: Any, finish: str | None = None, **extra: Any) -> Any:
+        raise NotImplementedError
+
+    def first(self, c: _Call, i: int) -> Any:
+        return None
+
+    def piece(self, c: _Call, i: int, text: str) -> Any:
+        return self.chunk(c, i, self.content(text))
+
+    def last(self, c: _Call, i: int, finish: str) -> Any:
+        return self.chunk(c, i, self.content(""), finish)
+
+    def summary(self, c: _Call, **extra: Any) -> Any:
+        return self.chunk(c, -1, self.content(""), **extra)
+
+
+class ChatEndpoint(_Endpoint):
     """``/v1/chat/completions``: one templated prompt; chunks are deltas."""
 
     prefix, param = "chatcmpl", "messages"
 
     def texts(self, req: Any) -> list[Any]:
-        return [[{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]]
+        return [[{"role": "system" if m.role == "developer" else m.role,
+                  "content": [p.model_dump() for p in m.content] if m.has_media() else m.text()} for m in req.messages]]
 
     def encode(self, backend: Backend, messages: Any) -> list[int]:
+        if any(not isinstance(m["content"], str) for m in messages):  # image/audio parts (taskmoe.serving.media)
+            encode_media = getattr(backend, "encode_chat_media", None)
+            if encode_media is None:
+                raise ApiError(400, "this model does not accept image or audio content", param=self.param,
+                               code="unsupported_content")
+            try:
+                return encode_media(messages)
+            except MediaError as e:
+                raise ApiError(e.status, str(e), param=self.param, code="invalid_media") from e
         return backend.encode_chat(messages)
 
-    def chunk(self, c: _Call, i: int, delta: Delta, finish: str | None = None, **extra: Any) -> ChatCompletionChunk:
-        choices = [] if i < 0 else [ChunkChoice(index=i, delta=delta, finish_reason=finish)]
+    def content(self, text: str) -> Delta:
+        return Delta(content=text) if text else Delta()
+
+    def chunk(self, c: _Call, i: int, content: Any, finish: str | None = None, **extra: Any) -> ChatCompletionChunk:
+        choices = [] if i < 0 else [ChunkChoice(index=i, delta=content, finish_reason=finish)]
         return ChatCompletionChunk(id=c.id, created=c.created, model=c.model, choices=choices, **extra)
 
     def first(self, c: _Call, i: int) -> Any:
         return self.chunk(c, i, Delta(role="assistant", content=""))
-
-    def piece(self, c: _Call, i: int, text: str) -> Any:
-        return self.chunk(c, i, Delta(content=text))
-
-    def last(self, c: _Call, i: int, finish: str) -> Any:
-        return self.chunk(c, i, Delta(), finish)
-
-    def summary(self, c: _Call, **extra: Any) -> Any:
-        return self.chunk(c, -1, Delta(), **extra)
 
     def response(self, c: _Call, outcomes: list[RowOutcome], **extra: Any) -> ChatCompletion:
         return ChatCompletion(id=c.id, created=c.created, model=c.model, choices=[
@@ -112,7 +141,7 @@ class ChatEndpoint:
             for i, o in enumerate(outcomes)], **extra)
 
 
-class TextEndpoint:
+class TextEndpoint(_Endpoint):
     """``/v1/completions``: one or more prompts (``n`` choices each); chunks carry text."""
 
     prefix, param = "cmpl", "prompt"
@@ -123,21 +152,12 @@ class TextEndpoint:
     def encode(self, backend: Backend, text: Any) -> list[int]:
         return backend.encode_prompt(text)
 
-    def chunk(self, c: _Call, i: int, text: str, finish: str | None = None, **extra: Any) -> Completion:
-        choices = [] if i < 0 else [CompletionChoice(index=i, text=text, finish_reason=finish)]
+    def content(self, text: str) -> str:
+        return text
+
+    def chunk(self, c: _Call, i: int, content: Any, finish: str | None = None, **extra: Any) -> Completion:
+        choices = [] if i < 0 else [CompletionChoice(index=i, text=content, finish_reason=finish)]
         return Completion(id=c.id, created=c.created, model=c.model, choices=choices, **extra)
-
-    def first(self, c: _Call, i: int) -> Any:
-        return None
-
-    def piece(self, c: _Call, i: int, text: str) -> Any:
-        return self.chunk(c, i, text)
-
-    def last(self, c: _Call, i: int, finish: str) -> Any:
-        return self.chunk(c, i, "", finish)
-
-    def summary(self, c: _Call, **extra: Any) -> Any:
-        return self.chunk(c, -1, "", **extra)
 
     def response(self, c: _Call, outcomes: list[RowOutcome], **extra: Any) -> Completion:
         return Completion(id=c.id, created=c.created, model=c.model, choices=[
@@ -195,7 +215,7 @@ class CompletionHandler:
         for text in endpoint.texts(req):
             try:
                 ids = await asyncio.to_thread(endpoint.encode, self.backend, text)
-            except RequestError:
+            except (RequestError, ApiError):
                 raise
             except Exception as e:  # noqa: BLE001 - whatever the tokenizer raised, it is this input's fault
                 raise ApiError(400, f"{endpoint.param}: the tokenizer cannot encode this text ({type(e).__name__})",

@@ -7,8 +7,8 @@ Accepted parts (OpenAI's chat completions format)::
     {"type": "input_audio", "input_audio": {"data": "<base64 wav>", "format": "wav"}}
 
 Pure functions, no web framework: :func:`media_prompt_of` turns a message's content (a string or
-a list of parts) into the prompt text, with the medium's marker (``<image>`` / ``<audio>``) where
-its part stood, and the decoded medium (:mod:`taskmoe.data.media` conventions). Every problem is
+a list of parts) into the prompt text, the medium's marker (``<image>`` / ``<audio>``) first --
+where the models were trained to see it, wherever the client put the part -- and the decoded medium (:mod:`taskmoe.data.media` conventions). Every problem is
 a :class:`MediaError` carrying the HTTP status the server answers with:
 
 - 413 when the encoded data, the decoded image (pixels) or the audio (seconds) exceed
@@ -130,7 +130,7 @@ def decode_input_audio(part: Any, limits: MediaLimits, where: str = "input_audio
 
 def media_prompt_of(content: str | Sequence[Mapping[str, Any]], limits: MediaLimits | None = None,
                     where: str = "content") -> MediaPrompt:
-    """A message content -> :class:`MediaPrompt`; text parts are joined, the medium's marker stands where its part was."""
+    """A message content -> :class:`MediaPrompt`; text parts are joined after the medium's marker."""
     limits = limits or MediaLimits()
     if isinstance(content, str):
         return MediaPrompt(content)
@@ -149,10 +149,8 @@ def media_prompt_of(content: str | Sequence[Mapping[str, Any]], limits: MediaLim
             spec = part.get("image_url")
             url = spec.get("url") if isinstance(spec, Mapping) else spec
             found.append(("image", decode_image_url(url, limits, f"{at}.image_url.url")))
-            pieces.append(f" {MEDIA_MARKERS['image']} ")
         elif kind == "input_audio":
             found.append(("audio", decode_input_audio(part.get("input_audio"), limits, f"{at}.input_audio")))
-            pieces.append(f" {MEDIA_MARKERS['audio']} ")
         else:
             raise MediaError(f"{at}.type: {kind!r} is not one of 'text', 'image_url', 'input_audio'")
     if len(found) > 1:
@@ -160,7 +158,7 @@ def media_prompt_of(content: str | Sequence[Mapping[str, Any]], limits: MediaLim
     text = " ".join("".join(pieces).split())
     if not found:
         return MediaPrompt(text)
-    return MediaPrompt(text, found[0][0], found[0][1])
+    return MediaPrompt(f"{MEDIA_MARKERS[found[0][0]]} {text}".rstrip(), found[0][0], found[0][1])
 
 
 def image_url_part(png: bytes) -> dict[str, Any]:

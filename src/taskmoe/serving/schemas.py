@@ -101,13 +101,43 @@ class TextPart(_Strict):
     text: NonEmptyText
 
 
+class ImageURL(_Strict):
+    url: str = Field(description="data:image/png;base64,... (or image/jpeg); remote URLs are not fetched")
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Strict):
+    data: str = Field(description="base64 of a PCM wav file")
+    format: Literal["wav"]
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[NonEmptyText, Annotated[list[TextPart], Field(min_length=1)]]
     name: Optional[Text] = Field(None, max_length=256)
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content if isinstance(p, TextPart))
+
+    def has_media(self) -> bool:
+        return not isinstance(self.content, str) and any(not isinstance(p, TextPart) for p in self.content)
+
+
+class MediaChatMessage(ChatMessage):
+    """A message of a server whose model takes images or audio (``image_url`` / ``input_audio`` parts)."""
+
+    content: Union[NonEmptyText, Annotated[list[Union[TextPart, ImagePart, AudioPart]], Field(min_length=1)]]
 
 
 class _GenerationFields(_Strict):
@@ -155,8 +185,10 @@ class CompletionRequest(_GenerationFields):
         return self.max_tokens
 
 
-def request_models(limits: Limits) -> tuple[type[ChatCompletionRequest], type[CompletionRequest]]:
-    """The chat and completion request models with ``limits`` written into their schema."""
+def request_models(limits: Limits, media: bool = False) -> tuple[type[ChatCompletionRequest], type[CompletionRequest]]:
+    """The chat and completion request models with ``limits`` written into their schema (``media``:
+    chat messages may hold image/audio parts -- only for a backend that takes them, so every
+    schema-valid request of a text server is one it can answer)."""
     stop_str = Annotated[Text, Field(max_length=limits.max_stop_chars)]
     common: dict[str, Any] = {
         "max_tokens": (Optional[int_in(1, limits.max_max_tokens)], Field(None, description="most tokens to generate per choice")),
@@ -166,7 +198,7 @@ def request_models(limits: Limits) -> tuple[type[ChatCompletionRequest], type[Co
     }
     chat = create_model(
         "ChatCompletionRequest", __base__=ChatCompletionRequest, __module__=__name__,
-        messages=(list[ChatMessage], Field(..., min_length=1, max_length=limits.max_messages)),
+        messages=(list[MediaChatMessage if media else ChatMessage], Field(..., min_length=1, max_length=limits.max_messages)),
         max_completion_tokens=(Optional[int_in(1, limits.max_max_tokens)], Field(None,
                                                      description="newer name of max_tokens")),
         **common,

@@ -35,6 +35,9 @@ from taskmoe.serving.limits import (
 )
 
 API_KEY_ENV = "TASKMOE_API_KEY"
+KEEP_ALIVE_S = 30
+"""Seconds an idle keep-alive connection stays open: longer than clients' own expiry (httpx, and so
+the openai client, use 5 s), so a client never reuses a connection the server is closing."""
 
 
 def serve(
@@ -59,7 +62,8 @@ def serve(
 
     PATH is a trained IMoE run folder (taskmoe.json), a DOE model folder, a causal LM component
     folder (tokenizer.json in it or beside it), or a folder of LM folders sharing one
-    tokenizer.json (one model id per subfolder). --name sets the model id of a single model.
+    tokenizer.json (one model id per subfolder), or a backbone folder from `taskmoe backbone import`
+    (chat requests use its own chat template). --name sets the model id of a single model.
 
     Binds 127.0.0.1 unless --host says otherwise. --api-key (or $TASKMOE_API_KEY) requires
     "Authorization: Bearer KEY" on every path but /health. --threads sets torch's intra-op threads
@@ -86,7 +90,7 @@ def serve(
     backend = load_backend(path, name=name)
     checked = check_backend(backend) if check_experts else []
     app = create_app(backend, limits, api_key=api_key or os.environ.get(API_KEY_ENV) or None)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=KEEP_ALIVE_S)
     metrics = app.state.metrics
     return {
         "served": str(path),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any, AsyncIterator, Protocol, Sequence
 
@@ -24,6 +25,8 @@ from fastapi import Request
 from taskmoe.serving.backend import ComponentUnavailable
 from taskmoe.serving.errors import ApiError, timeout_error, unavailable
 from taskmoe.serving.tickets import RowOutcome, Ticket
+
+log = logging.getLogger("taskmoe.serving")
 
 __all__ = ["DONE", "sse", "event_stream", "wait_rows", "failure", "Chunks"]
 
@@ -48,6 +51,10 @@ class Chunks(Protocol):
     def last(self, index: int, finish: str) -> Any: ...
 
     def final(self, outcomes: list[RowOutcome]) -> list[Any]: ...
+
+
+def _log_timeout(request: Request, timeout_s: float) -> None:
+    log.warning("%s %s (stream): generation exceeded %g s: 504 event", request.method, request.url.path, timeout_s)
 
 
 async def client_gone(request: Request) -> None:
@@ -122,6 +129,7 @@ async def event_stream(tickets: Sequence[Ticket], sink: asyncio.Queue, request: 
                 if gone in done:
                     return
                 cancel_all(tickets, timeout=True)
+                _log_timeout(request, timeout_s)
                 yield sse(timeout_error(timeout_s).body())
                 yield DONE
                 return
@@ -133,6 +141,8 @@ async def event_stream(tickets: Sequence[Ticket], sink: asyncio.Queue, request: 
         settled = _settled(tickets)
         err = failure(settled, timeout_s)
         if err is not None:
+            if err.status == 504:
+                _log_timeout(request, timeout_s)
             yield sse(err.body())
         else:
             outcomes: list[RowOutcome] = settled  # type: ignore[assignment]

@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check_min, check_range, doc
 from taskmoe.errors import ConfigError, DataError
 
 __all__ = [
@@ -69,9 +69,8 @@ class DisagreementConfig(Config):
     n_keywords: int = doc(4, "distinctive keywords named per expert in the clarification question")
 
     def validate(self) -> None:
-        check(0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}")
-        check(0.0 <= self.semantic_weight <= 1.0, f"semantic_weight must be in [0, 1], got {self.semantic_weight}")
-        check(self.n_keywords >= 1, f"n_keywords must be >= 1, got {self.n_keywords}")
+        check_range(self, ("threshold", "semantic_weight"))
+        check_min(self, ("n_keywords",), 1)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_choice, check_min, check_range, doc
 
 MIXED_PRECISION = ("no", "bf16")
 
@@ -46,26 +46,14 @@ class TrainConfig(Config):
     tensorboard: bool = doc(False, "Also write TensorBoard events under out_dir/tensorboard (if installed).")
 
     def validate(self) -> None:
-        check(self.max_steps >= 1, f"TrainConfig.max_steps must be >= 1, got {self.max_steps}")
-        check(self.batch_size >= 1, f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
-        check(self.grad_accum >= 1, f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
-        check(self.lr > 0, f"TrainConfig.lr must be > 0, got {self.lr}")
-        check(self.weight_decay >= 0, f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        check_min(self, ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_last", "log_every"), 1)
+        check_min(self, ("lr", "eps"), strict=True)
+        check_min(self, ("weight_decay", "warmup_steps", "eval_every", "save_every", "num_workers"))
         check(
             isinstance(self.betas, (tuple, list)) and len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas}",
         )
-        check(self.eps > 0, f"TrainConfig.eps must be > 0, got {self.eps}")
-        check(self.warmup_steps >= 0, f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
-        check(0.0 <= self.min_lr_ratio <= 1.0, f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_range(self, ("min_lr_ratio",))
         check(self.grad_clip >= 0, f"TrainConfig.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        for name in ("eval_every", "save_every", "num_workers"):
-            check(getattr(self, name) >= 0, f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        check(self.eval_batches >= 1, f"TrainConfig.eval_batches must be >= 1, got {self.eval_batches}")
-        check(self.keep_last >= 1, f"TrainConfig.keep_last must be >= 1, got {self.keep_last}")
-        check(self.log_every >= 1, f"TrainConfig.log_every must be >= 1, got {self.log_every}")
-        check(
-            self.mixed_precision in MIXED_PRECISION,
-            f"TrainConfig.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
-        )
+        check_choice(self, "mixed_precision", MIXED_PRECISION)
         self.betas = (float(self.betas[0]), float(self.betas[1]))

@@ -185,3 +185,21 @@ def test_real_smollm2_matches_transformers_and_answers(tmp_path: Path) -> None:
     ref = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     assert answer == ref[: len(answer)]
     assert "license" in tok.decode(answer).lower()
+
+
+def test_one_forward_ragged_prefill_equals_length_groups(tiny) -> None:
+    from taskmoe.inference import generate as gen
+
+    _, model, _, _ = tiny
+    assert model.supports_padded_prefill
+    prompts = [[5, 9, 33], [7, 100, 8, 9, 41, 2, 60], [250], [12, 13, 14, 15, 16]]
+    padded = gen._prefill(model, prompts, range(4), torch.device("cpu"))
+    assert padded.rows == [0, 1, 2, 3] and padded.state.layers[0].mixer.lengths.tolist() == [3, 7, 1, 5]
+    for j, p in enumerate(prompts):
+        with torch.no_grad():
+            alone = model(torch.tensor([p])).logits[0, -1]
+        assert (padded.logits[j] - alone).abs().max().item() <= 1e-5
+    with torch.inference_mode():  # the prefilled cache is an inference tensor
+        nxt = model(torch.tensor([[4], [4], [4], [4]]), padded.state).logits[:, -1]
+        for j, p in enumerate(prompts):
+            assert (nxt[j] - model(torch.tensor([p + [4]])).logits[0, -1]).abs().max().item() <= 1e-5

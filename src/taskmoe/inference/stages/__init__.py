@@ -7,7 +7,7 @@ Summarizer mode: :class:`Route` -> :class:`Draft` -> :class:`Crosstalk` -> :clas
 """
 
 from taskmoe.inference.stages.assess import Assess, prompt_head, summarizer_features
-from taskmoe.inference.stages.base import STAGES, Call, Clock, Control, OnToken, RecordingStore, Row, Stage
+from taskmoe.inference.stages.base import STAGES, Call, Clock, Control, ExpertStage, OnToken, RecordingStore, Row, Stage
 from taskmoe.inference.stages.crosstalk import Crosstalk, CrosstalkRunner
 from taskmoe.inference.stages.draft import Draft, draft_config, draft_generator
 from taskmoe.inference.stages.ensemble import Ensemble
@@ -15,7 +15,7 @@ from taskmoe.inference.stages.fuse import Fuse, uses_adapter
 from taskmoe.inference.stages.route import Route
 
 __all__ = [
-    "Assess", "Call", "Clock", "Control", "Crosstalk", "CrosstalkRunner", "Draft", "Ensemble", "Fuse", "OnToken",
+    "Assess", "Call", "Clock", "Control", "Crosstalk", "CrosstalkRunner", "Draft", "Ensemble", "ExpertStage", "Fuse", "OnToken",
     "RecordingStore", "Route", "Row", "STAGES", "Stage", "draft_config", "draft_generator", "prompt_head",
     "summarizer_features", "uses_adapter",
 ]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from torch import nn
 
@@ -35,7 +35,7 @@ from taskmoe.summarizer.disagreement import DisagreementReport
 from taskmoe.summarizer.fuser import Draft
 from taskmoe.summarizer.intent import IntentResult
 
-__all__ = ["Control", "Row", "Call", "Stage", "OnToken", "STAGES", "Clock", "RecordingStore"]
+__all__ = ["Control", "Row", "Call", "Stage", "ExpertStage", "OnToken", "STAGES", "Clock", "RecordingStore"]
 
 OnToken = Callable[[int, int, str, "str | None"], None]
 """``on_token(row, token, stage, expert)``: see the module docstring."""
@@ -178,3 +178,22 @@ class Stage(Protocol):
     name: str
 
     def __call__(self, rows: list[Row], call: Call) -> list[Row]: ...
+
+
+class ExpertStage:
+    """What the stages that act through the experts share (Draft, Crosstalk, Ensemble): ``expert_of``
+    maps a router category to its expert's name; ``tokenizer`` is the system's."""
+
+    name = ""
+
+    def __init__(self, expert_of: Mapping[str, str], tokenizer: Any) -> None:
+        self.expert_of = dict(expert_of)
+        self.tokenizer = tokenizer
+
+    def crosstalk_entry(self, d: RoutingDecision) -> dict[str, Any]:
+        """The trace entry of a decision's flagged pair before any dialogue runs: the two experts
+        (``pair``), their ``categories``, the ``joined`` ones, ``ran`` False, no ``turns``."""
+        assert d.crosstalk is not None
+        cats = [d.categories[i] for i in d.crosstalk]
+        return {"pair": [self.expert_of[c] for c in cats], "categories": cats,
+                "joined": [d.categories[i] for i in d.joined], "ran": False, "turns": []}

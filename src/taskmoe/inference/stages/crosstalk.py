@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from torch import nn
 
-from taskmoe.inference.stages.base import Call, Row
+from taskmoe.inference.stages.base import Call, ExpertStage, Row
 from taskmoe.inference.stages.draft import record_drafts
 from taskmoe.summarizer.fuser import Draft, order_drafts
 
@@ -41,24 +41,21 @@ class CrosstalkRunner(Protocol):
                   emit: Callable[[int, int, int], bool] | None = None) -> list[tuple[list[Draft], list[dict[str, Any]]]]: ...
 
 
-class Crosstalk:
+class Crosstalk(ExpertStage):
     """Run the flagged rows' dialogues (``runner`` None: the trace says none is configured)."""
 
     name = "crosstalk"
 
     def __init__(self, runner: CrosstalkRunner | None, expert_of: Mapping[str, str], tokenizer: Any) -> None:
+        super().__init__(expert_of, tokenizer)
         self.runner = runner
-        self.expert_of = dict(expert_of)
-        self.tokenizer = tokenizer
 
     def _flag(self, r: Row) -> tuple[str, str] | None:
         """Write the row's cross-talk trace entry; the pair to run, or None (with the reason)."""
         d = r.decision
         assert d is not None and d.crosstalk is not None
-        cats = [d.categories[i] for i in d.crosstalk]
-        pair = (self.expert_of[cats[0]], self.expert_of[cats[1]])
-        info: dict[str, Any] = {"pair": list(pair), "categories": cats, "joined": [d.categories[i] for i in d.joined],
-                                "ran": False, "turns": []}
+        info = self.crosstalk_entry(d)
+        pair = (info["pair"][0], info["pair"][1])
         r.trace.crosstalk = info
         if self.runner is None:
             info["reason"] = "no cross-talk runner configured"

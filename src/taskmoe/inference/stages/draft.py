@@ -14,12 +14,12 @@ recorded in the trace. Timed as ``drafts``.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 
 from taskmoe.inference.generate import GenerationConfig, generate, generate_rows
-from taskmoe.inference.stages.base import Call, Row
+from taskmoe.inference.stages.base import Call, ExpertStage, Row
 from taskmoe.inference.trace import DraftRecord
 from taskmoe.summarizer.drafts import GenerateFn
 from taskmoe.summarizer.fuser import Draft as DraftIds
@@ -49,14 +49,10 @@ def record_drafts(row: Row, tokenizer: Any) -> None:
                         for d in row.drafts]
 
 
-class Draft:
+class Draft(ExpertStage):
     """Draft with the selected experts; ``expert_of`` maps a category to its expert's name."""
 
     name = "draft"
-
-    def __init__(self, expert_of: Mapping[str, str], tokenizer: Any) -> None:
-        self.expert_of = dict(expert_of)
-        self.tokenizer = tokenizer
 
     def __call__(self, rows: list[Row], call: Call) -> list[Row]:
         todo = call.live(rows, self.name)

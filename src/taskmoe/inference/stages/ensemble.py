@@ -2,7 +2,8 @@
 
 Rows are grouped by their selected expert set; each group decodes once with
 :class:`~taskmoe.inference.rowwise.EnsembleLM` (``p(x) = sum_e w_e p_e(x)``), each row's router
-weights travelling with it as side data, each row under its own config and generator. Tokens
+weights travelling with it as side data, each row under its own config and generator; the
+input is :func:`lm_input` (the backbone's chat template in a backbone system). Tokens
 stream as stage ``"answer"``; a row whose control says stop leaves the decode at once. Timed as
 ``ensemble``.
 
@@ -14,28 +15,34 @@ the trace's ``crosstalk`` says so (``ran: false`` with the reason).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
+from taskmoe.data.backbone_tokenizer import BackboneTokenizer
 from taskmoe.inference.generate import generate_rows
 from taskmoe.inference.rowwise import EnsembleLM
-from taskmoe.inference.stages.base import Call, Row
+from taskmoe.inference.stages.base import Call, ExpertStage, Row
 
-__all__ = ["Ensemble", "ENSEMBLE_CROSSTALK"]
+__all__ = ["Ensemble", "ENSEMBLE_CROSSTALK", "lm_input"]
 
 ENSEMBLE_CROSSTALK = ("experts-only mode: no summarizer reads a dialogue, so the pair is not talked out; "
                       "both experts of the pair are selected and mixed in the ensemble instead")
 
 
-class Ensemble:
+def lm_input(tok: Any, ids: list[int]) -> list[int]:
+    """What the experts decode from: ``<|bos|> prompt``, or, with a pretrained backbone's tokenizer
+    (experts are its LoRA adapters), the prompt as a user turn of its chat template, which an
+    instruct backbone answers."""
+    if isinstance(tok, BackboneTokenizer):
+        return list(tok.encode_chat([{"role": "user", "content": tok.decode(list(ids))}]))
+    return [tok.bos_id, *ids]
+
+
+class Ensemble(ExpertStage):
     """Answer the live rows with the mixture of their selected experts."""
 
     name = "ensemble"
-
-    def __init__(self, expert_of: Mapping[str, str], tokenizer: Any) -> None:
-        self.expert_of = dict(expert_of)
-        self.tokenizer = tokenizer
 
     def __call__(self, rows: list[Row], call: Call) -> list[Row]:
         groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
@@ -44,10 +51,7 @@ class Ensemble:
             assert d is not None, "Ensemble runs after Route"
             groups[tuple(self.expert_of[c] for c in d.selected_names)].append(r)
             if d.crosstalk is not None:
-                cats = [d.categories[i] for i in d.crosstalk]
-                r.trace.crosstalk = {"pair": [self.expert_of[c] for c in cats], "categories": cats,
-                                     "joined": [d.categories[i] for i in d.joined], "ran": False, "turns": [],
-                                     "reason": ENSEMBLE_CROSSTALK}
+                r.trace.crosstalk = {**self.crosstalk_entry(d), "reason": ENSEMBLE_CROSSTALK}
         tok = self.tokenizer
         with call.clock("ensemble"):
             for names in sorted(groups):
@@ -55,7 +59,7 @@ class Ensemble:
                 if not group:
                     continue
                 model = EnsembleLM([call.store.get(n) for n in names])
-                outs = generate_rows(model, [[tok.bos_id, *r.prompt] for r in group],
+                outs = generate_rows(model, [lm_input(tok, r.prompt) for r in group],
                                      [r.cfg.generation(tok.eos_id) for r in group],
                                      emits=[call.emit(r, "answer") for r in group],
                                      side=[torch.tensor(r.decision.weights, dtype=torch.float32) for r in group])  # type: ignore[union-attr]

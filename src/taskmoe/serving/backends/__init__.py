@@ -2,6 +2,7 @@
 
 - :class:`~taskmoe.serving.backends.lm.LMBackend`: plain causal LM folders (route key = model id);
 - :class:`~taskmoe.serving.backends.doe.DOEBackend`: a DOE model (key = the experts its gates accept);
+- :class:`~taskmoe.serving.backends.multimodal.MultimodalBackend`: a multimodal DOE model (image/audio parts);
 - :class:`~taskmoe.serving.backends.imoe.SystemBackend`: a trained IMoE run folder (key = the experts
   the router selects).
 
@@ -19,6 +20,7 @@ from taskmoe.manifest import MANIFEST_FILE
 from taskmoe.serving.backend import Backend
 
 DOE_KIND = "doe"  # taskmoe.doe.model.KIND (not imported: loading a plain LM should not import DOE)
+MULTIMODAL_KIND = "multimodal"  # taskmoe.doe.modality.model.KIND
 
 
 def load_backend(path: str | Path, *, name: str | None = None) -> Backend:
@@ -36,6 +38,10 @@ def load_backend(path: str | Path, *, name: str | None = None) -> Backend:
             from taskmoe.serving.backends.doe import DOEBackend
 
             return DOEBackend.load(path, name=name)
+        if isinstance(raw, dict) and raw.get("kind") == MULTIMODAL_KIND:
+            from taskmoe.serving.backends.multimodal import MultimodalBackend
+
+            return MultimodalBackend.load(path, name=name)
     from taskmoe.serving.backends.lm import LMBackend
 
     return LMBackend.load(path, name=name)

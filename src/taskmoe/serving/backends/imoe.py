@@ -5,19 +5,22 @@ The system's router decides, once per prompt and before batching, which category
 with the same experts and :meth:`System.generate_ids` runs each of them once for the whole batch,
 then one summarizer (or ensemble) decode for all rows. The routing decision is the route trace;
 the system's full per-prompt :class:`~taskmoe.inference.trace.Trace` (experts loaded or cached,
-drafts, disagreement, adapter, timings) is the row's generation trace.
+drafts, disagreement, adapter, stop reason, timings) is the row's generation trace.
 
-Mapping the OpenAI API onto a single-prompt system:
+Mapping the OpenAI API onto a single-prompt system, through the pipeline's per-row hooks:
 
 - a completions ``prompt`` is the prompt; a chat is its system messages and its one user message,
   joined by blank lines (the system answers single prompts: assistant turns are refused, 400);
-- sampling settings come per request, but one :meth:`System.generate_ids` call shares them, so rows
-  of a batch are split by (temperature, top_p, seed) and run with the largest ``max_tokens`` of
-  their group, each row then cut to its own (greedy decoding makes that exact);
-- the system decodes inside one call, so tokens are handed to the server (``emit``) when the call
-  returns: streaming works but arrives at once; a stop sequence cuts the answer afterwards;
-- a clarification (the drafts disagreed) is the answer text, returned like generated text;
-- a group whose rows all died (client gone, deadline passed) before it starts is skipped.
+- every row's sampling settings are its own ``options`` (``max_new_tokens``, ``temperature``,
+  ``top_p``, ``seed``: an unseeded sampled row gets a fresh seed, reported in its trace); the
+  pipeline decodes each row with its own generator, so rows with different seeds share ONE call;
+- **streaming**: the pipeline's ``on_token`` hands every answer token (``stage == "answer"``, or the
+  tokens of a clarification question) to the row's ``emit`` as it is produced; drafts and
+  cross-talk turns are not answer text and are not streamed (they are in the trace);
+- **stopping**: each row's :class:`~taskmoe.inference.stages.Control` asks the serving row whether
+  it is still alive (client there, deadline not passed), and ``emit`` returning False (a stop
+  sequence matched) cancels it, so a row nobody waits for leaves every stage within one decode
+  step; ``max_tokens`` cuts a clarification like any answer.
 
 Health: experts load lazily, so :meth:`SystemBackend.check_components` reads every expert once
 at start (header, names and shapes against the model they rebuild, every tensor's bytes) and
@@ -27,7 +30,6 @@ An expert that fails later raises :class:`~taskmoe.serving.backend.ComponentUnav
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -110,32 +112,31 @@ class SystemBackend:
             raise
 
     def _generate(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        seeds = [row_seed(r) for r in rows]
-        for i, r in enumerate(rows):
-            greedy = r.params.temperature < MIN_TEMPERATURE
-            groups[(0.0, 1.0, 0) if greedy else (r.params.temperature, r.params.top_p, seeds[i])].append(i)
-        out: list[RowResult | None] = [None] * len(rows)
-        for (temperature, top_p, seed), idx in groups.items():
-            if not any(rows[i].alive() for i in idx):
-                for i in idx:
-                    out[i] = RowResult([], "halted", {"seed": seed})
-                continue
-            answers = self.system.generate_ids(
-                [rows[i].prompt_ids for i in idx], max_new_tokens=max(rows[i].params.max_tokens for i in idx),
-                temperature=temperature, top_p=top_p, seed=seed)
-            for i, (ids, trace) in zip(idx, answers):
-                if trace.clarify and trace.clarification:
-                    ids = self.tokenizer.encode(trace.clarification, allow_special=False)
-                out[i] = self._emit(rows[i], list(ids), {**trace.to_dict(), "seed": seed})
-        return out  # type: ignore[return-value]
+        from taskmoe.inference.stages import Control
 
-    @staticmethod
-    def _emit(row: Row, ids: list[int], trace: dict[str, Any]) -> RowResult:
-        """Hand the finished answer to the server token by token, cut at the row's max_tokens."""
-        kept: list[int] = []
-        for tok in ids[: row.params.max_tokens]:
-            kept.append(tok)
-            if not row.emit(tok):
-                return RowResult(kept, "halted", trace)
-        return RowResult(kept, "length" if len(ids) >= row.params.max_tokens else "eos", trace)
+        seeds = [row_seed(r) for r in rows]
+        options = [{"max_new_tokens": r.params.max_tokens, "seed": s, "top_p": r.params.top_p,
+                    "temperature": 0.0 if r.params.temperature < MIN_TEMPERATURE else r.params.temperature}
+                   for r, s in zip(rows, seeds)]
+        controls = [Control(is_cancelled=lambda r=r: not r.alive()) for r in rows]
+        tokens: list[list[int]] = [[] for _ in rows]
+        finish: list[str | None] = [None] * len(rows)  # "halted" (emit said stop) or "length", once decided
+
+        def on_token(i: int, token: int, stage: str, _expert: str | None) -> None:
+            if stage not in ("answer", "clarification") or finish[i] is not None:
+                return
+            tokens[i].append(int(token))
+            if not rows[i].emit(int(token)):
+                finish[i] = "halted"  # a stop sequence matched, the client went away or the deadline passed
+            elif len(tokens[i]) >= rows[i].params.max_tokens:
+                finish[i] = "length"  # (cuts a clarification, which is written at once)
+            if finish[i] == "halted":
+                controls[i].cancel()  # the row leaves the batch before the next decode step
+
+        answers = self.system.generate_ids([r.prompt_ids for r in rows], controls=controls, on_token=on_token,
+                                           options=options)
+        out = []
+        for f, s, toks, (_ids, trace) in zip(finish, seeds, tokens, answers):
+            end = f or ("halted" if trace.stopped is not None else "eos")
+            out.append(RowResult(toks, end, {**trace.to_dict(), "seed": s, "batch_rows": len(rows)}))  # type: ignore[arg-type]
+        return out

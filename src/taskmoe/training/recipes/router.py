@@ -56,8 +56,16 @@ def tokenize(tokenizer: Tokenizer, docs: Sequence[Any]) -> list[list[int]]:
 
 def setup(
     source: Optional[str], tokenizer: Optional[Path], vocab_size: int, max_docs_per_domain: Optional[int], progress: bool,
+    backbone: Optional[Path] = None,
 ) -> tuple[Corpus, Tokenizer]:
+    """The corpus and the tokenizer: the backbone's own with ``backbone``, else ``tokenizer`` or a BPE trained here."""
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
+    if backbone is not None:
+        from taskmoe.data.backbone_tokenizer import BackboneTokenizer
+
+        if tokenizer is not None:
+            raise ConfigError("--tokenizer and --backbone exclude each other: a backbone router uses the backbone's tokenizer")
+        return corpus, BackboneTokenizer.load(backbone)
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else corpus_tokenizer(corpus, vocab_size, progress=progress)
     return corpus, tok
 
@@ -65,6 +73,7 @@ def setup(
 def build_config(
     encoder: str, n_categories: str, d_model: int, steps: int, pretrained_path: str, seed: int, config: Optional[Path],
     overrides: Sequence[str] = (),
+    backbone: Optional[Path] = None, layer: Optional[int] = None,
 ) -> RouterConfig:
     """The RouterConfig from a JSON file (``--config``) or the defaults, with the CLI's flags applied,
     then the ``--set PATH=VALUE`` overrides (:func:`taskmoe.config.apply_overrides`)."""
@@ -77,19 +86,21 @@ def build_config(
         except ValueError:
             raise ConfigError(f"n_categories must be an integer or 'auto', got {n_categories!r}") from None
     flags = {"encoder": encoder, "learned.d_model": d_model, "learned.steps": steps, "learned.seed": seed,
-             "pretrained.path": pretrained_path or None, "clustering.n_categories": n_cat, "clustering.seed": seed}
+             "pretrained.path": pretrained_path or None, "clustering.n_categories": n_cat, "clustering.seed": seed,
+             "backbone.path": None if backbone is None else str(backbone), "backbone.layer": layer}
     return load_config(RouterConfig, config, flags=flags, overrides=overrides)
 
 
 def train_router(
     corpus: Corpus, tok: Tokenizer, cfg: RouterConfig, *, train_dir: Path | None = None, progress: bool = True,
-    log: Any = print,
+    log: Any = print, backbone: Any = None,
 ) -> Router:
-    """Fit a router on ``corpus`` (train split; validation split for calibration)."""
+    """Fit a router on ``corpus`` (train split; validation split for calibration); ``backbone`` is
+    an already loaded backbone model for the backbone encoder."""
     train_ids = tokenize(tok, corpus.train)
     val_ids = tokenize(tok, corpus.validation)
     trainer = loop_trainer(cfg.learned.lr, seed=cfg.learned.seed, out_dir=train_dir, progress=progress)
-    return fit_router(train_ids, val_ids, cfg, trainer=trainer, tokenizer=tok, log=log)
+    return fit_router(train_ids, val_ids, cfg, trainer=trainer, tokenizer=tok, log=log, backbone=backbone)
 
 
 def route_fit(
@@ -103,6 +114,8 @@ def route_fit(
     steps: int = 800,
     max_docs_per_domain: Optional[int] = None,
     pretrained_path: str = "",
+    backbone: Optional[Path] = None,
+    layer: Optional[int] = None,
     config: Optional[Path] = None,
     set: Optional[list[str]] = None,
     train_dir: Optional[Path] = None,
@@ -114,13 +127,18 @@ def route_fit(
     Uses the embedded default corpus unless --source is given; --tokenizer loads a tokenizer.json,
     else a BPE of --vocab-size is trained on the train split (cached). --n-categories is an
     integer or 'auto' (chosen by silhouette). --encoder: learned (default; its embedding table is
-    the one experts share), tfidf (c-BTM baseline) or pretrained (--pretrained-path, local only).
+    the one experts share), tfidf (c-BTM baseline), pretrained (--pretrained-path, local only) or
+    backbone (--backbone DIR: mean-pooled hidden states of block --layer of the backbone, with the
+    backbone's tokenizer; any encoder given --backbone uses the backbone's tokenizer).
     --config reads a RouterConfig JSON; the flags above override it, and --set PATH=VALUE
     (repeatable, e.g. --set classifier.epochs=50 --set policy.k=2) overrides any field last.
     The folder OUT holds the router and its tokenizer.json.
     """
-    cfg = build_config(encoder, n_categories, d_model, steps, pretrained_path, seed, config, set or ())
-    corpus, tok = setup(source, tokenizer, vocab_size, max_docs_per_domain, progress)
+    if encoder == "backbone" and backbone is None:
+        raise ConfigError("--encoder backbone needs --backbone DIR (a folder made by `taskmoe backbone import`)")
+    cfg = build_config(encoder, n_categories, d_model, steps, pretrained_path, seed, config, set or (),
+                       backbone=backbone, layer=layer)
+    corpus, tok = setup(source, tokenizer, vocab_size, max_docs_per_domain, progress, backbone)
     router = train_router(corpus, tok, cfg, train_dir=train_dir, progress=progress, log=print if progress else (lambda s: None))
     return cleanup(router, out, cfg)
 

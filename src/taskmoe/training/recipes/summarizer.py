@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_min, doc
 from taskmoe.errors import DataError
 from taskmoe.eval.nll import batched, corpus_nll
 from taskmoe.io import atomic_write_json
@@ -93,14 +93,13 @@ class SummarizerRecipeConfig(Config):
                                      "training of the coding adapter on code-domain fusion sequences")
 
     def validate(self) -> None:
-        for f in ("prompt_tokens", "target_tokens", "draft_tokens", "max_len", "max_replies_per_doc",
-                  "draft_batch_size", "adapter_rank"):
-            check(getattr(self, f) >= 1, f"SummarizerRecipeConfig.{f} must be >= 1, got {getattr(self, f)}")
+        check_min(self, ("prompt_tokens", "target_tokens", "draft_tokens", "max_len", "max_replies_per_doc",
+                         "draft_batch_size", "adapter_rank"), 1)
         check(self.prompt_tokens + self.target_tokens + 4 <= self.max_len,
               f"SummarizerRecipeConfig: prompt_tokens + target_tokens + 4 = "
               f"{self.prompt_tokens + self.target_tokens + 4} exceeds max_len {self.max_len}")
         check(bool(self.adapter_targets), "SummarizerRecipeConfig.adapter_targets must name at least one module pattern")
-        check(self.intent_C > 0, f"SummarizerRecipeConfig.intent_C must be > 0, got {self.intent_C}")
+        check_min(self, ("intent_C",), strict=True)
 
 
 # ------------------------------------------------------------------------------ data

@@ -1,0 +1,61 @@
+"""``POST /v1/route`` on a tiny IMoE run: the routing decision alone, equal to the system's router."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+import taskmoe  # noqa: E402
+from taskmoe.serving.app import create_app  # noqa: E402
+from taskmoe.serving.backends import load_backend  # noqa: E402
+
+
+def _pipeline_helpers():
+    path = Path(__file__).resolve().parents[1] / "inference" / "pipeline_helpers.py"
+    spec = importlib.util.spec_from_file_location("pipeline_helpers_for_route", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    helpers = _pipeline_helpers()
+    root = helpers.build_run(tmp_path_factory.mktemp("route") / "run")
+    backend = load_backend(root, name="imoe")
+    with TestClient(create_app(backend, api_key="k")) as client:
+        yield root, client, helpers.prompts()
+
+
+def test_route_answers_the_routers_decision_with_adapter_folders(served):
+    root, client, prompts = served
+    system = taskmoe.load(root)
+    for text in prompts.values():
+        r = client.post("/v1/route", json={"prompt": text}, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        d = system.route(text)
+        assert [e["category"] for e in body["experts"]] == d.selected_names
+        assert [e["confidence"] for e in body["experts"]] == pytest.approx([float(d.confidences[i]) for i in d.selected])
+        assert body["trace"]["c_S"] == pytest.approx(d.c_S) and body["fallback"] == d.fallback
+        for e in body["experts"]:
+            assert e["lora_module"] == e["name"] and Path(e["adapter"]).name == e["name"]
+    chat = client.post("/v1/route", json={"messages": [{"role": "user", "content": text}]},
+                       headers={"Authorization": "Bearer k"}).json()
+    assert chat["experts"] == body["experts"]
+
+
+def test_route_refuses_bad_requests_and_needs_the_key(served):
+    _, client, _ = served
+    auth = {"Authorization": "Bearer k"}
+    assert client.post("/v1/route", json={"prompt": "x"}).status_code == 401
+    assert client.post("/v1/route", json={}, headers=auth).status_code == 400
+    assert client.post("/v1/route", json={"prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+                       headers=auth).status_code == 400
+    assert client.post("/v1/route", json={"prompt": ""}, headers=auth).status_code in (400, 422)
+    assert client.post("/v1/route", json={"prompt": "x", "model": "other"}, headers=auth).status_code == 400
