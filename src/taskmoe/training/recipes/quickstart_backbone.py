@@ -51,16 +51,16 @@ class BackboneQuickstartConfig(Config):
     other jobs (where a 135M forward + backward runs at ~7 tokens/s): the experts see few tokens; raise
     ``expert_steps`` / ``expert_batch`` on a quiet or larger machine."""
 
-    max_docs_per_domain: int = doc(30, "corpus documents (chunks of 1-2k characters) per domain")
+    max_docs_per_domain: int = doc(60, "corpus documents (chunks of 1-2k characters) per domain")
     n_categories: int = doc(4, "categories the router discovers (one LoRA expert each)")
     router_encoder: str = doc("tfidf", "router encoder on the backbone's tokenizer: 'tfidf' or 'backbone'")
     router_layer: int = doc(6, "block whose hidden states the backbone encoder pools")
     rank: int = doc(8, "LoRA rank of each expert")
-    expert_steps: int = doc(6, "training steps per expert")
-    expert_batch: int = doc(2, "windows per step")
+    expert_steps: int = doc(30, "training steps per expert")
+    expert_batch: int = doc(4, "windows per step")
     seq_len: int = doc(128, "tokens per training window")
     lr: float = doc(1e-3, "expert learning rate (10% warmup, then cosine)")
-    eval_windows: int = doc(2, "held-out windows per domain for the perplexity table")
+    eval_windows: int = doc(4, "held-out windows per domain for the perplexity table")
     max_new_tokens: int = doc(40, "answer tokens per sample prompt")
     seed: int = doc(0, "seed of every stage")
 
