@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
 from taskmoe.data.corpus import Document
+from taskmoe.data.jsonl import json_lines
 from taskmoe.data.legal import LEGAL_PREFIX, LegalFolder, looks_legal
 from taskmoe.errors import DataError
 
@@ -146,13 +147,8 @@ class JsonlFile(_RecordFile):
                     for i, rec in enumerate(data):
                         yield f"{path}[{i}]", rec
                     return
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{path}:{n}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                for n, rec in json_lines(f, str(path)):
+                    yield f"{path}:{n}", rec
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: cannot read ({e})") from e
 

@@ -33,7 +33,8 @@ from taskmoe.manifest import load_manifest
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, train
 from taskmoe.training.losses import lm_cross_entropy
-from taskmoe.training.recipes.experts import _windows, load_router, register_experts
+from taskmoe.training.recipes.experts import load_router, register_experts
+from taskmoe.training.recipes.routed_corpus import _windows
 
 __all__ = ["MixtureWindows", "mixture_loss", "train_joint", "route_windows", "train_mixture"]
 
