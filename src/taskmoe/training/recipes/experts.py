@@ -42,8 +42,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc, load_config
-from taskmoe.errors import CheckpointError, ConfigError
+from taskmoe.config import Config, check, config_from_flags, doc
+from taskmoe.errors import CheckpointError
 from taskmoe.experts.assign import Assignment
 from taskmoe.experts.expert_lm import build_expert, expert_config, save_expert
 from taskmoe.experts.pruning import PruningConfig
@@ -266,10 +266,7 @@ def cleanup(st: ExpertsSetup, names: Sequence[str]) -> Path:
 def build_recipe_config(config: Optional[Path], overrides: Sequence[str] | None = None, **flags: Any) -> ExpertsRecipeConfig:
     """The recipe config from a JSON file (or the defaults), the CLI flags given (None = unset; see
     :data:`FLAGS`), then the ``--set PATH=VALUE`` overrides (:func:`taskmoe.config.apply_overrides`)."""
-    unknown = sorted(set(flags) - set(FLAGS))
-    if unknown:
-        raise ConfigError(f"unknown experts flag(s) {unknown}; known: {sorted(FLAGS)}")
-    return load_config(ExpertsRecipeConfig, config, flags={FLAGS[k]: v for k, v in flags.items()}, overrides=overrides or ())
+    return config_from_flags(ExpertsRecipeConfig, config, FLAGS, flags, overrides, recipe="experts")
 
 
 FLAGS: dict[str, str] = {
