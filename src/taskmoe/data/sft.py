@@ -81,7 +81,23 @@ class _ChatItems(Dataset):
         }
 
 
-class SFTDataset(_ChatItems):
+class LabelledPairs(_ChatItems):
+    """Items ``(input_ids (L,), labels (L,))`` -> ``{"input_ids", "labels"}``, with lengths and padding
+    (the shape of :class:`SFTDataset` and :class:`~taskmoe.data.text_windows.TextWindows`)."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        input_ids, labels = self.items[i]
+        return {"input_ids": input_ids, "labels": labels}
+
+    def lengths(self) -> list[int]:
+        return [x.numel() for x, _ in self.items]
+
+    def collate(self, batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest item: input_ids with pad_id, labels with -100; plus attention_mask."""
+        return self._pad(list(batch), "")
+
+
+class SFTDataset(LabelledPairs):
     """Conversations (or :class:`SFTExample`) -> ``{"input_ids": (L,), "labels": (L,)}``, L <= max_len."""
 
     def __init__(self, examples: Sequence[SFTExample | Chat], tokenizer: Any, max_len: int) -> None:
@@ -96,17 +112,6 @@ class SFTDataset(_ChatItems):
             if not r.spans:
                 raise DataError(f"SFT example {n}: no assistant turn to learn")
             self.items.append(shifted(*truncate_masked(r.ids, r.assistant_mask, max_len)))
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        input_ids, labels = self.items[i]
-        return {"input_ids": input_ids, "labels": labels}
-
-    def lengths(self) -> list[int]:
-        return [x.numel() for x, _ in self.items]
-
-    def collate(self, batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest item: input_ids with pad_id, labels with -100; plus attention_mask."""
-        return self._pad(list(batch), "")
 
 
 class PreferenceDataset(_ChatItems):
