@@ -9,6 +9,8 @@ sequence is a feed-forward, and an expert that contributes to fewer than ``min_c
 of a window of ``window`` (10) is pruned from the mixture at the window's end (its rows'
 weights renormalise over the others).
 
+The recipe is :class:`MixtureRecipeConfig` (``--config``/``--set`` through
+:func:`taskmoe.config.config_from_flags`) plus :func:`setup` / :func:`train` / :func:`cleanup`.
 :func:`train_mixture` is the command: route the corpus's windows with the run's router, train,
 write every kept expert back to ``experts/<name>/`` (atomically; ``meta.mixture`` holds the
 report) and record every pruned one under the manifest's ``pruned``, so the pipeline routes its
