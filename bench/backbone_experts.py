@@ -41,7 +41,7 @@ from taskmoe.models.adapters import load_adapter
 from taskmoe.models.backbones import load_backbone
 from taskmoe.training.recipes.backbone_experts import (AdapterExpertsConfig, BackboneExpertsSetup, setup,
                                                        train_expert)
-from taskmoe.training.recipes.experts import _windows
+from taskmoe.training.recipes.routed_corpus import _windows
 from taskmoe.training.recipes.router import build_config, train_router
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # ids (1, T) -> logits (1, T, V)

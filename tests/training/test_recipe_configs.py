@@ -17,7 +17,8 @@ from taskmoe.training.recipes.experts import ExpertsRecipeConfig
 
 RECIPES = {
     "router": "RouterConfig", "experts": "ExpertsRecipeConfig", "summarizer": "SummarizerRecipeConfig",
-    "crosstalk": "CrosstalkRecipeConfig", "doe": "DOERecipeConfig",
+    "crosstalk": "CrosstalkRecipeConfig", "doe": "DOERecipeConfig", "sft": "SFTConfig", "dpo": "DPOConfig",
+    "modality": "ModalityTrainConfig", "mixture": "MixtureRecipeConfig", "cohesion": "CohesionConfig",
 }
 
 
@@ -96,3 +97,80 @@ def test_one_public_train_summarizer() -> None:
 
     assert not hasattr(summarizer, "train_summarizer")
     assert COMMANDS["train summarizer"] is summarizer_run.train_summarizer
+
+
+TRAINING_COMMANDS = ["train experts", "train summarizer", "train crosstalk", "train doe", "train sft", "train dpo",
+                     "train modality", "train mixture", "cohesion"]
+
+
+@pytest.mark.parametrize("name", TRAINING_COMMANDS)
+def test_every_training_command_takes_config_and_set(name) -> None:
+    import inspect
+
+    from taskmoe.cli.table import COMMANDS
+
+    params = inspect.signature(COMMANDS[name]).parameters
+    assert "config" in params and "set" in params, f"`taskmoe {name}` lacks --config or --set"
+
+
+def test_chat_flags_then_sets(tmp_path) -> None:
+    from taskmoe.training.recipes.chat import build_config
+    from taskmoe.training.recipes.dpo import FLAGS as DPO_FLAGS, DPOConfig
+    from taskmoe.training.recipes.sft import SFTConfig
+
+    path = tmp_path / "sft.json"
+    SFTConfig(max_len=64).save(path)
+    cfg = build_config(SFTConfig, path, ["train.warmup_steps=3", "lora_alpha=4"], steps=7, lr=None, progress=False)
+    assert (cfg.max_len, cfg.train.max_steps, cfg.train.warmup_steps, cfg.lora_alpha) == (64, 7, 3, 4.0)
+    assert cfg.train.lr == SFTConfig().train.lr and cfg.train.progress is False
+    d = build_config(DPOConfig, None, ["beta=0.3"], DPO_FLAGS, beta=0.2, label_smoothing=0.1)
+    assert (d.beta, d.label_smoothing) == (0.3, 0.1)
+    with pytest.raises(ConfigError, match=r"unknown SFTConfig flag\(s\) \['beta'\]"):
+        build_config(SFTConfig, None, None, beta=0.2)
+    with pytest.raises(ConfigError, match="beta must be > 0"):
+        build_config(DPOConfig, None, ["beta=0"], DPO_FLAGS)
+
+
+def test_mixture_flags_derive_the_schedule_and_sets_win() -> None:
+    from taskmoe.config import config_from_flags
+    from taskmoe.training.recipes.mixture import FLAGS, MixtureRecipeConfig
+
+    d = MixtureRecipeConfig()
+    assert (d.train.max_steps, d.train.warmup_steps, d.train.save_every, d.pruning.window) == (100, 10, 25, 10)
+    cfg = config_from_flags(MixtureRecipeConfig, None, FLAGS, {"steps": 8, "min_weight": 0.3, "window": None},
+                            ["pruning.keep_at_least=2"], recipe="mixture",
+                            extra={"train.warmup_steps": 0, "train.save_every": 2})
+    assert (cfg.train.max_steps, cfg.pruning.min_weight, cfg.pruning.keep_at_least) == (8, 0.3, 2)
+    assert cfg.pruning.window == 10
+
+
+def test_cohesion_file_then_quick_then_sets(tmp_path) -> None:
+    from taskmoe.training.recipes.cohesion import CohesionConfig, build_config
+
+    path = tmp_path / "c.json"
+    CohesionConfig(seq_len=512, lora_rank=4).save(path)
+    cfg = build_config(path, ["sft.max_steps=5", "beta=0.2"], quick=True)
+    assert (cfg.seq_len, cfg.lora_rank, cfg.beta) == (128, 4, 0.2)
+    assert (cfg.sft.max_steps, cfg.legal.max_steps, cfg.dpo.max_steps) == (5, 3, 3)
+    with pytest.raises(ConfigError, match="CohesionConfig has no field 'lr'"):
+        build_config(None, ["lr=1"])
+
+
+def test_modality_config_file_and_sets_reach_the_run(tmp_path, monkeypatch) -> None:
+    from taskmoe.training.recipes import modality
+    from taskmoe.training.recipes.modality import ModalityTrainConfig
+
+    seen = {}
+
+    def fake_setup(cfg):  # stop before loading a model: only the config is under test
+        seen["cfg"] = cfg
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(modality, "setup", fake_setup)
+    path = tmp_path / "m.json"
+    ModalityTrainConfig(kind="audio", steps=5).save(path)
+    with pytest.raises(RuntimeError, match="stop"):
+        modality.train_modality(config=path, lr=1e-2, set=["gate_weight=0.5"], progress=False)
+    cfg = seen["cfg"]
+    assert (cfg.kind, cfg.steps, cfg.lr, cfg.gate_weight, cfg.progress) == ("audio", 5, 1e-2, 0.5, False)
+    assert cfg.base == ModalityTrainConfig().base

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from taskmoe.config import Config, check, check_min, check_range, doc
+from taskmoe.data.jsonl import json_lines
 from taskmoe.errors import DataError
 from taskmoe.io import atomic_write
 
@@ -288,13 +289,7 @@ class Corpus:
         splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
         try:
             with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                for n, rec in json_lines(f, str(path)):
                     if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                         raise DataError(f"{path}:{n}: expected an object with a string 'text' field")
                     split = rec.get("split")

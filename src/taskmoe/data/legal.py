@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Iterator
 
 from taskmoe.data.corpus import Document, content_id, normalize
+from taskmoe.data.files import folder_files
 from taskmoe.data.legal_formats import MIN_UNIT_CHARS, PARSERS, html_text
 from taskmoe.errors import DataError
 
@@ -127,13 +128,7 @@ class LegalFolder:
         return f"{LEGAL_PREFIX}{self.root}"
 
     def files(self) -> list[Path]:
-        root = Path(self.root)
-        if not root.is_dir():
-            raise DataError(f"{root}: legal folder not found")
-        files = sorted(p for p in root.rglob("*") if p.is_file())
-        if not files:
-            raise DataError(f"{root}: legal folder holds no files")
-        return files
+        return folder_files(self.root, "**/*", "legal", "legal folder holds no files")
 
     def __iter__(self) -> Iterator[Document]:
         root = Path(self.root)

@@ -29,12 +29,12 @@ Unit text shorter than :data:`MIN_UNIT_CHARS` (a bare article heading) is droppe
 from __future__ import annotations
 
 import html
-import json
 import re
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from typing import Callable, Iterable
 
+from taskmoe.data.jsonl import json_lines
 from taskmoe.errors import DataError
 
 MIN_UNIT_CHARS = 40
@@ -240,13 +240,7 @@ def parse_uslm(text: str, where: str = "USLM XML") -> list[Unit]:
 def parse_cap_jsonl(text: str, where: str = "CAP JSONL") -> list[Unit]:
     """Caselaw Access Project JSON Lines -> one unit per case (``name`` + casebody text)."""
     units = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}:{n}: not valid JSON ({e.msg})") from e
+    for n, rec in json_lines(text.splitlines(), where):
         body = rec.get("casebody") if isinstance(rec, dict) else None
         if not isinstance(body, dict) or not isinstance(body.get("data"), str):
             raise DataError(f"{where}:{n}: a CAP record needs casebody.data (a string); got fields "

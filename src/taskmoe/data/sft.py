@@ -72,6 +72,15 @@ class _ChatItems(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _start(self, examples: Sequence[Any], tokenizer: Any, max_len: int) -> None:
+        """Check the inputs (``DataError`` naming the dataset) and set ``pad_id`` and an empty ``items``."""
+        if not examples:
+            raise DataError(f"{type(self).__name__}: no examples")
+        if max_len < 2:
+            raise DataError(f"max_len must be >= 2, got {max_len}")
+        self.pad_id = pad_id_of(tokenizer)
+        self.items = []
+
     def _pad(self, rows: list[dict[str, torch.Tensor]], prefix: str, t: int | None = None) -> dict[str, torch.Tensor]:
         ids = [r[f"{prefix}input_ids"] for r in rows]
         return {
@@ -81,21 +90,9 @@ class _ChatItems(Dataset):
         }
 
 
-class SFTDataset(_ChatItems):
-    """Conversations (or :class:`SFTExample`) -> ``{"input_ids": (L,), "labels": (L,)}``, L <= max_len."""
-
-    def __init__(self, examples: Sequence[SFTExample | Chat], tokenizer: Any, max_len: int) -> None:
-        if not examples:
-            raise DataError("SFTDataset: no examples")
-        if max_len < 2:
-            raise DataError(f"max_len must be >= 2, got {max_len}")
-        self.pad_id = pad_id_of(tokenizer)
-        self.items = []
-        for n, ex in enumerate(examples):
-            r = render_chat(tokenizer, as_chat(ex))
-            if not r.spans:
-                raise DataError(f"SFT example {n}: no assistant turn to learn")
-            self.items.append(shifted(*truncate_masked(r.ids, r.assistant_mask, max_len)))
+class LabelledPairs(_ChatItems):
+    """Items ``(input_ids (L,), labels (L,))`` -> ``{"input_ids", "labels"}``, with lengths and padding
+    (the shape of :class:`SFTDataset` and :class:`~taskmoe.data.text_windows.TextWindows`)."""
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         input_ids, labels = self.items[i]
@@ -109,16 +106,23 @@ class SFTDataset(_ChatItems):
         return self._pad(list(batch), "")
 
 
+class SFTDataset(LabelledPairs):
+    """Conversations (or :class:`SFTExample`) -> ``{"input_ids": (L,), "labels": (L,)}``, L <= max_len."""
+
+    def __init__(self, examples: Sequence[SFTExample | Chat], tokenizer: Any, max_len: int) -> None:
+        self._start(examples, tokenizer, max_len)
+        for n, ex in enumerate(examples):
+            r = render_chat(tokenizer, as_chat(ex))
+            if not r.spans:
+                raise DataError(f"SFT example {n}: no assistant turn to learn")
+            self.items.append(shifted(*truncate_masked(r.ids, r.assistant_mask, max_len)))
+
+
 class PreferenceDataset(_ChatItems):
     """Prompt + chosen / rejected completions, each side rendered as the prompt plus one assistant turn."""
 
     def __init__(self, examples: Sequence[PreferenceExample], tokenizer: Any, max_len: int) -> None:
-        if not examples:
-            raise DataError("PreferenceDataset: no examples")
-        if max_len < 2:
-            raise DataError(f"max_len must be >= 2, got {max_len}")
-        self.pad_id = pad_id_of(tokenizer)
-        self.items = []
+        self._start(examples, tokenizer, max_len)
         for ex in examples:
             sides = []
             for answer in (ex.chosen, ex.rejected):

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
 from taskmoe.data.corpus import Document
+from taskmoe.data.files import folder_files
+from taskmoe.data.jsonl import json_lines
 from taskmoe.data.legal import LEGAL_PREFIX, LegalFolder, looks_legal
 from taskmoe.errors import DataError
 
@@ -87,13 +89,7 @@ class TextFolder:
         return f"{self.root}/{self.pattern}"
 
     def files(self) -> list[Path]:
-        root = Path(self.root)
-        if not root.is_dir():
-            raise DataError(f"{root}: text folder not found")
-        files = sorted(p for p in root.glob(self.pattern) if p.is_file())
-        if not files:
-            raise DataError(f"{root}: no files match {self.pattern!r}")
-        return files
+        return folder_files(self.root, self.pattern, "text", f"no files match {self.pattern!r}")
 
     def __iter__(self) -> Iterator[Document]:
         root = Path(self.root)
@@ -146,13 +142,8 @@ class JsonlFile(_RecordFile):
                     for i, rec in enumerate(data):
                         yield f"{path}[{i}]", rec
                     return
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{path}:{n}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                for n, rec in json_lines(f, str(path)):
+                    yield f"{path}:{n}", rec
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: cannot read ({e})") from e
 

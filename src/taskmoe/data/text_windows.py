@@ -14,13 +14,12 @@ per-sequence-routed model's prompt pooling free of pad tokens in batched evaluat
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from taskmoe.data.chat import pad_id_of
-from taskmoe.data.datasets import IGNORE_INDEX, pad_right
+from taskmoe.data.sft import LabelledPairs
 from taskmoe.errors import DataError
 
 __all__ = ["TextWindows", "doc_text"]
@@ -34,7 +33,7 @@ def doc_text(doc: Any) -> str:
     return text
 
 
-class TextWindows(Dataset):
+class TextWindows(LabelledPairs):
     """Documents -> windows of at most ``max_len`` next-token pairs (module docstring)."""
 
     def __init__(self, docs: Sequence[Any], tokenizer: Any, max_len: int, *, min_tokens: int = 16,
@@ -56,19 +55,3 @@ class TextWindows(Dataset):
                     return
         if not self.items:
             raise DataError(f"TextWindows: no document gives a window of {need} tokens")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x, y = self.items[i]
-        return {"input_ids": x, "labels": y}
-
-    def lengths(self) -> list[int]:
-        return [x.numel() for x, _ in self.items]
-
-    def collate(self, batch: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest window: input_ids with pad_id, labels with -100; plus attention_mask."""
-        ids = [b["input_ids"] for b in batch]
-        return {"input_ids": pad_right(ids, self.pad_id), "labels": pad_right([b["labels"] for b in batch], IGNORE_INDEX),
-                "attention_mask": pad_right([torch.ones_like(x) for x in ids], 0).bool()}

@@ -22,6 +22,7 @@ with the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,22 @@ class Projector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class ImageEncoder(nn.Module):
+class _MediaEncoder(nn.Module):
+    """What both encoders share: ``cfg``, learned positions ``pos`` (n_positions, C) and the projector."""
+
+    cfg: Any
+
+    def _head(self, channels: int, d_model: int) -> None:
+        """Create ``pos`` and ``proj`` (after the trunk, so the parameters' seeded init order is fixed)."""
+        self.pos = nn.Parameter(torch.zeros(self.cfg.n_positions, channels))
+        self.proj = Projector(channels, d_model)
+
+    @property
+    def n_positions(self) -> int:
+        return self.cfg.n_positions
+
+
+class ImageEncoder(_MediaEncoder):
     """``(B, H, W)`` images in [0, 1] -> ``(B, grid^2, d_model)`` (see module docstring)."""
 
     modality = "image"
@@ -93,12 +109,7 @@ class ImageEncoder(nn.Module):
             nn.Conv2d(C // 2, C, 3, stride=2, padding=1), nn.BatchNorm2d(C), nn.GELU(),
             nn.Conv2d(C, C, 3, stride=2, padding=1), nn.BatchNorm2d(C), nn.GELU(),
         )
-        self.pos = nn.Parameter(torch.zeros(cfg.n_positions, C))
-        self.proj = Projector(C, d_model)
-
-    @property
-    def n_positions(self) -> int:
-        return self.cfg.n_positions
+        self._head(C, d_model)
 
     def features(self, images: Tensor) -> Tensor:
         """Trunk feature maps ``(B, C, h, w)`` of ``images`` (B, H, W)."""
@@ -116,7 +127,7 @@ class ImageEncoder(nn.Module):
         return self.proj(f.flatten(2).transpose(1, 2) + self.pos)  # (B, g*g, D)
 
 
-class AudioEncoder(nn.Module):
+class AudioEncoder(_MediaEncoder):
     """``(B, S)`` waveforms at ``cfg.sample_rate`` -> ``(B, n_positions, d_model)`` (see module docstring)."""
 
     modality = "audio"
@@ -131,12 +142,7 @@ class AudioEncoder(nn.Module):
             nn.Conv1d(C, C, 5, stride=2, padding=2), nn.BatchNorm1d(C), nn.GELU(),
             nn.Conv1d(C, C, 5, stride=2, padding=2), nn.BatchNorm1d(C), nn.GELU(),
         )
-        self.pos = nn.Parameter(torch.zeros(cfg.n_positions, C))
-        self.proj = Projector(C, d_model)
-
-    @property
-    def n_positions(self) -> int:
-        return self.cfg.n_positions
+        self._head(C, d_model)
 
     def spectrogram(self, wave: Tensor) -> Tensor:
         """``(B, S)`` -> log-mel ``(B, n_mels, frames)``."""

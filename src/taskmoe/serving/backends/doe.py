@@ -19,9 +19,7 @@ from typing import Sequence
 
 import torch
 
-from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.model import DOETransformer, load_doe
-from taskmoe.errors import CheckpointError, DataError
 from taskmoe.serving.backend import Route
 from taskmoe.serving.backends.lm import LMBackend
 
@@ -32,12 +30,7 @@ class DOEBackend(LMBackend):
     @classmethod
     def load(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,
              device: str | torch.device = "cpu") -> "DOEBackend":
-        path = Path(path)
-        try:
-            tok = Tokenizer.beside(path)
-        except DataError as e:
-            raise CheckpointError(str(e)) from e
-        return cls({name or path.name: load_doe(path, device=device)}, tok, stop_ids=stop_ids, source=str(path))
+        return cls.one_folder(path, load_doe, name=name, stop_ids=stop_ids, device=device)
 
     def route(self, model_id: str, prompt_ids: Sequence[int]) -> Route:
         model: DOETransformer = self.models[model_id]  # type: ignore[assignment]

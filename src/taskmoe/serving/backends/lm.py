@@ -15,12 +15,12 @@ chat template then encode prompts and chats, and whose end-of-sequence ids stop 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
-from taskmoe.errors import CheckpointError
+from taskmoe.errors import CheckpointError, DataError
 from taskmoe.io import CONFIG_FILE
 from taskmoe.models import CausalLM, load_lm
 from taskmoe.models.backbones import is_backbone_dir, load_backbone
@@ -75,6 +75,18 @@ class LMBackend:
         tokenizer = Tokenizer.load(tok_path)
         models = {n: load_lm(f, device=device) for n, f in folders.items()}
         return cls(models, tokenizer, stop_ids=stop_ids, source=str(path))
+
+    @classmethod
+    def one_folder(cls, path: str | Path, load_model: Any, *, name: str | None = None,
+                   stop_ids: Sequence[int] | None = None, device: str | torch.device = "cpu") -> Any:
+        """One model folder read by ``load_model(path, device=...)``, with the tokenizer beside it
+        (:meth:`Tokenizer.beside`; a missing one is a :class:`CheckpointError`)."""
+        path = Path(path)
+        try:
+            tok = Tokenizer.beside(path)
+        except DataError as e:
+            raise CheckpointError(str(e)) from e
+        return cls({name or path.name: load_model(path, device=device)}, tok, stop_ids=stop_ids, source=str(path))
 
     @classmethod
     def from_backbone(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,

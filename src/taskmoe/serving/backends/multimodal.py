@@ -20,9 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from taskmoe.data.media_tasks import media_prompt
-from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.modality.model import MediaInput, MultimodalLM, load_multimodal
-from taskmoe.errors import CheckpointError, DataError
 from taskmoe.inference.media import Broadcast, media_tensor
 from taskmoe.serving.backend import Route
 from taskmoe.serving.backends.lm import LMBackend
@@ -50,12 +48,7 @@ class MultimodalBackend(LMBackend):
     @classmethod
     def load(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,
              device: str | torch.device = "cpu") -> "MultimodalBackend":
-        path = Path(path)
-        try:
-            tok = Tokenizer.beside(path)
-        except DataError as e:
-            raise CheckpointError(str(e)) from e
-        return cls({name or path.name: load_multimodal(path, device=device)}, tok, stop_ids=stop_ids, source=str(path))
+        return cls.one_folder(path, load_multimodal, name=name, stop_ids=stop_ids, device=device)
 
     def encode_chat_media(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Messages whose last user turn has one image/audio part -> :class:`MediaIds`."""

@@ -31,16 +31,16 @@ from filelock import FileLock
 from torch import nn
 
 from taskmoe.config import Config, check, doc
-from taskmoe.errors import CheckpointError, ConfigError, DataError
+from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.experts.adapter_expert import AdapterExpert, adapter_parameters
-from taskmoe.experts.assign import Assignment, route_documents
+from taskmoe.experts.assign import Assignment
 from taskmoe.io import read_json
 from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds
 from taskmoe.models.adapters import DEFAULT_TARGETS, inject_adapter, mark_only_adapter_trainable, save_adapter
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import make_accelerator, train
 from taskmoe.training.losses import lm_cross_entropy
-from taskmoe.training.recipes.experts import _evenly, _windows
+from taskmoe.training.recipes.experts import route_corpus
 
 __all__ = ["AdapterExpertsConfig", "BackboneExpertsSetup", "setup", "train_expert", "register_backbone_experts",
            "window_loss", "backbone_ref", "train_backbone_experts", "train_from_cli",
@@ -120,30 +120,13 @@ def setup(run_dir: Path, corpus: Any, backbone_dir: Path, cfg: AdapterExpertsCon
     if router.tokenizer.vocab_size > base.vocab_size:  # type: ignore[attr-defined]
         raise ConfigError(f"{run_dir / 'router'}: its tokenizer has {router.tokenizer.vocab_size} tokens, the backbone "
                           f"{backbone_dir} only {base.vocab_size}: fit the router on this backbone's tokenizer")
-    names = list(experts) if experts else list(router.categories)
-    unknown = [n for n in names if n not in router.categories]
-    if unknown:
-        raise ConfigError(f"unknown expert(s) {unknown}; the router's categories are {router.categories}")
-    tok = router.tokenizer
-    train_ids = tok.encode_batch([d.text for d in corpus.train], allow_special=False)
-    val_ids = tok.encode_batch([d.text for d in corpus.validation], allow_special=False) if corpus.validation else []
-    if not train_ids:
-        raise DataError("the corpus's train split is empty")
-    assignment, _ = route_documents(router, train_ids, progress=progress)
-    val_assign = route_documents(router, val_ids)[0] if val_ids else None
-    log(f"routed {assignment.total} training documents: {assignment.summary()}")
+    rc = route_corpus(router, corpus, experts, progress=progress, log=log)
     data = {}
-    for name in names:
-        idx = assignment.docs[name]
-        windows = _windows([train_ids[i] for i in idx], tok, cfg.seq_len)
-        if len(windows) < 2:
-            raise DataError(f"expert {name!r}: its {len(idx)} routed document(s) give {len(windows)} window(s) of "
-                            f"{cfg.seq_len} tokens; need at least 2 (lower --seq-len or add data)")
-        val = _evenly(_windows([val_ids[i] for i in val_assign.docs[name]], tok, cfg.seq_len), cfg.val_windows) \
-            if val_assign is not None else []
+    for name in rc.names:
+        n_docs, windows, val = rc.windows(name, router.tokenizer, cfg.seq_len, cfg.val_windows)
         data[name] = (windows, val)
-        log(f"expert {name}: {len(idx)} documents, {len(windows)} windows, {len(val)} validation windows")
-    return BackboneExpertsSetup(run_dir, Path(backbone_dir), base, router, assignment, data, cfg)
+        log(f"expert {name}: {n_docs} documents, {len(windows)} windows, {len(val)} validation windows")
+    return BackboneExpertsSetup(run_dir, Path(backbone_dir), base, router, rc.assignment, data, cfg)
 
 
 def train_expert(name: str, st: BackboneExpertsSetup, *, accelerator: Any = None, resume: bool = True,

@@ -33,7 +33,7 @@ from typing import Annotated, Any, Optional
 import torch
 import typer
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, apply_overrides, check, doc, load_config
 from taskmoe.data.commands import get_corpus
 from taskmoe.data.formats import read_alpaca, read_preferences
 from taskmoe.data.sft import PreferenceDataset, SFTDataset, split_examples
@@ -48,7 +48,7 @@ from taskmoe.training.recipes.dpo import DPOConfig, dpo_loss_fn
 from taskmoe.training.recipes.sft import SFTConfig, sft_loss
 
 __all__ = ["CohesionConfig", "mlp_targets", "stage_done", "train_legal", "train_chat", "build_doe_stage",
-           "task_arithmetic", "cohesion", "shared_path"]
+           "task_arithmetic", "quick_config", "build_config", "setup", "train", "cleanup", "cohesion", "shared_path"]
 
 DEFAULT_OUT = Path("runs/cohesion")
 
@@ -219,27 +219,29 @@ def task_arithmetic(adapters: list[Path], weights: list[float], out: Path, *, na
     return save_component(out, ADAPTER_KIND, {"name": name, "modules": modules}, tensors, meta=meta)
 
 
-# ------------------------------------------------------------------------------------ CLI
-def cohesion(
-    backbone: Annotated[Path, typer.Option(help="the backbone folder (taskmoe backbone import)")],
-    out: Path = DEFAULT_OUT,
-    config: Optional[Path] = None,
-    quick: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Legal expert (raw law) + chat expert (SFT then DPO) as experts of one upcycled DOE model: taskmoe cohesion.
+# ------------------------------------------------------------------- setup / train / cleanup
+@dataclass
+class CohesionSetup:
+    backbone: Path
+    out: Path
+    n_layers: int
 
-    Stages, each skipped when its folder under OUT is complete (a rerun resumes): legal/ (LoRA continued
-    pretraining on the legal corpus), chat_sft/ and chat_dpo/ (LoRA SFT on Alpaca, then DPO on hh-rlhf),
-    doe/ (the backbone upcycled with experts base, legal, chat; gates from domain centroids, then trained),
-    merged_<w>/ (task arithmetic of the two adapters). --config reads a CohesionConfig JSON; --quick runs
-    a few steps per stage (a smoke test). `python -m bench.cohesion` evaluates every row.
-    """
-    cfg = CohesionConfig.load(config) if config is not None else CohesionConfig()
-    if quick:
-        q = lambda t: t.replace(max_steps=3, save_every=3, warmup_steps=1)  # noqa: E731
-        cfg = cfg.replace(legal=q(cfg.legal), sft=q(cfg.sft), dpo=q(cfg.dpo), gate_examples=8, max_sft_examples=64,
-                          max_dpo_examples=32, seq_len=min(cfg.seq_len, 128))
+
+def quick_config(cfg: CohesionConfig) -> CohesionConfig:
+    """A few steps per stage and small data (``--quick``, a smoke test)."""
+    q = lambda t: t.replace(max_steps=3, save_every=3, warmup_steps=1)  # noqa: E731
+    return cfg.replace(legal=q(cfg.legal), sft=q(cfg.sft), dpo=q(cfg.dpo), gate_examples=8, max_sft_examples=64,
+                       max_dpo_examples=32, seq_len=min(cfg.seq_len, 128))
+
+
+def build_config(config: Optional[Path] = None, overrides: Optional[list[str]] = None, quick: bool = False) -> CohesionConfig:
+    """The JSON file (or defaults), then ``--quick``, then the ``--set PATH=VALUE`` overrides (which win)."""
+    cfg = load_config(CohesionConfig, config)
+    return apply_overrides(quick_config(cfg) if quick else cfg, overrides or ())
+
+
+def setup(backbone: Path, cfg: CohesionConfig, out: Path) -> CohesionSetup:
+    """Check the gate layer against the backbone, create OUT and record the config there."""
     from taskmoe.models.backbones import read_backbone_config
 
     n_layers = read_backbone_config(backbone).num_hidden_layers
@@ -248,6 +250,12 @@ def cohesion(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "cohesion_config.json")
+    return CohesionSetup(Path(backbone), out, n_layers)
+
+
+def train(st: CohesionSetup, cfg: CohesionConfig, progress: bool = True) -> dict[str, Any]:
+    """The four stages in order, each skipped when its folder is complete (module docstring)."""
+    backbone, out, n_layers = st.backbone, st.out, st.n_layers
     summary: dict[str, Any] = {"out": str(out)}
     with progress_bar(progress) as bar:
         task = bar.add_task("cohesion stages", total=4)
@@ -265,5 +273,33 @@ def cohesion(
             if not stage_done(dest):
                 task_arithmetic([out / "legal" / "adapter", out / "chat_dpo" / "adapter"], [w, w], dest)
         bar.advance(task)
-    atomic_write_json(out / "reports" / "cohesion.json", json.loads(json.dumps(summary, default=str)))
     return summary
+
+
+def cleanup(st: CohesionSetup, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write ``OUT/reports/cohesion.json`` (the stages' summaries) and return it."""
+    atomic_write_json(st.out / "reports" / "cohesion.json", json.loads(json.dumps(summary, default=str)))
+    return summary
+
+
+# ------------------------------------------------------------------------------------ CLI
+def cohesion(
+    backbone: Annotated[Path, typer.Option(help="the backbone folder (taskmoe backbone import)")],
+    out: Path = DEFAULT_OUT,
+    config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
+    quick: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Legal expert (raw law) + chat expert (SFT then DPO) as experts of one upcycled DOE model: taskmoe cohesion.
+
+    Stages, each skipped when its folder under OUT is complete (a rerun resumes): legal/ (LoRA continued
+    pretraining on the legal corpus), chat_sft/ and chat_dpo/ (LoRA SFT on Alpaca, then DPO on hh-rlhf),
+    doe/ (the backbone upcycled with experts base, legal, chat; gates from domain centroids, then trained),
+    merged_<w>/ (task arithmetic of the two adapters). --config reads a CohesionConfig JSON; --quick runs
+    a few steps per stage (a smoke test); --set PATH=VALUE (repeatable, e.g. --set sft.lr=5e-4) overrides
+    any field last. `python -m bench.cohesion` evaluates every row.
+    """
+    cfg = build_config(config, set, quick)
+    st = setup(backbone, cfg, out)
+    return cleanup(st, train(st, cfg, progress))

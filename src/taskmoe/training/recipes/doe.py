@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from taskmoe.config import Config, check, doc, load_config
+from taskmoe.config import Config, check, config_from_flags, doc
 from taskmoe.data.commands import DEFAULT_VOCAB_SIZE, corpus_tokenizer, get_corpus
 from taskmoe.data.corpus import Corpus
 from taskmoe.data.tokenizer import Tokenizer
@@ -177,15 +177,11 @@ FLAGS: dict[str, str] = {
 def recipe_config(config: Optional[Path] = None, overrides: Sequence[str] = (), **flags: Any) -> DOERecipeConfig:
     """JSON file (or defaults) -> flags (None = unset; ``experts=N`` names e0..e{N-1}; ``steps`` also sets
     warmup to steps // 20) -> ``--set`` overrides."""
-    unknown = sorted(set(flags) - set(FLAGS) - {"experts"})
-    if unknown:
-        raise ConfigError(f"unknown doe flag(s) {unknown}; known: {sorted(FLAGS)}")
-    paths = {FLAGS[k]: v for k, v in flags.items() if k in FLAGS}
-    if flags.get("experts") is not None:
-        paths["model.experts"] = [f"e{i}" for i in range(int(flags["experts"]))]
+    n = flags.pop("experts", None)
+    extra: dict[str, Any] = {} if n is None else {"model.experts": [f"e{i}" for i in range(int(n))]}
     if flags.get("steps") is not None:
-        paths["train.warmup_steps"] = max(1, int(flags["steps"]) // 20)
-    return load_config(DOERecipeConfig, config, flags=paths, overrides=overrides)
+        extra["train.warmup_steps"] = max(1, int(flags["steps"]) // 20)
+    return config_from_flags(DOERecipeConfig, config, FLAGS, flags, overrides, recipe="doe", extra=extra)
 
 
 # ----------------------------------------------------------------------------------- setup

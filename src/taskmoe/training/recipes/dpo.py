@@ -27,9 +27,13 @@ from taskmoe.data.formats import read_preferences
 from taskmoe.data.sft import PreferenceDataset
 from taskmoe.training.losses import IGNORE_INDEX, completion_logprob, dpo_loss, dpo_metrics
 from taskmoe.training.policy import Policy, logits_of
-from taskmoe.training.recipes.chat import ChatRecipeConfig, build_config, cleanup, run, setup
+from taskmoe.training.recipes.chat import FLAGS as CHAT_FLAGS, ChatRecipeConfig, build_config, cleanup, run as train, setup
+
+__all__ = ["DPOConfig", "dpo_loss_fn", "setup", "train", "cleanup", "train_dpo", "FLAGS"]
 
 DEFAULT_OUT = Path("runs/dpo")
+FLAGS: dict[str, str] = {**CHAT_FLAGS, "beta": "beta", "label_smoothing": "label_smoothing"}
+"""``train dpo`` flag -> the config path it sets."""
 
 
 @dataclass
@@ -78,6 +82,7 @@ def train_dpo(
     grad_accum: Optional[int] = None,
     lr: Optional[float] = None,
     config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
     seed: Optional[int] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -88,11 +93,13 @@ def train_dpo(
     weight (--lora-rank 0; reference: a frozen copy). Metrics: loss, rewards of chosen and
     rejected, reward margin and accuracy. Writes OUT/adapter/ (or OUT/model/),
     OUT/tokenizer.json, OUT/reports/metrics.json; checkpoints in OUT/train (a rerun resumes).
+    --config reads a DPOConfig JSON; the flags given override it, and --set PATH=VALUE (repeatable)
+    overrides any field last.
     """
-    cfg = build_config(DPOConfig, config, beta=beta, label_smoothing=label_smoothing, lora_rank=lora_rank,
-                       max_len=max_len, max_examples=max_examples, val_examples=val_examples, max_steps=steps,
+    cfg = build_config(DPOConfig, config, set, FLAGS, beta=beta, label_smoothing=label_smoothing, lora_rank=lora_rank,
+                       max_len=max_len, max_examples=max_examples, val_examples=val_examples, steps=steps,
                        batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed,
                        progress=None if progress else False)
     st = setup(model, read_preferences(data), PreferenceDataset, cfg, start=adapter)
-    res = run(st, dpo_loss_fn(st.policy, cfg.beta, cfg.label_smoothing), cfg, out)
+    res = train(st, dpo_loss_fn(st.policy, cfg.beta, cfg.label_smoothing), cfg, out)
     return cleanup(st, res, cfg, out, "dpo")

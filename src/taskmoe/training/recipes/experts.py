@@ -42,10 +42,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc, load_config
-from taskmoe.data.datasets import PackedLMDataset, pack_documents
-from taskmoe.errors import CheckpointError, ConfigError, DataError
-from taskmoe.experts.assign import Assignment, route_documents
+from taskmoe.config import Config, check, config_from_flags, doc
+from taskmoe.errors import CheckpointError
+from taskmoe.experts.assign import Assignment
 from taskmoe.experts.expert_lm import build_expert, expert_config, save_expert
 from taskmoe.experts.pruning import PruningConfig
 from taskmoe.experts.semantic_loss import (
@@ -62,6 +61,7 @@ from taskmoe.manifest import MANIFEST_FILE, Manifest, Thresholds, manifest_lock
 from taskmoe.models.config import ExpertLMConfig
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, make_accelerator, train as train_loop
+from taskmoe.training.recipes.routed_corpus import route_corpus
 from taskmoe.training.recipes.pruning import expert_pruning, pruned_names, window_route_weights
 from taskmoe.training.losses import lm_cross_entropy
 
@@ -137,59 +137,28 @@ def load_router(run_dir: Path) -> Any:
     return router
 
 
-def _windows(ids: Sequence[Sequence[int]], tok: Any, seq_len: int) -> list[torch.Tensor]:
-    stream = pack_documents(ids, tok.bos_id, tok.eos_id)
-    if stream.numel() < seq_len + 1:
-        return []
-    ds = PackedLMDataset(stream, seq_len)
-    return [ds[i] for i in range(len(ds))]
-
-
-def _evenly(items: list[torch.Tensor], n: int) -> list[torch.Tensor]:
-    if len(items) <= n:
-        return items
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
-
-
 def setup(run_dir: Path, corpus: Any, cfg: ExpertsRecipeConfig, experts: Sequence[str] | None = None, *,
           progress: bool = True, log: Callable[[str], None] = lambda s: None) -> ExpertsSetup:
     """Route the corpus and build each requested expert's windows (module docstring)."""
     run_dir = Path(run_dir)
     router = load_router(run_dir)
     tok = router.tokenizer
-    names = list(experts) if experts else list(router.categories)
-    unknown = [n for n in names if n not in router.categories]
-    if unknown:
-        raise ConfigError(f"unknown expert(s) {unknown}; the router's categories are {router.categories}")
-    train_ids = tok.encode_batch([d.text for d in corpus.train], allow_special=False)
-    val_ids = tok.encode_batch([d.text for d in corpus.validation], allow_special=False) if corpus.validation else []
-    if not train_ids:
-        raise DataError("the corpus's train split is empty")
-    assignment, _ = route_documents(router, train_ids, progress=progress)
-    val_assign = route_documents(router, val_ids)[0] if val_ids else None
-    log(f"routed {assignment.total} training documents: {assignment.summary()}")
+    rc = route_corpus(router, corpus, experts, progress=progress, log=log)
     data: dict[str, ExpertData] = {}
-    for name in names:
-        idx = assignment.docs[name]
-        windows = _windows([train_ids[i] for i in idx], tok, cfg.seq_len)
-        if len(windows) < 2:
-            raise DataError(f"expert {name!r}: its {len(idx)} routed training document(s) give {len(windows)} window(s) "
-                            f"of {cfg.seq_len} tokens; need at least 2 (lower --seq-len or add data)")
+    for name in rc.names:
+        n_docs, windows, vw = rc.windows(name, tok, cfg.seq_len, cfg.val_windows)
         vectors = encode_windows(router.encode, windows)  # (N, D)
         index = RetrievalIndex(vectors, backend=cfg.index_backend)
         train_ds = RetrievalWindows(windows, vectors, index, cfg.neighbours, exclude_self=True)
         eval_ds = None
-        if val_assign is not None:
-            vw = _evenly(_windows([val_ids[i] for i in val_assign.docs[name]], tok, cfg.seq_len), cfg.val_windows)
-            if vw:
-                eval_ds = RetrievalWindows(vw, encode_windows(router.encode, vw), index, cfg.neighbours, exclude_self=False)
+        if vw:
+            eval_ds = RetrievalWindows(vw, encode_windows(router.encode, vw), index, cfg.neighbours, exclude_self=False)
         weights = window_route_weights(router, windows, router.categories.index(name)) if cfg.pruning.enabled else None
-        data[name] = ExpertData(name, train_ds, eval_ds, len(idx), len(windows) * cfg.seq_len, weights)
-        log(f"expert {name}: {len(idx)} documents, {len(windows)} windows, "
+        data[name] = ExpertData(name, train_ds, eval_ds, n_docs, len(windows) * cfg.seq_len, weights)
+        log(f"expert {name}: {n_docs} documents, {len(windows)} windows, "
             f"{len(eval_ds) if eval_ds is not None else 0} validation windows, index {index.backend}")
     token_weight = router.encoder.token_weight.detach().clone()
-    return ExpertsSetup(run_dir, router, router.embedding, token_weight, assignment, data, cfg)
+    return ExpertsSetup(run_dir, router, router.embedding, token_weight, rc.assignment, data, cfg)
 
 
 # ------------------------------------------------------------------------------------- train
@@ -297,10 +266,7 @@ def cleanup(st: ExpertsSetup, names: Sequence[str]) -> Path:
 def build_recipe_config(config: Optional[Path], overrides: Sequence[str] | None = None, **flags: Any) -> ExpertsRecipeConfig:
     """The recipe config from a JSON file (or the defaults), the CLI flags given (None = unset; see
     :data:`FLAGS`), then the ``--set PATH=VALUE`` overrides (:func:`taskmoe.config.apply_overrides`)."""
-    unknown = sorted(set(flags) - set(FLAGS))
-    if unknown:
-        raise ConfigError(f"unknown experts flag(s) {unknown}; known: {sorted(FLAGS)}")
-    return load_config(ExpertsRecipeConfig, config, flags={FLAGS[k]: v for k, v in flags.items()}, overrides=overrides or ())
+    return config_from_flags(ExpertsRecipeConfig, config, FLAGS, flags, overrides, recipe="experts")
 
 
 FLAGS: dict[str, str] = {

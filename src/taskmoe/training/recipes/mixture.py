@@ -9,6 +9,8 @@ sequence is a feed-forward, and an expert that contributes to fewer than ``min_c
 of a window of ``window`` (10) is pruned from the mixture at the window's end (its rows'
 weights renormalise over the others).
 
+The recipe is :class:`MixtureRecipeConfig` (``--config``/``--set`` through
+:func:`taskmoe.config.config_from_flags`) plus :func:`setup` / :func:`train` / :func:`cleanup`.
 :func:`train_mixture` is the command: route the corpus's windows with the run's router, train,
 write every kept expert back to ``experts/<name>/`` (atomically; ``meta.mixture`` holds the
 report) and record every pruned one under the manifest's ``pruned``, so the pipeline routes its
@@ -18,12 +20,14 @@ category to the remaining experts. Checkpoints go to ``<run>/train/mixture/`` (a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
+from taskmoe.config import Config, check_min, config_from_flags, doc
 from taskmoe.errors import ConfigError, DataError
 from taskmoe.experts.ensemble import RoutedMixture
 from taskmoe.experts.expert_lm import load_expert, save_expert
@@ -31,11 +35,13 @@ from taskmoe.experts.pruning import ContributionTracker, PruningCallback, Prunin
 from taskmoe.io import load_component
 from taskmoe.manifest import load_manifest
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.loop import TrainResult, train
+from taskmoe.training.loop import TrainResult, train as train_loop
 from taskmoe.training.losses import lm_cross_entropy
-from taskmoe.training.recipes.experts import _windows, load_router, register_experts
+from taskmoe.training.recipes.experts import load_router, register_experts
+from taskmoe.training.recipes.routed_corpus import _windows
 
-__all__ = ["MixtureWindows", "mixture_loss", "train_joint", "route_windows", "train_mixture"]
+__all__ = ["MixtureRecipeConfig", "MixtureWindows", "mixture_loss", "train_joint", "route_windows", "setup", "train",
+           "cleanup", "train_mixture"]
 
 
 class MixtureWindows(torch.utils.data.Dataset):
@@ -85,7 +91,7 @@ def train_joint(mixture: RoutedMixture, data: MixtureWindows, cfg: TrainConfig, 
         cuda = torch.cuda.is_available()
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda,
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    res = train(mixture, loss, data, cfg, eval_data=eval_data, eval_fn=mixture_loss, out_dir=out_dir, resume=resume,
+    res = train_loop(mixture, loss, data, cfg, eval_data=eval_data, eval_fn=mixture_loss, out_dir=out_dir, resume=resume,
                 callbacks=[cb], accelerator=accelerator)
     return res, cb
 
@@ -104,30 +110,48 @@ def route_windows(router: Any, windows: Sequence[torch.Tensor], categories: Sequ
     return torch.tensor(w, dtype=torch.float32), torch.tensor(c, dtype=torch.float32)
 
 
-def train_mixture(
-    run: Path = Path("runs/default"),
-    steps: int = 100,
-    batch_size: int = 8,
-    lr: float = 3e-4,
-    seq_len: int = 128,
-    window: int = 10,
-    min_contributions: int = 3,
-    min_weight: float = 0.0,
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Fine-tune a run's trained experts together as a routed mixture, pruning the ones that rarely contribute.
+def _train_default() -> TrainConfig:
+    return TrainConfig(max_steps=100, batch_size=8, lr=3e-4, warmup_steps=10, seed=0, progress=True, eval_every=0,
+                       save_every=25)
 
-    Every window of --seq-len tokens of the corpus (the default corpus, or --source) is routed by
-    the run's router and read by the mixture sum_e w_e p_e of its selected experts. An expert
-    that contributes to fewer than --min-contributions of a window of --window training
-    sequences is pruned (the seed's rule: 3 of 10); with --min-weight W a sequence counts only
-    when it gives the expert a weight of at least W. Kept experts are written back to
-    RUN/experts/NAME; pruned ones are recorded in RUN/taskmoe.json ('pruned') and their
-    categories are routed to the remaining experts. Checkpoints in RUN/train/mixture (a rerun resumes).
-    """
+
+@dataclass
+class MixtureRecipeConfig(Config):
+    """``train mixture``: the corpus windows, the pruning rule and the joint training run."""
+
+    seq_len: int = doc(128, "tokens per training window of the corpus")
+    source: Optional[str] = doc(None, "corpus source (None = the default corpus; see taskmoe data)")
+    max_docs_per_domain: Optional[int] = doc(None, "read at most this many documents per domain")
+    pruning: PruningConfig = field(default_factory=PruningConfig, metadata={"help": "the seed's pruning rule"})
+    train: TrainConfig = field(default_factory=_train_default, metadata={"help": "the joint training run"})
+
+    def validate(self) -> None:
+        check_min(self, ("seq_len",), 2)
+
+
+FLAGS: dict[str, str] = {
+    "steps": "train.max_steps", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+    "progress": "train.progress", "seq_len": "seq_len", "window": "pruning.window",
+    "min_contributions": "pruning.min_contributions", "min_weight": "pruning.min_weight", "source": "source",
+    "max_docs_per_domain": "max_docs_per_domain",
+}
+"""``train mixture`` flag -> the config path it sets (``steps`` also sets warmup and checkpoint spacing)."""
+
+
+@dataclass
+class MixtureSetup:
+    run: Path
+    manifest: Any
+    router: Any
+    shared: nn.Module
+    names: list[str]
+    cats: list[int]
+    mixture: RoutedMixture
+    data: MixtureWindows
+
+
+def setup(run: Path, cfg: MixtureRecipeConfig) -> MixtureSetup:
+    """Load the run's router and experts, route the corpus's windows, build the mixture."""
     from taskmoe.data.commands import get_corpus
 
     run = Path(run)
@@ -141,29 +165,72 @@ def train_mixture(
     names = [res.expert_name(i) for i in cats]
     experts = {n: load_expert(res.experts[i], shared).train() for n, i in zip(names, cats)}
     tok = router.tokenizer
-    corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
-    windows = _windows(tok.encode_batch([d.text for d in corpus.train], allow_special=False), tok, seq_len)
-    if len(windows) < batch_size:
-        raise DataError(f"the corpus gives {len(windows)} windows of {seq_len} tokens; need at least --batch-size {batch_size}")
+    corpus = get_corpus(cfg.source, max_docs_per_domain=cfg.max_docs_per_domain, progress=bool(cfg.train.progress))
+    windows = _windows(tok.encode_batch([d.text for d in corpus.train], allow_special=False), tok, cfg.seq_len)
+    bs = cfg.train.batch_size
+    if len(windows) < bs:
+        raise DataError(f"the corpus gives {len(windows)} windows of {cfg.seq_len} tokens; need at least --batch-size {bs}")
     weights, conf = route_windows(router, windows, cats)
-    torch.manual_seed(seed)
-    mixture = RoutedMixture(experts)
-    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(10, steps // 10), seed=seed,
-                      progress=progress, eval_every=0, save_every=max(1, steps // 4))
-    t0 = time.perf_counter()
-    result, cb = train_joint(mixture, MixtureWindows(windows, weights, conf), cfg, out_dir=run / "train" / "mixture",
-                             pruning=PruningConfig(window=window, min_contributions=min_contributions,
-                                                                   min_weight=min_weight))
+    torch.manual_seed(cfg.train.seed)
+    return MixtureSetup(run, res, router, shared, names, cats, RoutedMixture(experts), MixtureWindows(windows, weights, conf))
+
+
+def train(st: MixtureSetup, cfg: MixtureRecipeConfig) -> tuple[TrainResult, PruningCallback]:
+    """The joint run with pruning (:func:`train_joint`); checkpoints in ``RUN/train/mixture``."""
+    return train_joint(st.mixture, st.data, cfg.train, out_dir=st.run / "train" / "mixture", pruning=cfg.pruning)
+
+
+def cleanup(st: MixtureSetup, result: TrainResult, cb: PruningCallback, seconds: float) -> list[dict[str, Any]]:
+    """Write every kept expert back to ``experts/<name>/``, record the pruned ones in the manifest."""
     report = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
-              "last_loss": result.losses[-1] if result.losses else None, "seconds": round(time.perf_counter() - t0, 1)}
+              "last_loss": result.losses[-1] if result.losses else None, "seconds": round(seconds, 1)}
     pruned = {n: {"stage": "mixture", **e} for e in cb.events for n in e["pruned"]}
     rows = []
-    for n, i in zip(names, cats):
-        if n in mixture.pruned:
+    for n, i in zip(st.names, st.cats):
+        if n in st.mixture.pruned:
             rows.append({"expert": n, "status": "pruned", **{k: pruned[n][k] for k in ("step", "window")}})
             continue
-        meta = {**load_component(res.experts[i]).meta, "mixture": report}
-        save_expert(mixture.experts[n].eval(), run / "experts" / n, shared, meta=meta)
+        meta = {**load_component(st.manifest.experts[i]).meta, "mixture": report}
+        save_expert(st.mixture.experts[n].eval(), st.run / "experts" / n, st.shared, meta=meta)
         rows.append({"expert": n, "status": "kept", **report})
-    register_experts(run, router, [], pruned={n: pruned[n] for n in mixture.pruned})
+    register_experts(st.run, st.router, [], pruned={n: pruned[n] for n in st.mixture.pruned})
     return rows
+
+
+def train_mixture(
+    run: Path = Path("runs/default"),
+    steps: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
+    seq_len: Optional[int] = None,
+    window: Optional[int] = None,
+    min_contributions: Optional[int] = None,
+    min_weight: Optional[float] = None,
+    source: Optional[str] = None,
+    max_docs_per_domain: Optional[int] = None,
+    seed: Optional[int] = None,
+    config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Fine-tune a run's trained experts together as a routed mixture, pruning the ones that rarely contribute.
+
+    Every window of --seq-len tokens (default 128) of the corpus (the default corpus, or --source) is
+    routed by the run's router and read by the mixture sum_e w_e p_e of its selected experts. An expert
+    that contributes to fewer than --min-contributions of a window of --window training
+    sequences is pruned (the seed's rule: 3 of 10); with --min-weight W a sequence counts only
+    when it gives the expert a weight of at least W. Kept experts are written back to
+    RUN/experts/NAME; pruned ones are recorded in RUN/taskmoe.json ('pruned') and their
+    categories are routed to the remaining experts. Checkpoints in RUN/train/mixture (a rerun resumes).
+    Defaults: 100 steps of 8 at lr 3e-4. --config reads a MixtureRecipeConfig JSON, the flags given
+    override it, and --set PATH=VALUE (repeatable, e.g. --set pruning.keep_at_least=2) overrides any field last.
+    """
+    extra = {} if steps is None else {"train.warmup_steps": min(10, steps // 10), "train.save_every": max(1, steps // 4)}
+    cfg = config_from_flags(MixtureRecipeConfig, config, FLAGS, dict(
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress, seq_len=seq_len, window=window,
+        min_contributions=min_contributions, min_weight=min_weight, source=source,
+        max_docs_per_domain=max_docs_per_domain), set, recipe="mixture", extra=extra)
+    st = setup(run, cfg)
+    t0 = time.perf_counter()
+    result, cb = train(st, cfg)
+    return cleanup(st, result, cb, time.perf_counter() - t0)

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, config_from_flags, doc
 from taskmoe.data.commands import get_corpus
 from taskmoe.data.media_tasks import MEDIA_MARKERS, MediaQA, digit_audio, digit_images
 from taskmoe.data.tokenizer import Tokenizer
@@ -186,19 +186,26 @@ def cleanup(s: Setup, cfg: ModalityTrainConfig, res: TrainResult, seconds: float
 
 
 # ------------------------------------------------------------------------------------ CLI
+FLAGS: dict[str, str] = {k: k for k in ("kind", "base", "out", "data", "max_train", "max_test", "init_from", "channels",
+                                          "steps", "batch_size", "lr", "seed", "progress")}
+"""``train modality`` flag -> the config field it sets."""
+
+
 def train_modality(
-    kind: str = "image",
-    base: Path = DEFAULT_BASE,
-    out: Path = DEFAULT_OUT,
+    kind: Optional[str] = None,
+    base: Optional[Path] = None,
+    out: Optional[Path] = None,
     data: Optional[Path] = None,
-    max_train: int = 0,
-    max_test: int = 0,
-    init_from: str = "",
-    channels: int = 32,
-    steps: int = 600,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    seed: int = 0,
+    max_train: Optional[int] = None,
+    max_test: Optional[int] = None,
+    init_from: Optional[str] = None,
+    channels: Optional[int] = None,
+    steps: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
+    seed: Optional[int] = None,
+    config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Add an image or audio expert (encoder + projector + expert + gate) to a trained DOE model.
@@ -207,10 +214,16 @@ def train_modality(
     MNIST IDX folder (image) or the FSDD recordings folder (audio); without it the bundled 8x8 digits
     or synthesized tones are used. Everything but the new encoder, projector and expert stays
     frozen, so text answers are unchanged. Reports held-out accuracy of the generated answers.
+    Unset flags take ModalityTrainConfig's defaults (kind image, base runs/default/doe/model, 600 steps
+    of 64 at lr 3e-3); --config reads a ModalityTrainConfig JSON, the flags given override it, and
+    --set PATH=VALUE (repeatable, e.g. --set gate_weight=0.5) overrides any field last.
     """
-    cfg = ModalityTrainConfig(kind=kind, base=str(base), out=str(out), data=str(data) if data else "",
-                              max_train=max_train, max_test=max_test, init_from=init_from, channels=channels,
-                              steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    as_str = lambda v: None if v is None else str(v)  # noqa: E731
+    cfg = config_from_flags(ModalityTrainConfig, config, FLAGS, dict(
+        kind=kind, base=as_str(base), out=as_str(out), data=as_str(data), max_train=max_train, max_test=max_test,
+        init_from=init_from, channels=channels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        progress=None if progress else False), set, recipe="modality")
+    kind = cfg.kind
     t0 = time.time()
     s = setup(cfg)
     res = train(s, cfg)

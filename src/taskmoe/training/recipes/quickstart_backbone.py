@@ -76,7 +76,7 @@ def _ppl_table(system: Any, corpus: Any, cfg: BackboneQuickstartConfig) -> list[
     """Per domain: held-out perplexity of the base backbone and of each window's top-1 routed expert."""
     from taskmoe.eval.nll import perplexity
     from taskmoe.layers.lora import use_adapter
-    from taskmoe.training.recipes.experts import _windows
+    from taskmoe.training.recipes.routed_corpus import _windows
 
     tok = system.tokenizer
     rows = []

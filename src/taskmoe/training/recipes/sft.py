@@ -22,7 +22,9 @@ from taskmoe.data.formats import read_alpaca
 from taskmoe.data.sft import SFTDataset
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 from taskmoe.training.policy import logits_of
-from taskmoe.training.recipes.chat import ChatRecipeConfig, build_config, cleanup, run, setup
+from taskmoe.training.recipes.chat import ChatRecipeConfig, build_config, cleanup, run as train, setup
+
+__all__ = ["SFTConfig", "sft_loss", "setup", "train", "cleanup", "train_sft"]
 
 DEFAULT_OUT = Path("runs/sft")
 
@@ -52,6 +54,7 @@ def train_sft(
     grad_accum: Optional[int] = None,
     lr: Optional[float] = None,
     config: Optional[Path] = None,
+    set: Optional[list[str]] = None,
     seed: Optional[int] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -61,11 +64,12 @@ def train_sft(
     Trains a LoRA adapter (--lora-rank R, default 8) or every weight (--lora-rank 0) with the
     chat template of the model's tokenizer, in length-grouped batches. Writes OUT/adapter/ (or
     OUT/model/), OUT/tokenizer.json and OUT/reports/metrics.json; checkpoints in OUT/train (a
-    rerun resumes). --config reads an SFTConfig JSON; the flags given override it.
+    rerun resumes). --config reads an SFTConfig JSON; the flags given override it, and --set PATH=VALUE
+    (repeatable, e.g. --set train.warmup_steps=5 --set lora_alpha=32) overrides any field last.
     """
-    cfg = build_config(SFTConfig, config, lora_rank=lora_rank, max_len=max_len, max_examples=max_examples,
-                       val_examples=val_examples, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+    cfg = build_config(SFTConfig, config, set, lora_rank=lora_rank, max_len=max_len, max_examples=max_examples,
+                       val_examples=val_examples, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                        lr=lr, seed=seed, progress=None if progress else False)
     st = setup(model, read_alpaca(data), SFTDataset, cfg)
-    res = run(st, sft_loss, cfg, out)
+    res = train(st, sft_loss, cfg, out)
     return cleanup(st, res, cfg, out, "sft")
