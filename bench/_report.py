@@ -44,6 +44,17 @@ def machine() -> str:
     )
 
 
+def load_note() -> str:
+    """How busy the machine was when the run started (1-minute load average against the cores)."""
+    try:
+        one = os.getloadavg()[0]
+    except OSError:
+        return "load average unknown"
+    cores = os.cpu_count() or 1
+    busy = "other jobs were running" if one > 0.5 * cores else "no other jobs to speak of"
+    return f"load average {one:.1f} on {cores} cores at the start ({busy})"
+
+
 def git_rev() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()

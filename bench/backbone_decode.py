@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench._report import bench_parser, command, md_table, parse_bench_args, write_section
+from bench._report import bench_parser, command, load_note, md_table, parse_bench_args, write_section
 from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.layers.lora import lora_layers, use_adapter
 from taskmoe.models.adapters import inject_adapter, save_adapter
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backbone", type=Path, default=Path("backbones/smollm2"), help="backbone folder")
     ap.add_argument("--new-tokens", type=int, default=0, help="new tokens per row (default 64, --quick 16)")
     args = parse_bench_args(ap, argv)
+    load = load_note()
     n = args.new_tokens or (16 if args.quick else 64)
     if not args.backbone.is_dir():
         import_backbone(None, out=args.backbone)
@@ -221,8 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{n} new tokens per row, greedy, no stop token; chat-template prompts of different lengths; "
         f"tokens/s = rows x new tokens / wall time of the whole generate call (prefill included). "
         f"Adapters: 4 x LoRA r 16 on q,k,v,o,gate,up,down (random B). "
-        f"**2-core box, loaded** (other jobs were running): ratios within one run are comparable, absolute "
-        f"numbers are not.\n\n{md_table(rows, ['comparison', 'ours tok/s', 'baseline', 'baseline tok/s', 'ratio', 'same tokens'])}\n\n"
+        f"Machine: {load}; ratios within one run are comparable.\n\n{md_table(rows, ['comparison', 'ours tok/s', 'baseline', 'baseline tok/s', 'ratio', 'same tokens'])}\n\n"
         f"Decode steps alone (median ms of one step after prefill, the four measured in turn, "
         f"{2 if args.quick else 3} rounds):\n\n{md_table(steps_rows)}\n\n"
         + "\n".join(f"- {x}" for x in notes) + "\n"
