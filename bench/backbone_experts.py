@@ -30,7 +30,9 @@ from typing import Any, Callable
 
 import torch
 
-from bench._report import bench_parser, command, md_table, parse_bench_args, write_section
+from bench._report import bench_parser, command, load_note, md_table, parse_bench_args, write_section
+
+START_LOAD = load_note()  # how busy the machine was when this run started
 from taskmoe.data import load_default_corpus
 from taskmoe.data.backbone_tokenizer import BackboneTokenizer
 from taskmoe.eval.nll import perplexity
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
            if reused else f"{t_experts:.0f} s") + f"); (c): one rank-{args.rank * n_e} LoRA, {args.steps * n_e} steps of the same batch on all "
         f"{len(all_windows)} training windows ({params['dense']:,} parameters, {t_dense:.0f} s); lr {args.lr}, "
         f"warmup 10% then cosine. Held-out: the first {args.eval_windows} windows of each domain's test + validation documents (never trained on). "
-        f"2-core box, loaded machine (other jobs running), {torch.get_num_threads()} torch threads; whole run "
+        f"Machine: {START_LOAD}, {torch.get_num_threads()} torch threads; whole run "
         f"{(time.perf_counter() - t_start) / 60:.1f} min.\n\n" + md_table(rows)
         + f"\n\nDomains without a full held-out window at this cap: "
         f"{[d for d in corpus.domains if d not in {r['domain'] for r in rows}] or 'none'}."

@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from bench._report import bench_parser, command, md_table, parse_bench_args, write_section
+from bench._report import bench_parser, command, load_note, md_table, parse_bench_args, write_section
+
+START_LOAD = load_note()  # how busy the machine was when this run started
 from taskmoe.doe.seq_moe import SequenceGate
 from taskmoe.doe.upcycle import add_backbone_expert, upcycle_config, upcycle_model
 from taskmoe.models.backbones import load_backbone, read_backbone_config
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         ("**--quick smoke run (tiny random backbone): the numbers mean nothing.**\n" if args.quick else ""),
         f"Backbone `{args.backbone}` ({len(dense.blocks)} blocks; MoE blocks >= {args.gate_layer}: experts base + "
         f"2 LoRA r=16 on gate/up/down), batch {B}, 32-token prompt, {args.steps} greedy decode steps timed, best of "
-        f"{args.repeat} interleaved repeats, {torch.get_num_threads()} threads, loaded 2-core CPU box.",
+        f"{args.repeat} interleaved repeats, {torch.get_num_threads()} threads; machine: {START_LOAD}.",
         "",
         md_table(rows),
         "",

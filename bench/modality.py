@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench._report import bench_parser, command, md_table, parse_bench_args, timeit, write_section
+from bench._report import bench_parser, command, load_note, md_table, parse_bench_args, timeit, write_section
+
+START_LOAD = load_note()  # how busy the machine was when this run started
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "media question (ms)": lat[m][0] * 1e3, "text question, same length (ms)": lat[m][1] * 1e3,
                   "ratio": lat[m][0] / lat[m][1]} for m in lat]
     body = (
-        f"2-core box, loaded (other jobs running). Text DOE: d_model 64, 2 layers, 4 experts, vocab 2048, "
+        f"Machine: {START_LOAD}. Text DOE: d_model 64, 2 layers, 4 experts, vocab 2048, "
         f"{args.text_steps if not q else 20} steps ({res['text_train_s']:.0f} s). Image expert: {icfg.steps} steps x "
         f"{args.batch_size} ({res['image_train_s']:.0f} s incl. setup), audio expert: {acfg.steps} steps x 32 "
         f"({res['audio_train_s']:.0f} s); only the encoder, projector, expert MLPs, gate and head adapter train. "

@@ -43,7 +43,9 @@ from pathlib import Path
 
 import httpx
 
-from bench._report import md_table, write_section
+from bench._report import load_note, md_table, write_section
+
+START_LOAD = load_note()  # how busy the machine was when this run started
 
 N_EXPERTS = 4
 CONCURRENCY = (1, 8, 32)
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batching). `mean batch rows` is rows per group that started together. Grouping's gain is "
         "`grouped, 4 experts / fifo, 4 experts` (batching vs batching).\n\n"
         + md_table(rows, cols) + "\n\n" + md_table(speedups) + "\n\n"
-        "2-core box, loaded (other jobs were running). Goal of the old headline: >= 3x requests/s over one-at-a-time "
+        f"Machine: {START_LOAD}. Goal of the old headline: >= 3x requests/s over one-at-a-time "
         "at concurrency 32. "
         + ("_Quick smoke run (`--quick`): it only shows the benchmark runs; run without `--quick` for the figures._\n"
            if args.quick else "\n")

@@ -37,7 +37,9 @@ from pathlib import Path
 
 import httpx
 
-from bench._report import md_table, write_section
+from bench._report import load_note, md_table, write_section
+
+START_LOAD = load_note()  # how busy the machine was when this run started
 from bench.serving import percentile, start_server, stop_server
 from taskmoe.serving.serve import KEEP_ALIVE_S
 
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         + md_table([burst_row]) + "\n\n"
         + ("All checks hold: 0 x 5xx, 0 lost, every refusal a 429 from admission (before any work), the burst only "
            "200/429.\n" if ok else "**A check failed** (see the table).\n")
-        + "\n2-core box, loaded (other jobs were running)."
+        + f"\nMachine: {START_LOAD}."
         + (" Quick run (`--quick`)." if args.quick else "") + "\n"
     )
     print(body)
