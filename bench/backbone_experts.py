@@ -31,8 +31,6 @@ from typing import Any, Callable
 import torch
 
 from bench._report import bench_parser, command, load_note, md_table, parse_bench_args, write_section
-
-START_LOAD = load_note()  # how busy the machine was when this run started
 from taskmoe.data import load_default_corpus
 from taskmoe.data.backbone_tokenizer import BackboneTokenizer
 from taskmoe.eval.nll import perplexity
@@ -45,6 +43,8 @@ from taskmoe.training.recipes.backbone_experts import (AdapterExpertsConfig, Bac
                                                        train_expert)
 from taskmoe.training.recipes.routed_corpus import _windows
 from taskmoe.training.recipes.router import build_config, train_router
+
+START_LOAD = load_note()  # how busy the machine was when this run started
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # ids (1, T) -> logits (1, T, V)
 

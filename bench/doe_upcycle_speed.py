@@ -30,12 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from bench._report import bench_parser, command, load_note, md_table, parse_bench_args, write_section
-
-START_LOAD = load_note()  # how busy the machine was when this run started
 from taskmoe.doe.seq_moe import SequenceGate
 from taskmoe.doe.upcycle import add_backbone_expert, upcycle_config, upcycle_model
 from taskmoe.models.backbones import load_backbone, read_backbone_config
 from taskmoe.models.model import CausalLM
+
+START_LOAD = load_note()  # how busy the machine was when this run started
 
 
 class TokenTop1(nn.Module):

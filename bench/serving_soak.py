@@ -38,10 +38,10 @@ from pathlib import Path
 import httpx
 
 from bench._report import load_note, md_table, write_section
-
-START_LOAD = load_note()  # how busy the machine was when this run started
 from bench.serving import percentile, start_server, stop_server
 from taskmoe.serving.serve import KEEP_ALIVE_S
+
+START_LOAD = load_note()  # how busy the machine was when this run started
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30.0
