@@ -96,8 +96,9 @@ def test_a_long_request_does_not_block_a_short_one(busy_backend) -> None:
             with http.stream("POST", srv.url + "/v1/completions", json=body) as s:
                 lines = (line for line in s.iter_lines() if line)
                 assert next(lines).startswith("data: ")
-                for _ in range(20):  # a few decode slices, so admission has measured a rate (before one it
-                    next(lines)      # takes only one batch's worth and would refuse the short request)
+                # admission measures its rate when a decode slice ends; before that it takes only one batch's
+                # worth and would refuse the short request, so wait until a rate stands
+                wait_for(srv.url, lambda h: (h.get("work_tokens_per_s") or 0) > 0)
                 t = short_request(srv.url)
                 assert wait_for(srv.url, lambda h: True)["running_rows"] == 1  # the long row still runs
                 assert t < 5.0
