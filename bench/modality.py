@@ -32,7 +32,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def shared_data() -> Path:
     import os
 
-    for cand in [Path(os.environ.get("TASKMOE_SHARED", "/nonexistent")) / "data", SHARED, Path("/work/shared/data")]:
+    for cand in [Path(os.environ.get("TASKMOE_SHARED", "/nonexistent")) / "data", SHARED]:
         if (cand / "images" / "mnist").is_dir():
             return cand
     raise SystemExit("bench.modality needs the shared data folder (MNIST, FSDD): set TASKMOE_SHARED")
