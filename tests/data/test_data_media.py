@@ -165,8 +165,11 @@ def test_media_prompt_splices_placeholder_positions(tok):
     head = [tok.bos_id, *tok.encode("What digit is this? ", allow_special=False)]
     assert ids[: len(head)] == head and pos == list(range(len(head), len(head) + 4))
     assert all(ids[p] == tok.pad_id for p in pos) and ids[len(head) + 4:] == tok.encode(" now", allow_special=False)
-    assert media_prompt(tok, "What digit is this?", "image", 4) == media_prompt(tok, "<image> What digit is this?", "image", 4)
-    assert media_prompt(tok, "What?", "audio", 2)[1] == [1, 2]  # right after <|bos|>
+    assert media_prompt(tok, "What digit is this?", "image", 4) == media_prompt(tok, "What digit is this? <image>", "image", 4)
+    ids, pos = media_prompt(tok, "What?", "audio", 2)
+    assert pos == [len(ids) - 2, len(ids) - 1]  # appended: the medium last, right before the answer
+    assert media_prompt(tok, "<audio> What?", "audio", 2)[1] == [1, 2]  # an explicit marker stays where it is
+    assert media_prompt(tok, "What?", "audio", 2, placeholder=7)[0][-2:] == [7, 7]
     assert tok.pad_id not in tok.encode("text with <|pad|> typed", allow_special=False)
     with pytest.raises(DataError, match="2 <image> markers"):
         with_marker("<image> <image>", "image")

@@ -41,7 +41,7 @@ def scramble(mm: MultimodalLM, bias: float) -> None:
     mm.eval()
 
 
-def image_batch(B: int = 2, T: int = 9, start: int = 2, n: int = 4) -> tuple[torch.Tensor, MediaInput]:
+def image_batch(B: int = 2, T: int = 9, start: int = 2, n: int = 5) -> tuple[torch.Tensor, MediaInput]:
     ids = torch.randint(3, V, (B, T))
     mask = torch.zeros(B, T, dtype=torch.bool)
     mask[:, start : start + n] = True
@@ -96,8 +96,8 @@ def test_splice_puts_encoder_outputs_at_the_placeholders(mm: MultimodalLM) -> No
         mm(ids, media=[img])
     h.remove()
     x = seen["x"]
-    enc = mm.encoders["image"](img.values)  # (2, 4, D)
-    assert torch.equal(x[img.mask].view(2, 4, D), enc)
+    enc = mm.encoders["image"](img.values)  # (2, 5, D): 2 x 2 patches + the summary
+    assert torch.equal(x[img.mask].view(2, 5, D), enc)
     assert torch.equal(x[~img.mask], mm.base.embedding(ids)[~img.mask])
     assert not mm.base.embedding._forward_hooks  # the hook lives only for the call
 
@@ -107,9 +107,9 @@ def test_mixed_batch_equals_each_row_alone(mm: MultimodalLM) -> None:
     T = 9
     ids = torch.randint(3, V, (3, T))
     im = torch.zeros(3, T, dtype=torch.bool)
-    im[1, 2:6] = True
+    im[1, 2:7] = True
     au = torch.zeros(3, T, dtype=torch.bool)
-    au[2, 3:7] = True
+    au[2, 3:8] = True
     imgs, wav = torch.rand(1, 8, 8), torch.randn(1, 2000) * 0.1
     media = [MediaInput("image", imgs, im, torch.tensor([1])), MediaInput("audio", wav, au, torch.tensor([2]))]
     with torch.no_grad():
@@ -169,7 +169,7 @@ def test_generate_media_batched_equals_one_at_a_time(mm: MultimodalLM) -> None:
     tok = Tokenizer.train(["What digit is this? seven spoken audio 0123456789 " * 3] * 10, 300, show_progress=False)
     g = torch.Generator().manual_seed(0)
     qs = [MediaQuestion("What digit is this?", "image", torch.rand(8, 8, generator=g).numpy()),
-          MediaQuestion("<audio> What digit is spoken?", "audio", (torch.randn(1500, generator=g).numpy() * 0.1, 4000)),
+          MediaQuestion("What digit is spoken? <audio>", "audio", (torch.randn(1500, generator=g).numpy() * 0.1, 4000)),
           MediaQuestion("What digit is this?", "image", torch.rand(8, 8, generator=g).numpy()),
           MediaQuestion("plain text question")]
     cfg = GenerationConfig(max_new_tokens=5, temperature=0.0)

@@ -33,7 +33,7 @@ def test_train_image_then_audio_and_generate(tmp_path) -> None:
     base = tmp_path / "doe"
     tiny_text_model(base)
     rep = train_modality(kind="image", base=base, out=tmp_path / "mm", steps=40, lr=3e-3, max_test=100, **SMALL)
-    q = rep["test"]["<image> What digit is this?"]
+    q = rep["test"]["What digit is this? <image>"]
     assert rep["final_loss"] < 0.5 * rep["first_loss"]  # it learns (accuracy is the benchmark's business)
     assert q["n"] == 100 and q["taken_by_expert"] == 1.0 and rep["text_routing"]["text_taken"] == 0.0
     before, after = load_tensors(base / "model.safetensors"), load_tensors(tmp_path / "mm" / "model.safetensors")
@@ -41,7 +41,7 @@ def test_train_image_then_audio_and_generate(tmp_path) -> None:
         assert torch.equal(after[f"base.{k}"], v), k
 
     rep2 = train_modality(kind="audio", base=tmp_path / "mm", out=tmp_path / "mm2", steps=10, lr=3e-3, **SMALL)
-    assert rep2["experts"] == ["e0", "e1", "image", "audio"] and rep2["test"]["<audio> What digit is spoken?"]["n"] == 100
+    assert rep2["experts"] == ["e0", "e1", "image", "audio"] and rep2["test"]["What digit is spoken? <audio>"]["n"] == 100
     img_after = load_tensors(tmp_path / "mm2" / "model.safetensors")
     for k, v in after.items():  # adding audio moved nothing of the image model either
         assert torch.equal(img_after[k], v), k

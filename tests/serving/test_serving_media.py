@@ -18,11 +18,11 @@ IMG[2:6, 3:5] = 1.0
 def test_text_image_and_audio_parts():
     p = media_prompt_of([{"type": "text", "text": "What digit"}, {"type": "text", "text": " is this?"},
                          image_url_part(encode_png(IMG))])
-    assert p.text == "<image> What digit is this?" and p.modality == "image"  # the medium first, as trained
+    assert p.text == "What digit is this? <image>" and p.modality == "image"  # the medium last, as trained
     assert np.allclose(p.value, IMG, atol=1 / 255)
     wav = np.sin(np.arange(800) / 5).astype(np.float32) * 0.5
     a = media_prompt_of([input_audio_part(encode_wav(wav, 8000)), {"type": "text", "text": "What digit is spoken?"}])
-    assert a.text == "<audio> What digit is spoken?" and a.value[1] == 8000 and np.abs(a.value[0] - wav).max() < 1e-4
+    assert a.text == "What digit is spoken? <audio>" and a.value[1] == 8000 and np.abs(a.value[0] - wav).max() < 1e-4
     assert media_prompt_of("plain").modality is None
 
 

@@ -64,9 +64,9 @@ def test_image_and_audio_questions_equal_generate_media(mm_server) -> None:
     cfg = GenerationConfig(max_new_tokens=5, temperature=0.0, stop_tokens=[tok.eos_id])
     wav = (np.sin(np.arange(2000) / 3) * 0.4).astype(np.float32)
     cases = [([{"type": "text", "text": "What digit is this?"}, image_url_part(encode_png(IMG))],
-              MediaQuestion("<image> What digit is this?", "image", np.round(IMG * 255) / 255), "image"),
+              MediaQuestion("What digit is this? <image>", "image", np.round(IMG * 255) / 255), "image"),
              ([input_audio_part(encode_wav(wav, 8000)), {"type": "text", "text": "What digit is spoken?"}],
-              MediaQuestion("<audio> What digit is spoken?", "audio", (np.rint(wav * 32767) / 32768, 8000)), "audio")]
+              MediaQuestion("What digit is spoken? <audio>", "audio", (np.rint(wav * 32767) / 32768, 8000)), "audio")]
     for content, question, expert in cases:
         r = chat(srv.url, content, n=2, taskmoe={"trace": True})
         assert r.status_code == 200, r.text

@@ -63,6 +63,7 @@ from taskmoe.models.model import CausalLM
 
 __all__ = ["BASE", "LoRAMLP", "upcycle_config", "upcycle_model", "add_backbone_expert", "expert_from_adapter",
            "centroid_gates", "train_gates", "gate_features", "save_upcycled", "load_upcycled", "backbone_fingerprint",
+           "backbone_base", "own_tensors",
            "doe_upcycle"]
 
 BASE = "base"
@@ -304,7 +305,7 @@ def backbone_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()
 
 
-def _own_tensors(model: DOETransformer) -> dict[str, Tensor]:
+def own_tensors(model: DOETransformer) -> dict[str, Tensor]:
     """The gates and the added experts' own tensors (the base weights stay in the backbone folder)."""
     own = tuple(f".mlp.experts.{e}." for e in model.expert_names if e != BASE)
     return {k: v for k, v in model.state_dict().items() if k.startswith("gate.") or any(s in k for s in own)}
@@ -314,15 +315,14 @@ def save_upcycled(model: DOETransformer, folder: str | Path, *, meta: Mapping[st
                   extra_files: Mapping[str, Any] | None = None) -> Path:
     """Write an upcycled model's folder (kind ``doe``): its config and only its own tensors."""
     _spec(model)
-    return save_component(folder, KIND, model.doe_config.to_dict(), _own_tensors(model), meta=meta,
+    return save_component(folder, KIND, model.doe_config.to_dict(), own_tensors(model), meta=meta,
                           extra_files=extra_files)
 
 
-def load_upcycled(folder: str | Path, *, device: str | torch.device = "cpu", with_tokenizer: bool = False) -> Any:
-    """Rebuild an upcycled model: the referenced backbone folder, checked, plus the stored gates and experts."""
-    comp = load_component(folder, KIND)
-    source = comp.folder / CONFIG_FILE
-    cfg = DOEConfig.from_dict(comp.config, source=str(source))
+def backbone_base(cfg: DOEConfig, source: str, *, device: str | torch.device = "cpu",
+                  with_tokenizer: bool = False) -> Any:
+    """The upcycled model of ``cfg`` (read from ``source``) on its backbone folder, checked (path, architecture,
+    fingerprint), with its added experts freshly built (their stored tensors are the caller's to load)."""
     if cfg.backbone is None:
         raise CheckpointError(f"{source}: not an upcycled DOE model (no 'backbone' field); use taskmoe.doe.load_doe")
     path = Path(cfg.backbone.path)
@@ -339,11 +339,18 @@ def load_upcycled(folder: str | Path, *, device: str | torch.device = "cpu", wit
                               f"(backbone.fingerprint {cfg.backbone.fingerprint} != {backbone_fingerprint(path)})")
     backbone, tok = load_backbone(path, device=device)
     model = upcycle_model(backbone, cfg)
-    tensors = comp.tensors()
-    check_state(_own_tensors(model), tensors, comp.folder / WEIGHTS_FILE)
-    model.load_state_dict(tensors, strict=False)
-    model = model.eval()
     return (model, tok) if with_tokenizer else model
+
+
+def load_upcycled(folder: str | Path, *, device: str | torch.device = "cpu", with_tokenizer: bool = False) -> Any:
+    """Rebuild an upcycled model: the referenced backbone folder, checked, plus the stored gates and experts."""
+    comp = load_component(folder, KIND)
+    source = str(comp.folder / CONFIG_FILE)
+    model, tok = backbone_base(DOEConfig.from_dict(comp.config, source=source), source, device=device, with_tokenizer=True)
+    tensors = comp.tensors()
+    check_state(own_tensors(model), tensors, comp.folder / WEIGHTS_FILE)
+    model.load_state_dict(tensors, strict=False)
+    return (model.eval(), tok) if with_tokenizer else model.eval()
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -388,6 +395,6 @@ def doe_upcycle(
         if n in fills:
             expert_from_adapter(model, n, fills[n])
     folder = save_upcycled(model, out, meta={"backbone": str(backbone)})
-    own = sum(t.numel() for t in _own_tensors(model).values())
+    own = sum(t.numel() for t in own_tensors(model).values())
     return {"model": str(folder), "experts": list(model.expert_names), "moe_layers": len(model.moe_layers),
             "stored_params": own, "backbone": cfg.backbone.path}

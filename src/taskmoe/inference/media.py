@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from taskmoe.data.media import resample
-from taskmoe.data.media_tasks import fit_audio, media_prompt
+from taskmoe.data.media_tasks import fit_audio, media_placeholder, media_prompt
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.modality.model import MediaInput, MultimodalLM
 from taskmoe.errors import RequestError
@@ -49,6 +49,11 @@ class MediaAnswer:
     fallback: bool
     modality: str | None
     scores: dict[str, float] = field(default_factory=dict)  # gate probability per expert
+
+
+def placeholder_of(model: MultimodalLM, tok: Tokenizer) -> int:
+    """The id at the placeholder positions: the model's own (saved with it), else the tokenizer's choice."""
+    return model.placeholder_id if model.placeholder_id is not None else media_placeholder(tok)
 
 
 def media_tensor(model: MultimodalLM, modality: str, value: Any) -> Tensor:
@@ -106,27 +111,27 @@ def generate_media(model: MultimodalLM, tok: Tokenizer, questions: Sequence[Medi
     prompts: list[list[int]] = []
     values: list[Tensor | None] = []
     groups: dict[tuple, list[int]] = defaultdict(list)
+    ph = placeholder_of(model, tok)
     for i, q in enumerate(questions):
         if q.modality is None:
-            ids = [tok.bos_id, *tok.encode(q.prompt, allow_special=False)]
+            ids = tok.encode_prompt(q.prompt)
             values.append(None)
             key: tuple = (len(ids), None, ())
         else:
-            ids, _ = media_prompt(tok, q.prompt, q.modality, model.n_positions(q.modality))
+            ids, _ = media_prompt(tok, q.prompt, q.modality, model.n_positions(q.modality), ph)
             values.append(media_tensor(model, q.modality, q.value))
             key = (len(ids), q.modality, tuple(values[-1].shape))
         prompts.append(ids)
         groups[key].append(i)
     answers: list[MediaAnswer | None] = [None] * len(questions)
-    pad = tok.pad_id
     for (_, modality, _), idx in groups.items():
         for start in range(0, len(idx), group_size):
             rows = idx[start : start + group_size]
             media = []
             if modality is not None:
                 ids = torch.tensor([prompts[i] for i in rows])
-                # the placeholders are the pad positions media_prompt wrote (no other pad in a prompt)
-                media = [MediaInput.full(modality, torch.stack([values[i] for i in rows]), ids == pad)]
+                # the placeholders are the positions media_prompt filled with ph (no other ph in a prompt)
+                media = [MediaInput.full(modality, torch.stack([values[i] for i in rows]), ids == ph)]
             bound = Bound(model, media)
             outs = generate_rows(bound, [prompts[i] for i in rows], [cfg] * len(rows))
             r = bound.routing
@@ -142,16 +147,17 @@ def answer_with_media(path: str | Path, prompt: str, *, image: str | Path | None
                       **gen: Any) -> dict[str, Any]:
     """``taskmoe generate MODEL "What digit is this?" --image FILE.png`` (or ``--audio FILE.wav``, or neither).
 
-    ``path`` is a ``multimodal`` folder (``taskmoe train modality``). The result names the experts the
+    ``path`` is a ``multimodal`` folder (``taskmoe train modality``, on a from-scratch DOE model or an
+    upcycled backbone). The result names the experts the
     gates chose (the modality expert for a media question) and their gate probabilities.
     """
     from taskmoe.data.media import read_image, read_wav
-    from taskmoe.doe.modality.model import load_multimodal
+    from taskmoe.doe.modality.model import load_multimodal, model_tokenizer
 
     if image is not None and audio is not None:
         raise RequestError("give --image or --audio, not both (one medium per prompt)")
     model = load_multimodal(path)
-    tok = Tokenizer.beside(path)
+    tok = model_tokenizer(path, model)
     if image is not None:
         q = MediaQuestion(prompt, "image", read_image(image))
     elif audio is not None:
@@ -170,18 +176,18 @@ def answer_with_media(path: str | Path, prompt: str, *, image: str | Path | None
 
 class Broadcast(_MediaLM):
     """``model`` that splices one medium into every row of every prefill (``T > 1``) whose ids hold the
-    ``pad_id`` placeholders (:func:`~taskmoe.data.media_tasks.media_prompt`); other calls pass through.
+    ``placeholder`` ids (:func:`placeholder_of`, :func:`~taskmoe.data.media_tasks.media_prompt`); other calls pass through.
 
     For a server batch that holds one request's rows only (``n`` choices of the same question): the
     rows join a continuous batch whenever the scheduler adds them, and each prefill gets the medium.
     """
 
-    def __init__(self, model: MultimodalLM, modality: str, value: Tensor, pad_id: int) -> None:
+    def __init__(self, model: MultimodalLM, modality: str, value: Tensor, placeholder: int) -> None:
         super().__init__(model)
-        self.modality, self.value, self.pad_id = modality, value, pad_id
+        self.modality, self.value, self.placeholder = modality, value, placeholder
 
     def forward(self, input_ids: Tensor, state: Any = None, *, logits_to_keep: int = 0):
-        mask = input_ids == self.pad_id if input_ids.shape[1] > 1 else None
+        mask = input_ids == self.placeholder if input_ids.shape[1] > 1 else None
         if mask is None or not bool(mask.any()):
             return self.model(input_ids, state, logits_to_keep=logits_to_keep)
         rows = torch.nonzero(mask.any(dim=1)).squeeze(1)

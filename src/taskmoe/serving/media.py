@@ -31,7 +31,7 @@ import numpy as np
 
 from taskmoe.config import Config, check, doc
 from taskmoe.data.media import decode_image, decode_wav
-from taskmoe.data.media_tasks import MEDIA_MARKERS
+from taskmoe.data.media_tasks import with_marker
 from taskmoe.errors import DataError, RequestError
 
 IMAGE_MIME = ("image/png", "image/jpeg", "image/jpg")
@@ -130,7 +130,7 @@ def decode_input_audio(part: Any, limits: MediaLimits, where: str = "input_audio
 
 def media_prompt_of(content: str | Sequence[Mapping[str, Any]], limits: MediaLimits | None = None,
                     where: str = "content") -> MediaPrompt:
-    """A message content -> :class:`MediaPrompt`; text parts are joined after the medium's marker."""
+    """A message content -> :class:`MediaPrompt`; text parts are joined, the medium's marker after them."""
     limits = limits or MediaLimits()
     if isinstance(content, str):
         return MediaPrompt(content)
@@ -158,7 +158,7 @@ def media_prompt_of(content: str | Sequence[Mapping[str, Any]], limits: MediaLim
     text = " ".join("".join(pieces).split())
     if not found:
         return MediaPrompt(text)
-    return MediaPrompt(f"{MEDIA_MARKERS[found[0][0]]} {text}".rstrip(), found[0][0], found[0][1])
+    return MediaPrompt(with_marker(text, found[0][0]), found[0][0], found[0][1])  # the medium last, as trained
 
 
 def image_url_part(png: bytes) -> dict[str, Any]:

@@ -40,8 +40,18 @@ Design choices:
   base the best-aligned final hidden state gives ``"7"`` a log-probability of -7.7, so an answer
   "7" is out of reach for any MLP change alone (training plateaued at 49% on the 8x8 digits).
   Text rows never reach an adapter, so this keeps text logits bit-identical too.
+- **On an upcycled backbone** (:mod:`taskmoe.doe.upcycle`, a pretrained Llama-family LM whose
+  MLPs became sequence-routed experts) the modality expert is a backbone expert (``lora``: the
+  frozen MLP plus its own LoRA update, or ``copy``), the encoder projects into the backbone's
+  ``d_model`` and nothing of the backbone moves. The placeholder positions hold
+  ``placeholder_id``, a token id plain text never encodes to (chosen by
+  :func:`taskmoe.data.media_tasks.media_placeholder`: a spare special token of the backbone's
+  tokenizer); the splice overwrites their embeddings, so the tied embedding is never resized.
 - Saved as a component folder of kind ``"multimodal"``: the base model's config, each
-  modality's expert name and encoder config, all weights in one ``model.safetensors``.
+  modality's expert name and encoder config, the placeholder id, and the weights in one
+  ``model.safetensors`` -- all of them for a from-scratch base; for an upcycled base only its
+  own tensors (gates, added experts) plus encoders and head adapters, the backbone staying in its
+  folder (checked by fingerprint at load, as :func:`~taskmoe.doe.upcycle.load_upcycled` does).
 """
 
 from __future__ import annotations
@@ -56,8 +66,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from taskmoe.data.backbone_tokenizer import BackboneTokenizer, is_backbone_tokenizer_dir
+from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from taskmoe.doe.model import DOEConfig, DOEOutput, build_doe
 from taskmoe.doe.seq_moe import REJECT_MARGIN
+from taskmoe.doe.upcycle import add_backbone_expert, backbone_base, own_tensors
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, check_state, load_component, save_component
 from taskmoe.doe.modality.encoders import build_encoder
@@ -111,6 +124,9 @@ def spliced(embedding: nn.Module, media: Sequence[MediaInput], vectors: Sequence
         for m, v in zip(media, vectors):
             if m.mask.shape != out.shape[:2]:
                 raise ValueError(f"media mask {tuple(m.mask.shape)} does not match the input (B, T) {tuple(out.shape[:2])}")
+            if int(m.mask.sum()) != v.shape[0] * v.shape[1]:
+                raise ValueError(f"{m.modality}: {int(m.mask.sum())} placeholder positions for {v.shape[0]} x "
+                                 f"{v.shape[1]} encoder outputs")
             out = out.masked_scatter(m.mask.unsqueeze(-1), v.to(out.dtype))
         return out
 
@@ -141,9 +157,11 @@ class MultimodalLM(nn.Module):
     """A base DOE-protocol model, modality encoders and the modality -> expert map (see module docstring)."""
 
     def __init__(self, base: nn.Module, encoders: Mapping[str, nn.Module] | None = None,
-                 experts: Mapping[str, str] | None = None, heads: Mapping[str, nn.Module] | None = None) -> None:
+                 experts: Mapping[str, str] | None = None, heads: Mapping[str, nn.Module] | None = None,
+                 placeholder_id: int | None = None) -> None:
         super().__init__()
         self.base = base
+        self.placeholder_id = placeholder_id  # None: the tokenizer's <|pad|> (a taskmoe tokenizer)
         self.encoders = nn.ModuleDict(dict(encoders or {}))
         self.heads = nn.ModuleDict(dict(heads or {}))
         self.experts: dict[str, str] = dict(experts or {})
@@ -166,6 +184,11 @@ class MultimodalLM(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=None):
         return self.base.init_state(batch_size, device, dtype)
+
+    @property
+    def upcycled(self) -> bool:
+        """True when the base is an upcycled pretrained backbone (its weights stay in the backbone folder)."""
+        return getattr(self.base.doe_config, "backbone", None) is not None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -219,13 +242,18 @@ class MultimodalLM(nn.Module):
 
     # -- adding a modality ------------------------------------------------------------------
     def add_modality(self, modality: str, encoder: nn.Module, *, expert: str | None = None,
-                     init_from: str | None = None, head_rank: int = 32) -> str:
+                     init_from: str | None = None, head_rank: int = 32, kind: str = "lora") -> str:
         """Add ``encoder``, a new expert (default name: the modality) and its head adapter (``head_rank``
-        0 = none) to the base model; returns the expert's name."""
+        0 = none) to the base model; returns the expert's name. On a from-scratch base the expert is a
+        copy of text expert ``init_from``; on an upcycled backbone it is a backbone expert of ``kind``
+        (``lora`` or ``copy`` of the backbone's MLPs)."""
         if modality in self.experts:
             raise ConfigError(f"MultimodalLM: modality {modality!r} already present (expert {self.experts[modality]!r})")
         name = expert or modality
-        self.base.add_expert(name, init_from=init_from)
+        if self.upcycled:
+            add_backbone_expert(self.base, name, kind)
+        else:
+            self.base.add_expert(name, init_from=init_from)
         gate = self.base.gate
         with torch.no_grad():  # start accepting (p = 0.73 at tau = 0.5): the guard already keeps it to its medium
             gate.bias[name].fill_(math.log(gate.tau / (1 - gate.tau)) + REJECT_MARGIN)
@@ -250,17 +278,27 @@ class MultimodalLM(nn.Module):
         return keep
 
     def config_dict(self) -> dict[str, Any]:
-        return {"base": self.base.doe_config.to_dict(),
+        return {"base": self.base.doe_config.to_dict(), "placeholder_id": self.placeholder_id,
                 "modalities": {m: {"expert": self.experts[m], "encoder": self.encoders[m].cfg.to_dict(),
                                    "head_rank": self.heads[m].rank if m in self.heads else 0} for m in self.experts}}
 
+    def stored_state(self) -> dict[str, Tensor]:
+        """The tensors a folder stores: all of them, or on an upcycled base all but the backbone's own."""
+        state = self.state_dict()
+        if not self.upcycled:
+            return dict(state)
+        keep = {f"base.{k}" for k in own_tensors(self.base)}
+        return {k: v for k, v in state.items() if not k.startswith("base.") or k in keep}
+
 
 def save_multimodal(model: MultimodalLM, folder: str | Path, *, tokenizer_json: str | None = None,
-                    meta: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model`` as a ``multimodal`` component folder (config.json, model.safetensors, tokenizer.json)."""
-    extra = {} if tokenizer_json is None else {"tokenizer.json": lambda p: p.write_text(tokenizer_json, encoding="utf-8")}
-    state = {k: v for k, v in model.state_dict().items()}
-    return save_component(folder, KIND, model.config_dict(), state, meta=meta, extra_files=extra)
+                    meta: Mapping[str, Any] | None = None, extra_files: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` as a ``multimodal`` component folder (config.json, model.safetensors, tokenizer.json
+    from ``tokenizer_json``, and any ``extra_files`` name -> writer)."""
+    extra = dict(extra_files or {})
+    if tokenizer_json is not None:
+        extra["tokenizer.json"] = lambda p: p.write_text(tokenizer_json, encoding="utf-8")
+    return save_component(folder, KIND, model.config_dict(), model.stored_state(), meta=meta, extra_files=extra)
 
 
 def load_multimodal(folder: str | Path, *, device: str | torch.device = "cpu") -> MultimodalLM:
@@ -270,7 +308,8 @@ def load_multimodal(folder: str | Path, *, device: str | torch.device = "cpu") -
     mods = comp.config.get("modalities")
     if not isinstance(mods, dict) or "base" not in comp.config:
         raise CheckpointError(f"{source}: a multimodal config needs 'base' and 'modalities'")
-    base = build_doe(DOEConfig.from_dict(comp.config["base"], source=f"{source}.base"))
+    base_cfg = DOEConfig.from_dict(comp.config["base"], source=f"{source}.base")
+    base = build_doe(base_cfg) if base_cfg.backbone is None else backbone_base(base_cfg, f"{source}.base", device=device)
     try:
         encoders = {m: build_encoder(m, spec["encoder"], base.d_model) for m, spec in mods.items()}
         experts = {m: spec["expert"] for m, spec in mods.items()}
@@ -278,8 +317,22 @@ def load_multimodal(folder: str | Path, *, device: str | torch.device = "cpu") -
                  for m, spec in mods.items() if int(spec.get("head_rank", 0)) > 0}
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: bad 'modalities' entry ({e})") from e
-    model = MultimodalLM(base, encoders, experts, heads)
+    placeholder = comp.config.get("placeholder_id")
+    if placeholder is not None and not (isinstance(placeholder, int) and 0 <= placeholder < base.vocab_size):
+        raise CheckpointError(f"{source}: placeholder_id must be a token id in [0, {base.vocab_size}), got {placeholder!r}")
+    model = MultimodalLM(base, encoders, experts, heads, placeholder_id=placeholder)
     tensors = comp.tensors()
-    check_state(model.state_dict(), tensors, comp.weights)
-    model.load_state_dict(tensors)
+    check_state(model.stored_state(), tensors, comp.weights)
+    model.load_state_dict(tensors, strict=not model.upcycled)
     return model.to(device).eval()
+
+
+def model_tokenizer(folder: str | Path, model: MultimodalLM) -> Tokenizer:
+    """The tokenizer of ``model`` read from ``folder``: saved inside or beside it (a backbone's tokenizer.json +
+    tokenizer_config.json, or a taskmoe one), else, for an upcycled model, its backbone folder's."""
+    bb = model.base.doe_config.backbone
+    if is_backbone_tokenizer_dir(folder):
+        return BackboneTokenizer.load(folder)
+    if bb is not None and not (Path(folder) / TOKENIZER_FILE).is_file():
+        return BackboneTokenizer.load(bb.path)
+    return Tokenizer.beside(folder)

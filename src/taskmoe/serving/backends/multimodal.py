@@ -21,7 +21,7 @@ import torch
 
 from taskmoe.data.media_tasks import media_prompt
 from taskmoe.doe.modality.model import MediaInput, MultimodalLM, load_multimodal
-from taskmoe.inference.media import Broadcast, media_tensor
+from taskmoe.inference.media import Broadcast, media_tensor, placeholder_of
 from taskmoe.serving.backend import Route
 from taskmoe.serving.backends.lm import LMBackend
 from taskmoe.serving.media import MediaError, MediaLimits, media_prompt_of
@@ -64,7 +64,8 @@ class MultimodalBackend(LMBackend):
         model: MultimodalLM = next(iter(self.models.values()))  # type: ignore[assignment]
         if prompt.modality not in model.experts:
             raise MediaError(f"this model has no {prompt.modality} expert (modalities: {sorted(model.experts)})")
-        ids, _ = media_prompt(self.tokenizer, prompt.text, prompt.modality, model.n_positions(prompt.modality))
+        ids, _ = media_prompt(self.tokenizer, prompt.text, prompt.modality, model.n_positions(prompt.modality),
+                              placeholder_of(model, self.tokenizer))
         out = MediaIds(ids)
         out.modality, out.value = prompt.modality, media_tensor(model, prompt.modality, prompt.value)
         return out
@@ -75,7 +76,7 @@ class MultimodalBackend(LMBackend):
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
         modality = getattr(prompt_ids, "modality", None)
         media = [] if modality is None else [
-            MediaInput.full(modality, prompt_ids.value.unsqueeze(0).to(device), ids == self.tokenizer.pad_id)]
+            MediaInput.full(modality, prompt_ids.value.unsqueeze(0).to(device), ids == placeholder_of(model, self.tokenizer))]
         with torch.inference_mode():
             r = model.route(ids, media)
         experts = tuple(name for name in r.expert_names()[0])
@@ -97,4 +98,4 @@ class MultimodalBackend(LMBackend):
         found = self._media.get(route.key[2])
         if found is None:
             raise MediaError("the medium of this request is no longer held (too many requests in flight); retry")
-        return Broadcast(model, found[0], found[1], self.tokenizer.pad_id)  # type: ignore[arg-type]
+        return Broadcast(model, found[0], found[1], placeholder_of(model, self.tokenizer))  # type: ignore[arg-type]

@@ -2,8 +2,10 @@
 
 Thin by design (setup / train / cleanup) over the shared loop (:func:`taskmoe.training.loop.train`):
 
-- **setup**: the base model (a ``doe`` folder, or a ``multimodal`` one to extend with another
-  medium) and its tokenizer; the digit media (MNIST IDX files or FSDD recordings with ``--data``;
+- **setup**: the base model (a ``doe`` folder -- trained from scratch or upcycled from a
+  pretrained backbone (``taskmoe doe upcycle``) --, a backbone folder itself, upcycled here with
+  no text expert but ``base``, or a ``multimodal`` one to extend with another medium) and its
+  tokenizer (an upcycled model's is its backbone's); the digit media (MNIST IDX files or FSDD recordings with ``--data``;
   otherwise scikit-learn's bundled 8x8 digits / synthesized tones) as :class:`MediaQA` question ->
   answer sequences over both templates (``"What digit is this? <image>" -> "7"`` and the caption
   style ``"Describe the image. <image>" -> "a handwritten seven"``); text prompts of the default
@@ -18,6 +20,7 @@ Thin by design (setup / train / cleanup) over the shared loop (:func:`taskmoe.tr
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +30,16 @@ import torch
 from torch import nn
 
 from taskmoe.config import Config, check, config_from_flags, doc
+from taskmoe.data.backbone_tokenizer import TOKENIZER_CONFIG_FILE, BackboneTokenizer
 from taskmoe.data.commands import get_corpus
-from taskmoe.data.media_tasks import MEDIA_MARKERS, MediaQA, digit_audio, digit_images
-from taskmoe.data.tokenizer import Tokenizer
+from taskmoe.data.media_tasks import MEDIA_MARKERS, MediaQA, digit_audio, digit_images, media_placeholder
+from taskmoe.data.tokenizer import TOKENIZER_FILE, Tokenizer
 from taskmoe.doe.model import KIND as DOE_KIND
 from taskmoe.doe.model import load_doe
+from taskmoe.doe.upcycle import upcycle_config, upcycle_model
+from taskmoe.models.backbones import is_backbone_dir, load_backbone, read_backbone_config
 from taskmoe.doe.modality import MediaInput, MultimodalLM, build_encoder, load_multimodal, save_multimodal
+from taskmoe.doe.modality.model import model_tokenizer
 from taskmoe.doe.modality.model import KIND as MM_KIND
 from taskmoe.errors import ConfigError
 from taskmoe.eval.modality import answer_accuracy, routing_shares
@@ -49,14 +56,18 @@ DEFAULT_OUT = Path("runs/default/multimodal")
 @dataclass
 class ModalityTrainConfig(Config):
     kind: str = doc("image", "the medium to add: 'image' or 'audio'")
-    base: str = doc(str(DEFAULT_BASE), "a trained DOE model folder (kind doe), or a multimodal folder to extend")
+    base: str = doc(str(DEFAULT_BASE), "a DOE model folder (kind doe: trained, or upcycled from a backbone), a backbone "
+                                        "folder (upcycled here), or a multimodal folder to extend")
     out: str = doc(str(DEFAULT_OUT), "where the multimodal model folder is written")
     data: str = doc("", "MNIST IDX folder (image) or FSDD recordings folder (audio); '' = bundled 8x8 digits / "
                         "synthesized tones")
     max_train: int = doc(0, "use at most this many training examples (0 = all)")
     max_test: int = doc(0, "evaluate on at most this many held-out examples (0 = all)")
-    init_from: str = doc("", "text expert copied as the new expert's start ('' = the first expert)")
-    channels: int = doc(32, "encoder trunk channels")
+    init_from: str = doc("", "text expert copied as the new expert's start ('' = the first expert); from-scratch bases")
+    expert_kind: str = doc("lora", "on an upcycled backbone: 'lora' (its MLPs + a LoRA update) or 'copy' (full copies)")
+    head_rank: int = doc(-1, "rank of the new expert's head adapter; -1 = 32 on a from-scratch base, 0 (none) on a "
+                             "pretrained backbone, whose head already writes digits and words")
+    channels: int = doc(0, "encoder trunk channels (0 = the encoder's default: 64 image, 96 audio)")
     negatives: int = doc(512, "text prompts of the default corpus used as the new gate's negatives")
     negative_len: int = doc(32, "tokens per text prompt (the DOE recipe's prompt_len)")
     gate_weight: float = doc(1.0, "weight of the new gate's BCE loss")
@@ -71,6 +82,9 @@ class ModalityTrainConfig(Config):
         check(self.steps >= 1 and self.batch_size >= 1, "ModalityTrainConfig: steps and batch_size must be >= 1")
         check(self.max_train >= 0 and self.max_test >= 0 and self.negatives >= 1 and self.negative_len >= 1,
               "ModalityTrainConfig: max_train/max_test >= 0 and negatives/negative_len >= 1 needed")
+        check(self.expert_kind in ("lora", "copy") and self.head_rank >= -1 and self.channels >= 0,
+              f"ModalityTrainConfig: expert_kind 'lora'/'copy', head_rank >= -1, channels >= 0 needed, got "
+              f"{self.expert_kind!r}, {self.head_rank}, {self.channels}")
 
 
 class ModalityObjective(nn.Module):
@@ -109,19 +123,36 @@ class Setup:
     text_prompts: torch.Tensor
 
 
-def load_base(folder: str | Path) -> MultimodalLM:
-    """A ``doe`` folder (wrapped, no modality yet) or a ``multimodal`` folder."""
+def load_base(folder: str | Path) -> tuple[MultimodalLM, Tokenizer]:
+    """The model to extend and its tokenizer: a ``doe`` folder (wrapped, no modality yet; an upcycled one
+    reads its backbone's tokenizer), a backbone folder (upcycled with expert ``base`` alone), or a
+    ``multimodal`` folder."""
+    if is_backbone_dir(folder):
+        backbone, tok = load_backbone(folder)
+        base = upcycle_model(backbone, upcycle_config(folder, read_backbone_config(folder)))
+        return MultimodalLM(base.eval()), tok
     comp = load_component(folder, (DOE_KIND, MM_KIND))
-    return load_multimodal(folder) if comp.kind == MM_KIND else MultimodalLM(load_doe(folder).eval())
+    model = load_multimodal(folder) if comp.kind == MM_KIND else MultimodalLM(load_doe(folder).eval())
+    return model, model_tokenizer(folder, model)
+
+
+def tokenizer_files(tok: Tokenizer) -> dict[str, Any]:
+    """``save_component`` writers of ``tok``'s files (a backbone's tokenizer_config.json too, so it loads as one)."""
+    files: dict[str, Any] = {TOKENIZER_FILE: lambda p: p.write_text(tok.to_str(), encoding="utf-8")}
+    if isinstance(tok, BackboneTokenizer):
+        cfg = {**tok.config, "chat_template": tok.chat_template}
+        files[TOKENIZER_CONFIG_FILE] = lambda p: p.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+    return files
 
 
 def text_prompts(tok: Tokenizer, n: int, length: int, split: str = "train") -> torch.Tensor:
-    """``n`` text prompts ``(n, length)`` = ``<|bos|>`` + the first tokens of default-corpus documents long enough."""
+    """``n`` text prompts ``(n, length)``: the prompt prefix (:meth:`Tokenizer.encode_prompt`, ``<|bos|>`` for ours)
+    + the first tokens of default-corpus documents long enough."""
     docs = get_corpus(None, progress=False).splits[split]
-    rows = []
+    rows, head = [], tok.encode_prompt("")
     for ids in tok.encode_batch([d.text for d in docs], allow_special=False):
-        if len(ids) >= length - 1:
-            rows.append([tok.bos_id, *ids[: length - 1]])
+        if len(head) + len(ids) >= length:
+            rows.append((head + ids)[:length])
         if len(rows) == n:
             break
     if not rows:
@@ -137,17 +168,19 @@ def media_split(cfg: ModalityTrainConfig, model: MultimodalLM, split: str) -> tu
 
 
 def setup(cfg: ModalityTrainConfig) -> Setup:
-    model = load_base(cfg.base)
-    tok = Tokenizer.beside(cfg.base)
+    model, tok = load_base(cfg.base)
     torch.manual_seed(cfg.seed)
+    enc_cfg: dict[str, Any] = {"channels": cfg.channels} if cfg.channels else {}
     if cfg.kind == "image":
         x, _ = digit_images(cfg.data or None, "test")  # only the image size
-        enc_cfg: dict[str, Any] = {"image_size": int(x.shape[-1]), "channels": cfg.channels}
-    else:
-        enc_cfg = {"channels": cfg.channels}
+        enc_cfg["image_size"] = int(x.shape[-1])
     names = model.base.gate.names
-    model.add_modality(cfg.kind, build_encoder(cfg.kind, enc_cfg, model.d_model),
-                       init_from=cfg.init_from or next(n for n in names if n not in model.experts.values()))
+    if model.placeholder_id is None:
+        model.placeholder_id = media_placeholder(tok)
+    head_rank = cfg.head_rank if cfg.head_rank >= 0 else (0 if model.upcycled else 32)
+    model.add_modality(cfg.kind, build_encoder(cfg.kind, enc_cfg, model.d_model), kind=cfg.expert_kind,
+                       init_from=cfg.init_from or next(n for n in names if n not in model.experts.values()),
+                       head_rank=head_rank)
     model.freeze_except(cfg.kind)
     x_tr, y_tr = media_split(cfg, model, "train")
     x_te, y_te = media_split(cfg, model, "test")
@@ -156,7 +189,8 @@ def setup(cfg: ModalityTrainConfig) -> Setup:
     if cfg.max_test:
         x_te, y_te = x_te[: cfg.max_test], y_te[: cfg.max_test]
     neg = text_prompts(tok, cfg.negatives, cfg.negative_len)
-    data = MediaQA(tok, cfg.kind, x_tr, y_tr, model.n_positions(cfg.kind), negatives=neg)
+    data = MediaQA(tok, cfg.kind, x_tr, y_tr, model.n_positions(cfg.kind), negatives=neg,
+                   placeholder=model.placeholder_id)
     held_out = text_prompts(tok, cfg.negatives, cfg.negative_len, split="validation")
     return Setup(model, tok, data, x_te, y_te, held_out)
 
@@ -179,15 +213,15 @@ def cleanup(s: Setup, cfg: ModalityTrainConfig, res: TrainResult, seconds: float
               "first_loss": res.losses[0] if res.losses else None,
               "final_loss": res.losses[-1] if res.losses else None, "train_seconds": round(seconds, 1),
               "train_examples": len(s.train), "test": acc, "text_routing": shares[cfg.kind], "added_params": added}
-    folder = save_multimodal(s.model, cfg.out, tokenizer_json=s.tok.to_str(), meta={"report": report})
+    folder = save_multimodal(s.model, cfg.out, extra_files=tokenizer_files(s.tok), meta={"report": report})
     atomic_write_json(Path(cfg.out) / "reports" / f"modality_{cfg.kind}.json", report)
     report["model"] = str(folder)
     return report
 
 
 # ------------------------------------------------------------------------------------ CLI
-FLAGS: dict[str, str] = {k: k for k in ("kind", "base", "out", "data", "max_train", "max_test", "init_from", "channels",
-                                          "steps", "batch_size", "lr", "seed", "progress")}
+FLAGS: dict[str, str] = {k: k for k in ("kind", "base", "out", "data", "max_train", "max_test", "init_from", "expert_kind",
+                                          "head_rank", "channels", "steps", "batch_size", "lr", "seed", "progress")}
 """``train modality`` flag -> the config field it sets."""
 
 
@@ -199,6 +233,8 @@ def train_modality(
     max_train: Optional[int] = None,
     max_test: Optional[int] = None,
     init_from: Optional[str] = None,
+    expert_kind: Optional[str] = None,
+    head_rank: Optional[int] = None,
     channels: Optional[int] = None,
     steps: Optional[int] = None,
     batch_size: Optional[int] = None,
@@ -210,7 +246,10 @@ def train_modality(
 ) -> dict[str, Any]:
     """Add an image or audio expert (encoder + projector + expert + gate) to a trained DOE model.
 
-    --base is a DOE model folder (taskmoe train doe) or a multimodal folder to extend. --data is an
+    --base is a DOE model folder (taskmoe train doe, or taskmoe doe upcycle on a pretrained backbone),
+    a backbone folder (taskmoe backbone import; upcycled here, expert 'base' only) or a multimodal
+    folder to extend. On a backbone the new expert is --expert-kind lora (default) or copy of its
+    MLPs and everything of the backbone stays frozen. --data is an
     MNIST IDX folder (image) or the FSDD recordings folder (audio); without it the bundled 8x8 digits
     or synthesized tones are used. Everything but the new encoder, projector and expert stays
     frozen, so text answers are unchanged. Reports held-out accuracy of the generated answers.
@@ -221,7 +260,7 @@ def train_modality(
     as_str = lambda v: None if v is None else str(v)  # noqa: E731
     cfg = config_from_flags(ModalityTrainConfig, config, FLAGS, dict(
         kind=kind, base=as_str(base), out=as_str(out), data=as_str(data), max_train=max_train, max_test=max_test,
-        init_from=init_from, channels=channels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        init_from=init_from, expert_kind=expert_kind, head_rank=head_rank, channels=channels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
         progress=None if progress else False), set, recipe="modality")
     kind = cfg.kind
     t0 = time.time()
