@@ -7,9 +7,12 @@ pixels and the same conv trunk trained alone with a linear head on the same imag
 steps (MNIST), vs logistic regression on mean log-mel features (FSDD test split, take index 0-4);
 gate routing shares; text perplexity before/after adding both experts (and whether the logits are
 bit-identical); added parameters; latency of an image / audio question vs a text question of the
-same token length. Writes its section of docs/benchmarks.md.
+same token length. Writes its section of docs/benchmarks.md. With ``--backbone DIR`` it instead adds
+an image expert to that pretrained backbone (upcycled, everything of it frozen; SmolLM2-135M here),
+trained on an MNIST subset for a few hundred steps, and writes a second section with its numbers
+(accuracy, routing, text logits vs the plain backbone, added parameters, latency).
 
-    python -m bench.modality [--image-steps 1000] [--threads 1] [--audio-steps 600] [--quick]
+    python -m bench.modality [--image-steps 1000] [--threads 1] [--audio-steps 600] [--backbone DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def cnn_alone(x_tr, y_tr, x_te, y_te, steps: int, batch: int, lr: float, channel
     from taskmoe.doe.modality.encoders import ImageEncoder, ImageEncoderConfig
 
     torch.manual_seed(seed)
-    enc = ImageEncoder(ImageEncoderConfig(image_size=int(x_tr.shape[-1]), channels=channels), 8)
-    head = torch.nn.Linear(channels * enc.cfg.n_positions, 10)
+    cfg = ImageEncoderConfig(image_size=int(x_tr.shape[-1]))
+    enc = ImageEncoder(cfg.replace(channels=channels or cfg.channels), 8)  # the same trunk and augmentation
+    head = torch.nn.Linear(enc.cfg.channels * enc.cfg.grid ** 2, 10)
     params = list(enc.trunk.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -110,7 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--audio-steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--channels", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=0, help="image trunk channels (0 = the encoder's default)")
+    ap.add_argument("--backbone", default="", help="a backbone folder: add an image expert to it instead (its own section)")
+    ap.add_argument("--backbone-steps", type=int, default=300)
+    ap.add_argument("--backbone-batch", type=int, default=8)
+    ap.add_argument("--backbone-train", type=int, default=6000, help="MNIST training images for the backbone run")
+    ap.add_argument("--backbone-test", type=int, default=500, help="MNIST test images for the backbone run")
     args = parse_bench_args(ap, argv)
     from taskmoe.data.media import read_mnist
     from taskmoe.data.media_tasks import digit_audio, media_prompt
@@ -123,6 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     q = args.quick
     data = shared_data()
+    if args.backbone:  # its own section, so the two runs can go side by side
+        out, text = backbone_run(args, data, q)
+        text = f"Machine: {START_LOAD}. " + text
+        print(text)
+        if not args.no_write:
+            write_section("modality_backbone", "Modality expert on an upcycled pretrained backbone: MNIST as generated text",
+                          command("modality", argv), text)
+        return out
     t_start = time.time()
     res: dict = {}
     with tempfile.TemporaryDirectory() as d:
@@ -168,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         acfg = rec.ModalityTrainConfig(kind="audio", base=str(d / "mm_image"), out=str(d / "mm_both"),
                                        data=str(data / "audio" / "fsdd" / "recordings"),
                                        steps=30 if q else args.audio_steps, batch_size=32, lr=args.lr,
-                                       channels=96, progress=False)
+                                       progress=False)
         t0 = time.time()
         sa = rec.setup(acfg)
         ra = rec.train(sa, acfg)
@@ -204,18 +221,18 @@ def main(argv: list[str] | None = None) -> dict:
         res["total_s"] = time.time() - t_start
 
     ti, ta = rep_i["test"], rep_a["test"]
-    digit_i, cap_i = ti["<image> What digit is this?"], ti["<image> Describe the image."]
-    digit_a, cap_a = ta["<audio> What digit is spoken?"], ta["<audio> Transcribe the audio."]
+    digit_i, cap_i = ti["What digit is this? <image>"], ti["Describe the image. <image>"]
+    digit_a, cap_a = ta["What digit is spoken? <audio>"], ta["Transcribe the audio. <audio>"]
     rows_acc = [
-        {"task": "MNIST test (10k): generated answer to '<image> What digit is this?'", "accuracy": digit_i["accuracy"]},
-        {"task": "MNIST test: generated caption '<image> Describe the image.' = 'a handwritten seven' (exact)",
+        {"task": "MNIST test (10k): generated answer to 'What digit is this? <image>'", "accuracy": digit_i["accuracy"]},
+        {"task": "MNIST test: generated caption 'Describe the image. <image>' = 'a handwritten seven' (exact)",
          "accuracy": cap_i["accuracy"]},
         {"task": "MNIST baseline: logistic regression on raw pixels", "accuracy": res["mnist_logreg"]},
         {"task": "MNIST baseline: the same conv trunk + linear head trained alone (same steps/batch/lr)",
          "accuracy": res["mnist_cnn"]},
-        {"task": "FSDD test (take 0-4, 300): generated answer to '<audio> What digit is spoken?'",
+        {"task": "FSDD test (take 0-4, 300): generated answer to 'What digit is spoken? <audio>'",
          "accuracy": digit_a["accuracy"]},
-        {"task": "FSDD test: generated transcription '<audio> Transcribe the audio.' = 'seven' (exact)",
+        {"task": "FSDD test: generated transcription 'Transcribe the audio. <audio>' = 'seven' (exact)",
          "accuracy": cap_a["accuracy"]},
         {"task": "FSDD baseline: logistic regression on mean log-mel (40 bands)", "accuracy": res["fsdd_logreg"]},
     ]
@@ -256,6 +273,64 @@ def main(argv: list[str] | None = None) -> dict:
         write_section("modality", "Modality experts: MNIST and FSDD as generated text on a DOE model",
                       command("modality", argv), body)
     return res
+
+
+def backbone_run(args, data: Path, q: bool) -> tuple[dict, str]:
+    """An image expert on the upcycled backbone ``args.backbone`` (expert ``base`` = its MLPs, the new one a LoRA
+    update of them), trained on an MNIST subset with everything of the backbone frozen; its table as markdown."""
+    from taskmoe.data.backbone_tokenizer import BackboneTokenizer
+    from taskmoe.data.media_tasks import media_prompt
+    from taskmoe.inference.generate import GenerationConfig
+    from taskmoe.inference.media import MediaQuestion, generate_media
+    from taskmoe.models.backbones import load_backbone
+    from taskmoe.training.recipes import modality as rec
+
+    tok = BackboneTokenizer.load(args.backbone)
+    text = rec.text_prompts(tok, 16, 32, split="validation")
+    backbone, _ = load_backbone(args.backbone)
+    with torch.no_grad():
+        ref = backbone(text).logits
+    del backbone
+    with tempfile.TemporaryDirectory() as d:
+        cfg = rec.ModalityTrainConfig(kind="image", base=str(args.backbone), out=str(Path(d) / "mm"),
+                                      data=str(data / "images" / "mnist"), steps=5 if q else args.backbone_steps,
+                                      batch_size=args.backbone_batch, lr=args.lr, max_train=args.backbone_train,
+                                      max_test=50 if q else args.backbone_test, negatives=128, progress=False)
+        t0 = time.time()
+        s = rec.setup(cfg)
+        r = rec.train(s, cfg)
+        train_s = time.time() - t0
+        rep = rec.cleanup(s, cfg, r, train_s)
+        mm = s.model.eval()
+        with torch.no_grad():
+            identical = torch.equal(mm(text).logits, ref)
+        x = s.test_media[0].numpy()
+        img_q = MediaQuestion("What digit is this?", "image", x)
+        n_tok = len(media_prompt(tok, img_q.prompt, "image", mm.n_positions("image"), mm.placeholder_id)[0])
+        text_q = MediaQuestion(tok.decode(tok.encode(" ".join(["the"] * 64), allow_special=False)[:n_tok]))
+        gcfg = GenerationConfig(max_new_tokens=2, temperature=0.0)
+        lat = (timeit(lambda: generate_media(mm, tok, [img_q], gcfg), repeat=3),
+               timeit(lambda: generate_media(mm, tok, [text_q], gcfg), repeat=3))
+    t = rep["test"]
+    digit, cap = t["What digit is this? <image>"], t["Describe the image. <image>"]
+    rows = [{"task": f"MNIST test (first {digit['n']}): generated answer to 'What digit is this? <image>'",
+             "accuracy": digit["accuracy"], "taken by the image expert": digit["taken_by_expert"]},
+            {"task": "MNIST test: generated caption 'Describe the image. <image>' (exact)", "accuracy": cap["accuracy"],
+             "taken by the image expert": cap["taken_by_expert"]}]
+    out = {"digit": digit["accuracy"], "caption": cap["accuracy"], "text_logits_identical": identical,
+           "train_s": train_s, "added": rep["added_params"], "latency": lat, "text_routing": rep["text_routing"]}
+    body = (f"**On a pretrained backbone** ({Path(args.backbone).name}, upcycled: expert `base` = its MLPs, the image "
+            f"expert = a LoRA update (r {s.model.base.doe_config.backbone.lora_rank}) of all "
+            f"{len(s.model.base.moe_layers)} MLPs + encoder + projector into d_model {s.model.d_model}; placeholder id "
+            f"{s.model.placeholder_id}, no embedding row added; all backbone weights frozen). {cfg.steps} steps x "
+            f"{cfg.batch_size} on the first {cfg.max_train} MNIST training images ({train_s:.0f} s incl. setup).\n\n"
+            + md_table(rows) + "\n\n"
+            + f"Text prompts taken by the image expert: {rep['text_routing']['text_taken']:.3g} (its gate alone: "
+              f"{rep['text_routing']['text_gate_alone']:.3g}). Text logits of 16 held-out prompts equal the plain "
+              f"backbone's (torch.equal): {identical}. Added parameters: {rep['added_params']}. One image question "
+              f"({n_tok} tokens, 2 new tokens): {lat[0] * 1e3:.0f} ms vs a text question of the same length "
+              f"{lat[1] * 1e3:.0f} ms.")
+    return out, body
 
 
 if __name__ == "__main__":

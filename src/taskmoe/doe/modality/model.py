@@ -35,8 +35,9 @@ Design choices:
   starts *accepting* (``b = logit(tau) + 1``, ``w = 0``): the guard already confines it to its
   medium, and training then teaches ``w`` to reject text as well (reported as "gate alone").
 - **Plus a head adapter of their own** (:class:`HeadAdapter`, LoRA-style on the tied output head,
-  ``logits += B(A(h))``, ``B`` zero-initialised), applied only to the rows the modality expert
-  serves. A small text model's frozen tied head cannot make a rare token likely: in a 300-step
+  ``logits += B(A(h))``), applied only to the rows the modality expert serves. ``B`` starts small
+  and random, not zero as in LoRA: there is no function to preserve on rows that never existed, and
+  a zero ``B`` left the encoder without a gradient through the adapter until ``B`` grew. A small text model's frozen tied head cannot make a rare token likely: in a 300-step
   base the best-aligned final hidden state gives ``"7"`` a log-probability of -7.7, so an answer
   "7" is out of reach for any MLP change alone (training plateaued at 49% on the 8x8 digits).
   Text rows never reach an adapter, so this keeps text logits bit-identical too.
@@ -138,7 +139,7 @@ def spliced(embedding: nn.Module, media: Sequence[MediaInput], vectors: Sequence
 
 
 class HeadAdapter(nn.Module):
-    """``delta(h) = B(A(h))`` (D -> r -> V, ``B`` zero-initialised, with a bias over the vocabulary)."""
+    """``delta(h) = B(A(h))`` (D -> r -> V, ``B`` ~ N(0, 0.01 / r), with a zero bias over the vocabulary)."""
 
     def __init__(self, d_model: int, vocab_size: int, rank: int) -> None:
         super().__init__()
@@ -146,7 +147,7 @@ class HeadAdapter(nn.Module):
         self.A = nn.Linear(d_model, rank, bias=False)
         self.B = nn.Linear(rank, vocab_size)
         nn.init.normal_(self.A.weight, std=d_model ** -0.5)
-        nn.init.zeros_(self.B.weight)
+        nn.init.normal_(self.B.weight, std=0.1 * rank ** -0.5)
         nn.init.zeros_(self.B.bias)
 
     def forward(self, h: Tensor) -> Tensor:
