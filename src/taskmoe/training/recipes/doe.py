@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from taskmoe.config import Config, FlagPaths, check, config_from_flags, doc
-from taskmoe.data.commands import DEFAULT_VOCAB_SIZE, corpus_tokenizer, get_corpus
+from taskmoe.data.commands import DEFAULT_VOCAB_SIZE, corpus_command, corpus_tokenizer, get_corpus
 from taskmoe.data.corpus import Corpus
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.model import DOEConfig, DOETransformer, build_doe, load_doe, save_doe
@@ -295,18 +295,11 @@ def load_with_tokenizer(model: Path) -> tuple[DOETransformer, Tokenizer]:
     return m, Tokenizer.load(tok_path)
 
 
-def doe_report(
-    model: Path = DEFAULT_OUT / "model",
-    source: Optional[str] = None,
-    split: str = "validation",
-    max_docs_per_domain: Optional[int] = None,
-    out: Optional[Path] = None,
-    seq_len: int = 256,
-    prompt_len: int = 32,
-) -> list[dict[str, Any]]:
+@corpus_command
+def doe_report(model: Path = DEFAULT_OUT / "model", split: str = "validation", out: Optional[Path] = None,
+               seq_len: int = 256, prompt_len: int = 32, *, corpus: Corpus) -> list[dict[str, Any]]:
     """Which expert takes which domain: table, NMI of the chosen expert vs domain, heatmap PNG."""
     m, tok = load_with_tokenizer(model)
-    corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=False)
     if split not in corpus.splits:
         raise ConfigError(f"doe report: split must be one of {sorted(corpus.splits)}, got {split!r}")
     domains = list(corpus.domains)
