@@ -143,12 +143,22 @@ def perplexity(model: nn.Module, data: DocumentWindows, batch_size: int = 16) ->
 
 # ---------------------------------------------------------------------------------- config
 @dataclass
-class DOERecipeConfig(Config):
+class DOEWindowsConfig(Config):
+    """The windows a DOE model reads (``train doe`` and ``doe add-expert``)."""
+
+    seq_len: int = doc(256, "tokens per window (windows never cross a document boundary)")
+    prompt_len: int = doc(32, "leading tokens of a window that routing reads; the loss skips what routing saw")
+
+    def validate(self) -> None:
+        check(1 <= self.prompt_len < self.seq_len,
+              f"{type(self).__name__}: need 1 <= prompt_len ({self.prompt_len}) < seq_len ({self.seq_len})")
+
+
+@dataclass
+class DOERecipeConfig(DOEWindowsConfig):
     """The windows, the DOE model and its training run (``taskmoe train doe``)."""
 
     vocab_size: int = doc(DEFAULT_VOCAB_SIZE, "BPE vocabulary size when the tokenizer is trained on the corpus")
-    seq_len: int = doc(256, "tokens per window (windows never cross a document boundary)")
-    prompt_len: int = doc(32, "leading tokens of a window that routing reads; the loss skips what routing saw")
     model: DOEConfig = doc(DOEConfig(lm=TransformerLMConfig(d_model=128, n_layers=4, n_heads=4)),
                            "the DOE transformer (lm.vocab_size is set from the tokenizer; experts are renamed after "
                            "the router's categories with gate_supervision='router')")
@@ -158,8 +168,7 @@ class DOERecipeConfig(Config):
                              "the training run (the dense baseline uses the same one)")
 
     def validate(self) -> None:
-        check(1 <= self.prompt_len < self.seq_len,
-              f"DOERecipeConfig: need 1 <= prompt_len ({self.prompt_len}) < seq_len ({self.seq_len})")
+        super().validate()
         check(self.vocab_size >= 1, f"DOERecipeConfig.vocab_size must be >= 1, got {self.vocab_size}")
 
 
@@ -174,13 +183,16 @@ FLAGS: dict[str, FlagPaths] = {
 """``train doe`` / ``doe add-expert`` flag -> the config path it sets."""
 
 
+def steps_warmup(flags: dict[str, Any]) -> dict[str, Any]:
+    """``steps`` also sets the warm-up to steps // 20 (``train doe``, ``doe add-expert``)."""
+    return {} if flags.get("steps") is None else {"train.warmup_steps": max(1, int(flags["steps"]) // 20)}
+
+
 def _derive(flags: dict[str, Any]) -> dict[str, Any]:
-    """``experts=N`` names the experts e0..e{N-1}; ``steps`` also sets the warm-up to steps // 20."""
-    extra: dict[str, Any] = {}
+    """``experts=N`` names the experts e0..e{N-1}; see :func:`steps_warmup`."""
+    extra = steps_warmup(flags)
     if flags.get("experts") is not None:
         extra["model.experts"] = [f"e{i}" for i in range(int(flags["experts"]))]
-    if flags.get("steps") is not None:
-        extra["train.warmup_steps"] = max(1, int(flags["steps"]) // 20)
     return extra
 
 
