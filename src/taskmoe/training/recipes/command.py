@@ -11,7 +11,8 @@ turns it into the typed function of :mod:`taskmoe.cli.table`, which is also the 
   (repeatable, dotted paths, applied last), through :func:`taskmoe.config.config_from_flags`;
 - a flag the body takes itself (``progress``, ``seed``) keeps the body's type and default; its value
   also sets the config path(s) unless it is left at that default (then the config file's value stands);
-- ``derive(args)`` adds config paths computed from the arguments (e.g. the warm-up from ``--steps``).
+- ``derive(args)`` adds config paths computed from the arguments (e.g. the warm-up from ``--steps``);
+- a ``Path`` given (from Python) for a ``str`` field is stored as its text, so the config stays JSON.
 
 So a flag is named once (``FLAGS``), typed and documented once (its config field), and the
 "load the config, apply the flags, apply ``--set``, validate" plumbing is written once (here), as in
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Mapping, Optional
@@ -95,6 +97,8 @@ def recipe_command(cls: type[C], flags: Mapping[str, FlagPaths], *, recipe: str,
                    inspect.Parameter("set", _KW, default=None,
                                      annotation=Annotated[Optional[list[str]], typer.Option(help=SET_HELP)])]
         sig = inspect.Signature(params, return_annotation=inspect.signature(body, eval_str=True).return_annotation)
+        text = {name for name, paths in flags.items()  # a path given for a str field is kept as its text
+                if field_info(cls, paths if isinstance(paths, str) else paths[0])[0] in (str, Optional[str])}
 
         @functools.wraps(body)
         def command(*args: Any, **kwargs: Any) -> Any:
@@ -103,6 +107,7 @@ def recipe_command(cls: type[C], flags: Mapping[str, FlagPaths], *, recipe: str,
             a = dict(bound.arguments)
             given = {name: (None if a[name] == own_defaults[name] else a[name]) if name in own else a.pop(name)
                      for name in flags}
+            given = {k: os.fspath(v) if k in text and isinstance(v, os.PathLike) else v for k, v in given.items()}
             args = {**a, **given}
             for name in derived:
                 del a[name]
