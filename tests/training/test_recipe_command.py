@@ -83,5 +83,5 @@ def test_unknown_paths_and_variant_flags_are_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--set width: cannot read 'x' as int"):
         toy(tmp_path, set=["width=x"])
     assert isinstance(toy(tmp_path, other=True, steps=2)["cfg"], OtherConfig)
-    with pytest.raises(ConfigError, match=r"unknown toy flag\(s\) \['width'\]"):
+    with pytest.raises(ConfigError, match=r"unknown toy \(OtherConfig\) flag\(s\) \['width'\]"):
         toy(tmp_path, other=True, width=3)

@@ -116,7 +116,8 @@ def recipe_command(cls: type[C], flags: Mapping[str, FlagPaths], *, recipe: str,
             cls_, map_ = (cls, flags) if chosen is None else chosen
             given = {k: v for k, v in given.items() if k in map_ or v is not None}
             extra = derive(args) if derive is not None else None
-            cfg = config_from_flags(cls_, config, dict(map_), given, overrides or (), recipe=recipe, extra=extra)
+            label = recipe if chosen is None else f"{recipe} ({cls_.__name__})"
+            cfg = config_from_flags(cls_, config, dict(map_), given, overrides or (), recipe=label, extra=extra)
             return body(**a, cfg=cfg)
 
         command.__signature__ = sig  # type: ignore[attr-defined]
