@@ -163,3 +163,25 @@ def test_train_modality_on_a_backbone_folder_and_generate_with_an_image(tmp_path
     text = generate_text(tmp_path / "mm", "hello world", max_new_tokens=4)
     ref = generate_text(bb, "hello world", max_new_tokens=4, raw=True)  # the backbone's plain completion
     assert text["experts"] == BASE and text["answer"] == ref["answer"].strip()
+
+
+def test_train_modality_on_a_doe_upcycle_folder_then_extend_with_audio(tmp_path) -> None:
+    from tests.models.backbones.backbone_helpers import write_hf_backbone
+    from taskmoe.doe.upcycle import doe_upcycle
+    from taskmoe.training.recipes.modality import train_modality
+
+    torch.set_num_threads(1)
+    bb = tmp_path / "bb"
+    write_hf_backbone(bb, num_hidden_layers=2)
+    doe_upcycle(backbone=bb, out=tmp_path / "up", experts="legal", kind="lora")
+    small = dict(batch_size=8, channels=8, max_test=10, set=["negatives=16"], progress=False)
+    rep = train_modality(kind="image", base=tmp_path / "up", out=tmp_path / "mm", steps=3, **small)
+    assert rep["experts"] == [BASE, "legal", "image"]
+    rep2 = train_modality(kind="audio", base=tmp_path / "mm", out=tmp_path / "mm2", steps=3, expert_kind="copy", **small)
+    assert rep2["experts"] == [BASE, "legal", "image", "audio"]
+    mm = load_multimodal(tmp_path / "mm2")
+    assert mm.base.doe_config.backbone.kinds == {"legal": "lora", "image": "lora", "audio": "copy"}
+    assert (tmp_path / "mm2" / "tokenizer_config.json").is_file()  # the backbone's tokenizer travels with it
+    before = load_tensors(tmp_path / "mm" / "model.safetensors")
+    after = load_tensors(tmp_path / "mm2" / "model.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # adding audio moved nothing of the image model
