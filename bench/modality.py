@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--audio-steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--mnist-test", type=int, default=0, help="evaluate on the first N MNIST test images (0 = all 10k)")
     ap.add_argument("--channels", type=int, default=0, help="image trunk channels (0 = the encoder's default)")
     ap.add_argument("--backbone", default="", help="a backbone folder: add an image expert to it instead (its own section)")
     ap.add_argument("--backbone-steps", type=int, default=300)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         common = dict(batch_size=args.batch_size, lr=args.lr, channels=args.channels, progress=False)
         icfg = rec.ModalityTrainConfig(kind="image", base=str(d / "doe" / "model"), out=str(d / "mm_image"),
                                        data=str(data / "images" / "mnist"), steps=30 if q else args.image_steps,
-                                       max_train=2000 if q else 0, max_test=500 if q else 0, **common)
+                                       max_train=2000 if q else 0, max_test=500 if q else args.mnist_test, **common)
         t0 = time.time()
         si = rec.setup(icfg)
         ri = rec.train(si, icfg)
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         x_tr, y_tr = read_mnist(data / "images" / "mnist", "train")
         x_te, y_te = read_mnist(data / "images" / "mnist", "test")
         if q:
-            x_tr, y_tr, x_te, y_te = x_tr[:2000], y_tr[:2000], x_te[:500], y_te[:500]
+            x_tr, y_tr = x_tr[:2000], y_tr[:2000]
+        if q or args.mnist_test:
+            x_te, y_te = x_te[: icfg.max_test], y_te[: icfg.max_test]
         t0 = time.time()
         res["mnist_logreg"] = logreg(x_tr.reshape(len(x_tr), -1), y_tr, x_te.reshape(len(x_te), -1), y_te,
                                      max_iter=50 if q else 100)
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     digit_i, cap_i = ti["What digit is this? <image>"], ti["Describe the image. <image>"]
     digit_a, cap_a = ta["What digit is spoken? <audio>"], ta["Transcribe the audio. <audio>"]
     rows_acc = [
-        {"task": "MNIST test (10k): generated answer to 'What digit is this? <image>'", "accuracy": digit_i["accuracy"]},
+        {"task": f"MNIST test ({digit_i['n']}): generated answer to 'What digit is this? <image>'",
+         "accuracy": digit_i["accuracy"]},
         {"task": "MNIST test: generated caption 'Describe the image. <image>' = 'a handwritten seven' (exact)",
          "accuracy": cap_i["accuracy"]},
         {"task": "MNIST baseline: logistic regression on raw pixels", "accuracy": res["mnist_logreg"]},
