@@ -17,9 +17,7 @@ Design choices:
   the issue's form; a prompt without a marker gets it appended): the answer's first token is then
   predicted at the medium's last position, the encoder's pooled summary of it, which reads the
   question by attention with a query the projector controls (see
-  :mod:`taskmoe.doe.modality.encoders`). With the medium first, the answer was predicted at the
-  question's last text token, whose frozen attention query had to find the medium, and the LM
-  path trailed the same trunk trained alone (MNIST 94.7% vs 97.9%, FSDD 89.7%).
+  :mod:`taskmoe.doe.modality.encoders` for what that measured).
 - **Answers are generated text.** Each modality has a question template whose answer is the digit
   (``"7"``) and a caption-style template whose answer is words (``"a handwritten seven"``,
   ``"seven"``); the sequence is ``<|bos|> prompt <|eos|>``-free: ``prompt + answer + <|eos|>``.

@@ -37,7 +37,8 @@ Design choices:
 - **Plus a head adapter of their own** (:class:`HeadAdapter`, LoRA-style on the tied output head,
   ``logits += B(A(h))``), applied only to the rows the modality expert serves. ``B`` starts small
   and random, not zero as in LoRA: there is no function to preserve on rows that never existed, and
-  a zero ``B`` left the encoder without a gradient through the adapter until ``B`` grew. A small text model's frozen tied head cannot make a rare token likely: in a 300-step
+  a zero ``B`` left the encoder without a gradient through the adapter until ``B`` grew (+1.3
+  points on MNIST at 600 steps). A small text model's frozen tied head cannot make a rare token likely: in a 300-step
   base the best-aligned final hidden state gives ``"7"`` a log-probability of -7.7, so an answer
   "7" is out of reach for any MLP change alone (training plateaued at 49% on the 8x8 digits).
   Text rows never reach an adapter, so this keeps text logits bit-identical too.
