@@ -4,6 +4,11 @@ Setup: a small IMoE run (router, three expert LMs, summarizer with a coding adap
 a temporary folder exactly as the serving tests build theirs (``tests/inference/pipeline_helpers``,
 about a minute), then served by ``create_app`` under uvicorn in a **separate process** on
 127.0.0.1 only (the load generator must not share the server's GIL), with ``--timeout`` 30 s.
+``--run FOLDER`` serves an existing run instead; a **backbone system** (its manifest names a
+backbone, e.g. a copy of the quickstart run: SmolLM2-135M + LoRA experts) is sent
+:data:`BACKBONE_PROMPTS` (plain questions, written here) and writes its own section
+(``serving_soak_backbone``). Both run with continuous batching: a request's rows join the
+running pipeline decodes between steps.
 
 Soak (closed loop, bounded by ``--seconds``): ``--clients`` async clients send requests back to
 back, chosen with a fixed seed: 40% streaming chat, 40% non-streaming completions, 20% that hang up
@@ -47,6 +52,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30.0
 MAX_TOKENS = 16
 ADMISSION_CODES = {"server_busy", "queue_full", "request_over_share"}
+BACKBONE_PROMPTS = {
+    "code": "Write a Python function that returns the largest value in a list.",
+    "legal": "What does a limitation of liability clause in a contract do?",
+    "chat": "Any tips for a relaxing weekend at home?",
+    "science": "Why is the sky blue?",
+}
+"""What the soak sends a backbone system (an instruct backbone answers questions)."""
+
+
+def backbone_of(run: Path) -> str | None:
+    """The backbone a run's manifest names (None: the run has its own models)."""
+    meta = json.loads((run / "taskmoe.json").read_text()).get("meta") or {}
+    return meta.get("backbone")
 
 
 def _helpers():
@@ -216,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         folder = args.run or Path(tmp) / "run"
         if (folder / "taskmoe.json").is_file():
-            run, by_domain = folder, _helpers().prompts()
+            run, by_domain = folder, BACKBONE_PROMPTS if backbone_of(folder) else _helpers().prompts()
         else:
             run, by_domain = build_run(folder)
         build_s = time.perf_counter() - t0
@@ -249,10 +267,18 @@ def main(argv: list[str] | None = None) -> dict:
                       "lost": tally.lost[:5], "health": health}, indent=1))
     ok = fivexx == 0 and not tally.lost and row["429 with admission code"] == refusals \
         and set(burst_codes) <= {200, 429}
+    backbone = backbone_of(run)
+    if backbone:
+        setup = (f"Backbone system `{run.name}` (experts are LoRA adapters of the backbone `{Path(backbone).name}`, "
+                 f"{len(json.loads((run / 'taskmoe.json').read_text())['experts'])} experts, experts-only mode: the "
+                 f"confidence-weighted mixture decodes the answer; loaded in {build_s:.0f} s)")
+    else:
+        setup = (f"IMoE run built like the serving tests' (router + 3 expert LMs + summarizer with a coding adapter, "
+                 f"d_model 32; built/loaded in {build_s:.0f} s)")
     body = (
-        f"IMoE run built like the serving tests' (router + 3 expert LMs + summarizer with a coding adapter, d_model 32; "
-        f"built/loaded in {build_s:.0f} s), served from a separate process on 127.0.0.1 (torch threads {args.threads}, "
-        f"--timeout {TIMEOUT_S:g} s, max_batch 32, default admission). Soak: {clients} concurrent clients for "
+        f"{setup}, served from a separate process on 127.0.0.1 (torch threads {args.threads}, "
+        f"--timeout {TIMEOUT_S:g} s, max_batch 32, default admission, continuous batching: rows join the running "
+        f"pipeline decodes between steps). Soak: {clients} concurrent clients for "
         f"{seconds:g} s, closed loop, max_tokens {MAX_TOKENS}; request mix {dict(tally.kinds)} (hangup = the client "
         "closes a stream after its first event, or abandons a non-streaming request after 0.2 s). `lost` = a request "
         "that did not hang up and got neither a complete answer nor a 4xx; latency of complete answers; `alone` = "
@@ -268,8 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(body)
     if not args.no_write:
         flags = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write")
-        write_section("serving_soak", "Serving soak: 64 clients x 60 s against an IMoE run, overload burst",
-                      f"python -m bench.serving_soak {flags}".strip(), body)
+        name, title = (("serving_soak_backbone", "Serving soak: 64 clients x 60 s against a backbone system, overload burst")
+                       if backbone else ("serving_soak", "Serving soak: 64 clients x 60 s against an IMoE run, overload burst"))
+        write_section(name, title, f"python -m bench.serving_soak {flags}".strip(), body)
     return {"soak": row, "memory": mem, "burst": burst_row, "ok": ok}
 
 
