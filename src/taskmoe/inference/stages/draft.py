@@ -113,6 +113,8 @@ class DraftSession(JoinedDecode):
     A row joins the session of each expert it drafts with; it is done when all of them ended
     (its drafts are then stored in expert-name order and ordered as :meth:`Draft.__call__`
     stores them, so a row's drafts equal its solo run's). A row that stops leaves every session at once.
+    ``draft_batch_size`` does not apply here: whoever drives the session bounds its rows (the
+    server's ``max_batch``).
     """
 
     timing = "drafts"

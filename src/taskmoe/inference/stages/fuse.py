@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from taskmoe.inference.generate import generate_rows
+from taskmoe.inference.generate import GenerationConfig, generate_rows
 from taskmoe.inference.rowwise import AdapterRowsLM
 from taskmoe.inference.stages.base import Call, Row
 from taskmoe.inference.stages.joined import AnswerDecode
@@ -44,8 +44,9 @@ class Fuse:
     def __init__(self, summarizer: nn.Module, fmt: FusionFormat, eos_id: int, adapters: list[str]) -> None:
         self.summarizer, self.fmt, self.eos_id, self.adapters = summarizer, fmt, int(eos_id), list(adapters)
 
-    def inputs(self, todo: list[Row]) -> tuple[list[list[int]], list[bool]]:
-        """Each row's fusion prompt (trace ``fusion`` and ``adapter`` written) and whether its adapter runs."""
+    def inputs(self, todo: list[Row]) -> tuple[list[list[int]], list[GenerationConfig], list[bool]]:
+        """Each row's fusion prompt (trace ``fusion`` and ``adapter`` written), answer config, and
+        whether its adapter runs (the decoder's side data)."""
         fused = []
         for r in todo:
             seq = self.fmt.build(r.prompt, r.drafts, max_len=r.cfg.max_len)
@@ -54,15 +55,18 @@ class Fuse:
             r.adapter = r.cfg.adapter if uses_adapter(r.intent, r.cfg, self.adapters) else None
             r.trace.adapter = r.adapter
             fused.append(seq.ids)
-        return fused, [r.adapter is not None for r in todo]
+        return fused, [r.cfg.generation(self.eos_id) for r in todo], [r.adapter is not None for r in todo]
+
+    def decoder(self, adapter: str | None) -> nn.Module:
+        """What decodes the answers: the summarizer with ``adapter`` on the rows whose side data is True."""
+        return AdapterRowsLM(self.summarizer, adapter)
 
     def __call__(self, rows: list[Row], call: Call) -> list[Row]:
         todo = call.live(rows, "answer")
-        fused, use = self.inputs(todo)
+        fused, cfgs, use = self.inputs(todo)
         if todo:
             with call.clock("summarize"):
-                model = AdapterRowsLM(self.summarizer, call.cfg.adapter if any(use) else None)
-                outs = generate_rows(model, fused, [r.cfg.generation(self.eos_id) for r in todo],
+                outs = generate_rows(self.decoder(call.cfg.adapter if any(use) else None), fused, cfgs,
                                      emits=[call.emit(r, "answer") for r in todo], side=use)
             for r, o in zip(todo, outs):
                 r.answer = o.tokens
@@ -86,8 +90,8 @@ class FuseSession(AnswerDecode):
     def add(self, rows: list[Row], call: Call) -> list[Row]:
         st = self.stage
         todo = call.live(rows, "answer")
-        fused, use = st.inputs(todo)
+        fused, cfgs, use = st.inputs(todo)
         adapter = call.cfg.adapter if call.cfg.adapter in st.adapters else None
-        self._decode(adapter, lambda: AdapterRowsLM(st.summarizer, adapter), todo, call, fused,
-                     [r.cfg.generation(st.eos_id) for r in todo], [None] * len(todo), stage="answer", side=use)
+        self._decode(adapter, lambda: st.decoder(adapter), todo, call, fused, cfgs, [None] * len(todo),
+                     stage="answer", side=use)
         return [r for r in rows if all(r is not t for t in todo)]

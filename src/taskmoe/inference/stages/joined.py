@@ -3,11 +3,13 @@
 
 A decode stage (Draft, Fuse, Ensemble) answers ``stage.open() -> StageSession``; the session
 takes rows with ``add(rows, call) -> rows passed through`` (rows it has no work for go straight on)
-and ``step() -> rows done`` (the rows whose stage work ended in this step), and ``drop(rows)``
-takes rows out at once. :class:`~taskmoe.inference.stages.session.PipelineSession` composes them.
+and ``step() -> [(row, call)]`` (the rows whose stage work ended in this step), and ``drop(rows)``
+takes rows out at once. A stage's session builds each row's decode from the same methods its
+``__call__`` uses (``inputs``, ``decoder``), so the two paths cannot drift apart.
+:class:`~taskmoe.inference.stages.session.PipelineSession` composes them.
 
 :class:`JoinedDecode` is the machinery behind each: one :class:`DecodeSession` per **model key**
-(an expert's name and the model object the store handed out, the summarizer, an expert set), each
+(an expert's name and the model object the store handed out; the summarizer's adapter; an expert set), each
 row decoded under a handle that remembers its pipeline :class:`Row`, its :class:`Call` (the call it
 came with: its clock, token callback, store view) and a stage-specific tag (e.g. the drafting
 expert). A step runs ONE decode step of every session; its wall time is added to the clock of
