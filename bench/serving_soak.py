@@ -83,7 +83,7 @@ def build_run(folder: Path) -> tuple[Path, dict[str, str]]:
     return mod.build_run(folder), mod.prompts()
 
 
-def serve_worker(run: str, port: int, threads: int, timeout_s: float = TIMEOUT_S) -> None:
+def serve_worker(run: str, port: int, threads: int, timeout_s: float = TIMEOUT_S, admit_fraction: float = 0.5) -> None:
     """Server process: the IMoE run behind the real app, on 127.0.0.1 only."""
     import torch
     import uvicorn
@@ -96,7 +96,8 @@ def serve_worker(run: str, port: int, threads: int, timeout_s: float = TIMEOUT_S
     torch.set_num_threads(threads)
     backend = load_backend(run, name="imoe")
     check_backend(backend)
-    app = create_app(backend, Limits(max_batch=32, max_wait_ms=5.0, generation_timeout_s=timeout_s))
+    app = create_app(backend, Limits(max_batch=32, max_wait_ms=5.0, generation_timeout_s=timeout_s,
+                                         admit_fraction=admit_fraction))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                 timeout_keep_alive=KEEP_ALIVE_S)
 
@@ -214,6 +215,42 @@ def alone_latency(url: str, prompt: str, timeout_s: float = TIMEOUT_S, repeat: i
     return sorted(times)[len(times) // 2]
 
 
+def run_config(run: Path, prompts: list[str], args: argparse.Namespace, admit_fraction: float, clients: int,
+               seconds: float, n_burst: int) -> dict:
+    """One server (``admit_fraction``): alone latency, the soak, memory, the burst; the checks."""
+    proc, url = start_server(run, 32, args.threads, module="bench.serving_soak",
+                             extra=(str(args.timeout), str(admit_fraction)))
+    try:
+        alone = alone_latency(url, prompts[0], args.timeout)
+        rss0 = rss_mib(proc.pid)
+        tally = asyncio.run(soak(url, prompts, clients, seconds, args.timeout))
+        time.sleep(1.0)
+        rss1 = rss_mib(proc.pid)
+        health = httpx.get(url + "/health").json()
+        burst_codes = asyncio.run(burst(url, prompts, n_burst, args.timeout))
+        rss2 = rss_mib(proc.pid)
+    finally:
+        stop_server(proc)
+    fivexx = sum(v for k, v in tally.status.items() if k >= 500)
+    refusals = tally.status[429]
+    row = {
+        "admit fraction": admit_fraction, "clients": clients, "seconds": seconds, "requests": sum(tally.kinds.values()),
+        "200": tally.status[200], "429": refusals, "5xx": fivexx, "lost": len(tally.lost),
+        "429 with admission code": sum(v for k, v in tally.refusal_codes.items() if k in ADMISSION_CODES),
+        "p50 ms": percentile(tally.latency, 50) * 1e3 if tally.latency else float("nan"),
+        "p99 ms": percentile(tally.latency, 99) * 1e3 if tally.latency else float("nan"),
+        "alone ms": alone * 1e3,
+    }
+    mem = {"admit fraction": admit_fraction, "RSS before MiB": round(rss0, 1), "RSS after soak MiB": round(rss1, 1),
+           "RSS after burst MiB": round(rss2, 1)}
+    burst_row = {"admit fraction": admit_fraction, "burst": n_burst,
+                 **{str(k): v for k, v in sorted(burst_codes.items(), key=str)}}
+    ok = fivexx == 0 and not tally.lost and row["429 with admission code"] == refusals and set(burst_codes) <= {200, 429}
+    print(json.dumps({"soak": row, "kinds": dict(tally.kinds), "memory": mem, "burst": burst_row,
+                      "lost": tally.lost[:5], "health": health}, indent=1), flush=True)
+    return {"soak": row, "memory": mem, "burst": burst_row, "kinds": dict(tally.kinds), "ok": ok}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="16 clients for 15 s, burst of 100")
@@ -225,15 +262,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     ap.add_argument("--timeout", type=float, default=TIMEOUT_S,
                     help="the server's --timeout in seconds (a backbone system on a loaded 2-core box needs more)")
-    ap.add_argument("--serve-worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--admit-fractions", default="0.5",
+                    help="comma-separated Limits.admit_fraction values, one server (and soak) each; 0.5 = default")
+    ap.add_argument("--serve-worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_worker:
-        run, port, _max_batch, threads, _batching, timeout = args.serve_worker
-        serve_worker(run, int(port), int(threads), float(timeout))
+        run, port, _max_batch, threads, _batching, timeout, fraction = args.serve_worker
+        serve_worker(run, int(port), int(threads), float(timeout), float(fraction))
         return {}
     clients = args.clients or (16 if args.quick else 64)
     seconds = args.seconds or (15.0 if args.quick else 60.0)
     n_burst = args.burst or (100 if args.quick else 400)
+    fractions = [float(f) for f in args.admit_fractions.split(",")]
     with tempfile.TemporaryDirectory(prefix="taskmoe-bench-soak-") as tmp:
         t0 = time.perf_counter()
         folder = args.run or Path(tmp) / "run"
@@ -244,57 +284,30 @@ def main(argv: list[str] | None = None) -> dict:
         build_s = time.perf_counter() - t0
         backbone = backbone_of(run)
         n_experts = len(json.loads((run / "taskmoe.json").read_text())["experts"])
-        prompts = list(by_domain.values())
-        proc, url = start_server(run, 32, args.threads, module="bench.serving_soak", extra=(str(args.timeout),))
-        try:
-            alone = alone_latency(url, prompts[0], args.timeout)
-            rss0 = rss_mib(proc.pid)
-            tally = asyncio.run(soak(url, prompts, clients, seconds, args.timeout))
-            time.sleep(1.0)
-            rss1 = rss_mib(proc.pid)
-            health = httpx.get(url + "/health").json()
-            burst_codes = asyncio.run(burst(url, prompts, n_burst, args.timeout))
-            rss2 = rss_mib(proc.pid)
-        finally:
-            stop_server(proc)
-    fivexx = sum(v for k, v in tally.status.items() if k >= 500)
-    refusals = tally.status[429]
-    row = {
-        "clients": clients, "seconds": seconds, "requests": sum(tally.kinds.values()),
-        "200": tally.status[200], "429": refusals, "5xx": fivexx, "lost": len(tally.lost),
-        "429 with admission code": sum(v for k, v in tally.refusal_codes.items() if k in ADMISSION_CODES),
-        "p50 ms": percentile(tally.latency, 50) * 1e3 if tally.latency else float("nan"),
-        "p99 ms": percentile(tally.latency, 99) * 1e3 if tally.latency else float("nan"),
-        "alone ms": alone * 1e3,
-    }
-    mem = {"RSS before MiB": rss0, "RSS after soak MiB": rss1, "RSS after burst MiB": rss2}
-    burst_row = {"burst": n_burst, **{str(k): v for k, v in sorted(burst_codes.items(), key=str)}}
-    print(json.dumps({"soak": row, "kinds": dict(tally.kinds), "memory": mem, "burst": burst_row,
-                      "lost": tally.lost[:5], "health": health}, indent=1))
-    ok = fivexx == 0 and not tally.lost and row["429 with admission code"] == refusals \
-        and set(burst_codes) <= {200, 429}
+        results = [run_config(run, list(by_domain.values()), args, f, clients, seconds, n_burst) for f in fractions]
     if backbone:
         setup = (f"Backbone system `{run.name}` (experts are LoRA adapters of the backbone `{Path(backbone).name}`, "
-                 f"{n_experts} experts, experts-only mode: the "
-                 f"confidence-weighted mixture decodes the answer; loaded in {build_s:.0f} s)")
+                 f"{n_experts} experts, experts-only mode: the confidence-weighted mixture decodes the answer; loaded "
+                 f"in {build_s:.0f} s)")
     else:
         setup = (f"IMoE run built like the serving tests' (router + 3 expert LMs + summarizer with a coding adapter, "
                  f"d_model 32; built/loaded in {build_s:.0f} s)")
+    verdicts = "\n".join(
+        f"- admit fraction {r['soak']['admit fraction']:g}: " + (
+            "all checks hold: 0 x 5xx, 0 lost, every refusal a 429 from admission (before any work), the burst only "
+            "200/429." if r["ok"] else "**a check failed** (see the tables).") for r in results)
     body = (
         f"{setup}, served from a separate process on 127.0.0.1 (torch threads {args.threads}, "
-        f"--timeout {args.timeout:g} s, max_batch 32, default admission, continuous batching: rows join the running "
-        f"pipeline decodes between steps). Soak: {clients} concurrent clients for "
-        f"{seconds:g} s, closed loop, max_tokens {MAX_TOKENS}; request mix {dict(tally.kinds)} (hangup = the client "
-        "closes a stream after its first event, or abandons a non-streaming request after 0.2 s). `lost` = a request "
-        "that did not hang up and got neither a complete answer nor a 4xx; latency of complete answers; `alone` = "
-        "one request on the idle server.\n\n"
-        + md_table([row]) + "\n\n" + md_table([{k: round(v, 1) for k, v in mem.items()}]) + "\n\n"
+        f"--timeout {args.timeout:g} s, max_batch 32, admission fraction as in the tables (0.5 is the default), "
+        "continuous batching: rows join the running pipeline decodes between steps); one server per admission "
+        f"setting. Soak: {clients} concurrent clients for {seconds:g} s, closed loop, max_tokens {MAX_TOKENS}; request "
+        f"mix {[r['kinds'] for r in results]} (hangup = the client closes a stream after its first event, or abandons "
+        "a non-streaming request after 0.2 s). `lost` = a request that did not hang up and got neither a complete "
+        "answer nor a 4xx; latency of complete answers; `alone` = one request on the idle server.\n\n"
+        + md_table([r["soak"] for r in results]) + "\n\n" + md_table([r["memory"] for r in results]) + "\n\n"
         f"Overload burst of {n_burst} simultaneous non-streaming requests on the idle server:\n\n"
-        + md_table([burst_row]) + "\n\n"
-        + ("All checks hold: 0 x 5xx, 0 lost, every refusal a 429 from admission (before any work), the burst only "
-           "200/429.\n" if ok else "**A check failed** (see the table).\n")
-        + f"\nMachine: {START_LOAD}."
-        + (" Quick run (`--quick`)." if args.quick else "") + "\n"
+        + md_table([r["burst"] for r in results]) + "\n\n" + verdicts + "\n"
+        + f"\nMachine: {START_LOAD}." + (" Quick run (`--quick`)." if args.quick else "") + "\n"
     )
     print(body)
     if not args.no_write:
@@ -302,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         name, title = (("serving_soak_backbone", "Serving soak: 64 clients x 60 s against a backbone system, overload burst")
                        if backbone else ("serving_soak", "Serving soak: 64 clients x 60 s against an IMoE run, overload burst"))
         write_section(name, title, f"python -m bench.serving_soak {flags}".strip(), body)
-    return {"soak": row, "memory": mem, "burst": burst_row, "ok": ok}
+    return {"results": results, "ok": all(r["ok"] for r in results)}
 
 
 if __name__ == "__main__":

@@ -188,3 +188,16 @@ def test_decode_session_rows_equal_each_row_alone(system) -> None:
     finally:
         hook.remove()
     assert torch.is_grad_enabled()
+
+
+def test_session_api_is_pinned() -> None:
+    """The server's IMoE backend builds on these names and keyword arguments."""
+    import inspect
+
+    import taskmoe.inference.stages as S
+
+    assert "PipelineSession" in S.__all__
+    assert {"controls", "on_token", "options", "gen"} <= set(inspect.signature(System.call_rows).parameters)
+    assert list(inspect.signature(System.results).parameters) == ["self", "rows", "call"]
+    for stage in (S.Draft, S.Fuse, S.Ensemble):
+        assert callable(getattr(stage, "open", None)) and callable(getattr(stage, "inputs", None))
