@@ -24,10 +24,10 @@ that failed answers :class:`~taskmoe.serving.backend.ComponentUnavailable` (503)
 rows than ``queue_size`` or more work than :class:`~taskmoe.serving.admission.Admission` allows
 answers :class:`~taskmoe.serving.admission.Refused` (429 with ``Retry-After``). The rates the rule
 predicts with (:class:`~taskmoe.serving.costs.CostModel`) are measured here, in the generation
-thread: every ``add`` (a join: its prompts are prefilled) is one prefill sample (prompt tokens,
-seconds), every round (one step of every running batch) one decode sample (batches, rows,
-seconds), so a prompt-heavy join never makes decoding look fast; a whole-batch call is one decode
-sample of (its longest row's tokens, all rows' tokens, seconds).
+thread: every ``add`` (a join: its prompts are prefilled) is one prefill sample of its key (rows,
+prompt tokens, seconds), every batch step one decode sample of its key (rows, seconds), so a
+prompt-heavy join never makes decoding look fast; a whole-batch call is one decode sample of (its
+longest row's tokens as steps, all rows' tokens as row steps, seconds).
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ class Scheduler:
             if len(results) != len(batch):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} rows")
             lengths = [len(r.token_ids) for r in results]
-            self.admission.costs.observe_round(max(lengths, default=0), sum(lengths), time.monotonic() - t0)
+            self.admission.costs.observe_step(route.key, sum(lengths), time.monotonic() - t0, max(lengths, default=0))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a backend failure fails its batch, not the server
@@ -309,7 +309,7 @@ def _decode_slice(running: list[_Running], joins: list[tuple[_Running, list[Tick
     planner (a request arrived or was cancelled), every batch is empty, or :data:`SLICE_S` passed;
     rows that end are posted to the event loop at once, and a row that died (client gone,
     deadline) is dropped before the next step. Each join is timed as a prefill sample and each
-    round as a decode sample for ``costs``. Returns ``{id(run): error}``: a failing batch fails alone."""
+    batch step as a decode sample for ``costs``. Returns ``{id(run): error}``: a failing batch fails alone."""
     errors: dict[int, BaseException] = {}
     for run, handles in drops:
         post(run, run.batch.drop(handles))
@@ -318,29 +318,30 @@ def _decode_slice(running: list[_Running], joins: list[tuple[_Running, list[Tick
             t0 = time.monotonic()
             for h, t in zip(run.batch.add([t.row for t in tickets]), tickets):
                 run.rows[h] = t
-            costs.observe_prefill(sum(len(t.row.prompt_ids) for t in tickets), time.monotonic() - t0)
+            costs.observe_prefill(run.route.key, len(tickets), sum(len(t.row.prompt_ids) for t in tickets),
+                                  time.monotonic() - t0)
         except Exception as e:  # noqa: BLE001 - reported per batch
             errors[id(run)] = e
             run.rows.update({-1 - i: t for i, t in enumerate(tickets)})
     end = time.monotonic() + SLICE_S
     while True:
-        t0, groups, rows = time.monotonic(), 0, 0
         for run in running:
             if id(run) in errors or not len(run.batch):
                 continue
+            t0 = time.monotonic()
             dead = [h for h, t in list(run.rows.items()) if not t.alive()]
             if dead:
                 post(run, run.batch.drop(dead))
-            if not len(run.batch):
+            if not (rows := len(run.batch)):
                 continue
-            groups, rows = groups + 1, rows + len(run.batch)
             for t in list(run.rows.values()):
                 t.rounds += 1
             try:
                 post(run, run.batch.step())
             except Exception as e:  # noqa: BLE001
                 errors[id(run)] = e
-        costs.observe_round(groups, rows, time.monotonic() - t0)
+            else:
+                costs.observe_step(run.route.key, rows, time.monotonic() - t0)
         metrics.steps.inc()
         live = any(len(r.batch) for r in running if id(r) not in errors)
         if not live or changed.is_set() or time.monotonic() >= end:
