@@ -198,7 +198,7 @@ class Scheduler:
 
     @property
     def backlog_s(self) -> float | None:
-        """Predicted seconds until every live row is done (None before a decode round was timed)."""
+        """Predicted seconds until every live row is done (None before a decode step was timed)."""
         if not self.admission.costs.measured:
             return None
         now = time.monotonic()
