@@ -118,7 +118,8 @@ class Tally:
         self.lost: list[str] = []
         self.latency: list[float] = []
 
-    def error(self, r: httpx.Response) -> None:
+    def error(self, r: httpx.Response) -> float | None:
+        """Count a non-200 answer; returns its ``Retry-After`` seconds (None without one)."""
         self.status[r.status_code] += 1
         if r.status_code == 429:
             try:
@@ -127,9 +128,12 @@ class Tally:
                 self.refusal_codes["(not an admission error)"] += 1
         elif r.status_code >= 500:
             self.lost.append(f"{r.status_code}: {r.text[:200]}")
+        wait = r.headers.get("retry-after")
+        return float(wait) if wait is not None and wait.isdigit() else None
 
 
-async def one(http: httpx.AsyncClient, rng: random.Random, prompts: list[str], tally: Tally) -> None:
+async def one(http: httpx.AsyncClient, rng: random.Random, prompts: list[str], tally: Tally) -> float | None:
+    """One request of the mix; returns the ``Retry-After`` of a refusal (None otherwise)."""
     text = rng.choice(prompts)
     u = rng.random()
     kind = "stream" if u < 0.4 else "json" if u < 0.8 else "hangup-stream" if u < 0.9 else "hangup-json"
@@ -141,8 +145,7 @@ async def one(http: httpx.AsyncClient, rng: random.Random, prompts: list[str], t
         async with http.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 await r.aread()
-                tally.error(r)
-                return
+                return tally.error(r)
             tally.status[200] += 1
             events = []
             async for line in r.aiter_lines():
@@ -166,8 +169,7 @@ async def one(http: httpx.AsyncClient, rng: random.Random, prompts: list[str], t
         return
     r = await http.post("/v1/completions", json=body)
     if r.status_code != 200:
-        tally.error(r)
-        return
+        return tally.error(r)
     tally.status[200] += 1
     if not r.json().get("choices"):
         tally.lost.append(f"200 without choices: {r.text[:200]}")
@@ -175,7 +177,10 @@ async def one(http: httpx.AsyncClient, rng: random.Random, prompts: list[str], t
         tally.latency.append(time.perf_counter() - t0)
 
 
-async def soak(url: str, prompts: list[str], clients: int, seconds: float, timeout_s: float = TIMEOUT_S) -> Tally:
+async def soak(url: str, prompts: list[str], clients: int, seconds: float, timeout_s: float = TIMEOUT_S,
+               backoff: str = "retry-after") -> Tally:
+    """The closed loop; a refused client waits its ``Retry-After`` (times 1 to 1.25, capped at the soak's end)
+    with ``backoff="retry-after"``, or 0.05 s with ``"fixed"``."""
     tally = Tally()
     stop_at = time.monotonic() + seconds
     # idle connections expire on the client well before the server's keep-alive (30 s) closes them
@@ -184,12 +189,15 @@ async def soak(url: str, prompts: list[str], clients: int, seconds: float, timeo
         async def client(i: int) -> None:
             rng = random.Random(i)
             while time.monotonic() < stop_at:
+                wait = None
                 try:
-                    await one(http, rng, prompts, tally)
+                    wait = await one(http, rng, prompts, tally)
                 except httpx.HTTPError as e:  # a transport failure is a lost response
                     tally.lost.append(f"{type(e).__name__}: {e}")
-                if tally.status[429]:
-                    await asyncio.sleep(0.05)  # a refused client backs off a little, as a real one would
+                if wait is not None and backoff == "retry-after":  # as the header asks, with jitter
+                    await asyncio.sleep(max(0.0, min(wait * (1 + 0.25 * rng.random()), stop_at - time.monotonic())))
+                elif tally.status[429]:
+                    await asyncio.sleep(0.05)  # a refused client backs off a little
 
         await asyncio.gather(*(client(i) for i in range(clients)))
     return tally
@@ -223,7 +231,7 @@ def run_config(run: Path, prompts: list[str], args: argparse.Namespace, admit_fr
     try:
         alone = alone_latency(url, prompts[0], args.timeout)
         rss0 = rss_mib(proc.pid)
-        tally = asyncio.run(soak(url, prompts, clients, seconds, args.timeout))
+        tally = asyncio.run(soak(url, prompts, clients, seconds, args.timeout, args.backoff))
         time.sleep(1.0)
         rss1 = rss_mib(proc.pid)
         health = httpx.get(url + "/health").json()
@@ -264,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="the server's --timeout in seconds (a backbone system on a loaded 2-core box needs more)")
     ap.add_argument("--admit-fractions", default="0.5",
                     help="comma-separated Limits.admit_fraction values, one server (and soak) each; 0.5 = default")
+    ap.add_argument("--backoff", choices=("retry-after", "fixed"), default="retry-after",
+                    help="a refused soak client waits the Retry-After it got (with jitter), or a fixed 0.05 s")
     ap.add_argument("--serve-worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve_worker:
@@ -301,7 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"--timeout {args.timeout:g} s, max_batch 32, admission fraction as in the tables (0.5 is the default), "
         "continuous batching: rows join the running pipeline decodes between steps); one server per admission "
         f"setting. Soak: {clients} concurrent clients for {seconds:g} s, closed loop, max_tokens {MAX_TOKENS}; request "
-        f"mix {[r['kinds'] for r in results]} (hangup = the client closes a stream after its first event, or abandons "
+        f"mix {[r['kinds'] for r in results]}; a refused client waits "
+        + ("the Retry-After it got (x 1-1.25 jitter)" if args.backoff == "retry-after" else "0.05 s")
+        + " before its next request (hangup = the client closes a stream after its first event, or abandons "
         "a non-streaming request after 0.2 s). `lost` = a request that did not hang up and got neither a complete "
         "answer nor a 4xx; latency of complete answers; `alone` = one request on the idle server.\n\n"
         + md_table([r["soak"] for r in results]) + "\n\n" + md_table([r["memory"] for r in results]) + "\n\n"
@@ -314,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         flags = " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write")
         name, title = (("serving_soak_backbone", "Serving soak: 64 clients x 60 s against a backbone system, overload burst")
                        if backbone else ("serving_soak", "Serving soak: 64 clients x 60 s against an IMoE run, overload burst"))
+        if args.timeout != TIMEOUT_S:  # one section per server timeout
+            name, title = f"{name}_timeout{args.timeout:g}", f"{title} (--timeout {args.timeout:g} s)"
         write_section(name, title, f"python -m bench.serving_soak {flags}".strip(), body)
     return {"results": results, "ok": all(r["ok"] for r in results)}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
-import math
 import socket
 import time
 
@@ -18,7 +17,6 @@ import openai
 import pytest
 
 from serving_helpers import client, running
-from taskmoe.serving.admission import Admission, Refused
 from taskmoe.serving.app import create_app
 from taskmoe.serving.backends.lm import LMBackend
 from taskmoe.serving.limits import Limits
@@ -102,27 +100,6 @@ def test_a_long_request_does_not_block_a_short_one(busy_backend) -> None:
                 t = short_request(srv.url)
                 assert wait_for(srv.url, lambda h: True)["running_rows"] == 1  # the long row still runs
                 assert t < 5.0
-
-
-def test_admission_rule_and_retry_after_from_the_backlog() -> None:
-    lim = Limits(token_budget=10_000, max_request_share=0.5, generation_timeout_s=100, admit_fraction=0.5,
-                 max_batch=4, default_max_tokens=64)
-    a = Admission(lim)
-    with pytest.raises(Refused) as e:
-        a.check(6_000, backlog=0)  # over one request's share (5,000): never fits, no Retry-After
-    assert e.value.code == "request_over_share" and e.value.retry_after is None
-    a.check(5_000, backlog=0)  # an idle server takes any request within the share
-    with pytest.raises(Refused) as e:
-        a.check(300, backlog=100)  # before any rate: one batch of default requests, 4 x 64 = 256
-    assert e.value.retry_after == lim.retry_after_s
-    a.observe(tokens=200, seconds=2.0)  # rate 100 tok/s -> allowance min(10,000, 100 x 0.5 x 100) = 5,000
-    assert a.rate == 100 and a.allowance() == 5_000
-    a.check(1_000, backlog=4_000)
-    with pytest.raises(Refused) as e:
-        a.check(1_000, backlog=7_000)
-    assert e.value.code == "server_busy" and e.value.retry_after == math.ceil((7_000 + 1_000 - 5_000) / 100)
-    a.observe(tokens=1_000, seconds=2.0)  # 500 tok/s for 2 s: r += (1 - e^-1) (500 - 100)
-    assert a.rate == pytest.approx(100 + (1 - math.exp(-1)) * 400)
 
 
 def test_busy_server_refuses_early_with_429_and_retry_after(busy_backend) -> None:

@@ -2,7 +2,8 @@
 
 Modules: ``limits`` (every limit, at the top), ``backend`` (the protocol the server drives and the
 row/route types), ``backends`` (implementations: LM folders, DOE, IMoE runs; the continuous
-``RowBatch``), ``admission`` (work estimate, measured rate, 429 + Retry-After), ``tickets`` (one
+``RowBatch``), ``costs`` (measured prefill and decode-step seconds, the backlog's predicted
+seconds), ``admission`` (work estimate, the rule, 429 + Retry-After), ``tickets`` (one
 row in flight), ``scheduler`` (continuous expert-grouped batching, cancellation within one step),
 ``textstream`` (incremental detokenization and stop sequences), ``schemas`` (strict OpenAI
 request/response models), ``metrics`` (``prometheus_client``), ``errors`` (OpenAI error JSON),

@@ -1,39 +1,49 @@
-"""Admission by work: estimate what a request costs, measure how fast work gets done, refuse early.
+"""Admission by work: predict what a request costs in seconds, refuse early what would not finish in time.
 
-Symbols:
+The seconds come from :class:`~taskmoe.serving.costs.CostModel` (separately measured prefill
+seconds per prompt token and decode rounds ``t = a x batches + b x rows``; see there). Symbols:
 
-- ``cost`` of a request: ``sum over its rows of (prompt tokens + max_tokens)`` work tokens, i.e.
-  ``n x (prompt + max_tokens)`` per prompt (each of the ``n`` rows prefills its prompt and may
-  decode up to ``max_tokens``);
-- ``backlog`` B: work tokens admitted and not yet done (the scheduler subtracts each row's
-  prefilled prompt and every generated token, and releases the rest when the row ends);
-- ``rate`` r: measured work tokens per second while the scheduler is busy, an exponentially
-  weighted moving average over time, ``r <- r + (1 - exp(-dt / tau)) (x - r)`` for a step that did
-  ``x = tokens / dt`` in ``dt`` seconds (``tau`` = :data:`RATE_TAU_S`);
-- the allowance A: ``min(token_budget, r x admit_fraction x generation_timeout_s)``; before any
-  rate is measured, one batch of default requests, ``min(token_budget, max_batch x
-  default_max_tokens)`` (the first step measures the rate). The rate grows with the batch, so A
-  grows as admitted work fills the batch: the rule follows what the server really does.
+- ``cost`` of a request in **work tokens**: ``n x (prompt + max_tokens)`` per prompt (each of the
+  ``n`` rows prefills its prompt and may decode up to ``max_tokens``); ``backlog`` B: work tokens
+  admitted and not yet done (the token budget and the per-request share are counted in these);
+- ``T``: the predicted seconds until the backlog **plus the request** is done
+  (:meth:`CostModel.predict` over every live row and the request's rows, each decoding up to its
+  ``max_tokens``, a live row at most until its deadline);
+- ``F = admit_fraction x generation_timeout_s``: the share of the timeout admitted work must fit
+  in (the rest is the margin for a machine that slows down).
 
-A request is admitted when ``cost <= max_request_share x token_budget`` (else refused: it would
-never fit a fair share, so retrying does not help and no ``Retry-After`` is sent) and either the
-server is idle or ``B + cost <= A``. Otherwise it is refused at once, before any work, with
-``Retry-After = ceil((B + cost - A) / r)``: the seconds until enough of the backlog drains. So an
-overload burst is answered 200 or 429, and what is admitted is expected to finish well inside the
-timeout (``admit_fraction`` leaves the margin for a rate that drops).
+A request is refused, at once and before any work (429), when
+
+1. ``cost > max_request_share x token_budget``: it never fits one request's share, retrying as is
+   does not help, so no ``Retry-After`` (code ``request_over_share``);
+2. otherwise, an idle server (no live row) admits it (``max_tokens`` is an upper bound; the deadline
+   halts a row that runs over);
+3. ``B + cost > token_budget``: ``Retry-After = ceil(T_B x (B + cost - token_budget) / B)``, the
+   seconds the predicted pace ``T_B`` (the backlog alone) takes to drain the excess;
+4. before a decode round was timed: ``B + cost`` over one batch of default requests
+   (``min(token_budget, max_batch x default_max_tokens)``), ``Retry-After = retry_after_s`` (the
+   first round measures the rates);
+5. ``T > F``: ``Retry-After = ceil(T - F)``, the seconds until enough of the backlog is done that
+   the request would fit (the backlog drains at the predicted pace).
+
+Codes 2-5 are ``server_busy``. So an overload burst is answered 200 or 429, and what is admitted is
+predicted to finish within ``F`` even if every admitted row decodes its full ``max_tokens``.
+``throughput`` (work tokens per busy second, an EWMA over time with ``tau`` = :data:`RATE_TAU_S`)
+is reported in ``/health`` and ``/metrics``; admission does not use it (a prefill makes it spike).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from taskmoe.errors import RequestError
+from taskmoe.serving.costs import CostModel, RowWork
 from taskmoe.serving.limits import Limits
 
-__all__ = ["Admission", "Refused", "RATE_TAU_S", "request_cost"]
+__all__ = ["Admission", "Refused", "RATE_TAU_S", "RowWork", "request_cost"]
 
 RATE_TAU_S = 2.0
 MAX_RETRY_AFTER_S = 3600
@@ -54,52 +64,69 @@ def request_cost(prompt_lengths: Sequence[int], n: int, max_tokens: int) -> int:
 
 @dataclass
 class Admission:
-    """The admission rule and the measured rate (see the module docstring). Thread-safe."""
+    """The admission rule (see the module docstring) over a :class:`CostModel`. Thread-safe."""
 
     limits: Limits
-    rate: float | None = None
+    throughput: float | None = None
+    costs: CostModel = field(init=False)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self.costs = CostModel(self.limits.max_batch)
 
     @property
     def cap(self) -> int:
         """Most work tokens one request may ask for."""
         return max(1, int(self.limits.max_request_share * self.limits.token_budget))
 
-    def allowance(self) -> float:
-        """A: the backlog the server may hold now."""
-        lim = self.limits
-        if self.rate is None:
-            return float(min(lim.token_budget, lim.max_batch * lim.default_max_tokens))
-        return min(float(lim.token_budget), self.rate * lim.admit_fraction * lim.generation_timeout_s)
+    @property
+    def horizon_s(self) -> float:
+        """``F``: the seconds admitted work must be predicted to finish in."""
+        return self.limits.admit_fraction * self.limits.generation_timeout_s
 
-    def check(self, cost: int, backlog: int) -> None:
-        """Raise :class:`Refused` unless a request of ``cost`` work tokens may start now."""
+    def check(self, cost: int, backlog: int, live: Sequence[RowWork], request: Sequence[RowWork]) -> None:
+        """Raise :class:`Refused` unless a request (``cost`` work tokens, rows ``request``) may start now.
+
+        ``backlog``: work tokens of the ``live`` rows (admitted, not ended) not yet done."""
+        lim = self.limits
         if cost > self.cap:
             raise Refused(
                 f"request asks for {cost} work tokens (n x (prompt tokens + max_tokens)), more than one request's "
-                f"share of the server ({self.cap} = {self.limits.max_request_share:g} x token budget "
-                f"{self.limits.token_budget}); lower n, max_tokens or the number of prompts",
+                f"share of the server ({self.cap} = {lim.max_request_share:g} x token budget "
+                f"{lim.token_budget}); lower n, max_tokens or the number of prompts",
                 code="request_over_share", retry_after=None)
-        allowed = self.allowance()
-        if backlog == 0 or backlog + cost <= allowed:
+        if not live:
             return
-        if self.rate is None:
-            wait = self.limits.retry_after_s
-        else:
-            wait = math.ceil((backlog + cost - allowed) / max(self.rate, 1e-9))
-        wait = int(min(max(wait, 1), MAX_RETRY_AFTER_S))
-        raise Refused(f"server busy: {backlog} work tokens queued or running, this request needs {cost} and the "
-                      f"server takes {int(allowed)} now; retry after {wait} s", code="server_busy", retry_after=wait)
+        measured = self.costs.measured
+        if backlog + cost > lim.token_budget:
+            wait = (math.ceil(self.costs.predict(live) * (backlog + cost - lim.token_budget) / max(backlog, 1))
+                    if measured else lim.retry_after_s)
+            _busy(f"{backlog} work tokens queued or running, this request needs {cost} and the token budget is "
+                  f"{lim.token_budget}", wait)
+        if not measured:
+            first = min(lim.token_budget, lim.max_batch * lim.default_max_tokens)
+            if backlog + cost > first:
+                _busy(f"{backlog} work tokens queued or running, this request needs {cost}, and until the first "
+                      f"decode step is timed the server takes one batch ({first})", lim.retry_after_s)
+            return
+        t = self.costs.predict([*live, *request])
+        if t > self.horizon_s:
+            _busy(f"the {len(live)} rows queued or running and this request's {len(request)} are predicted to take "
+                  f"{t:.1f} s, more than {self.horizon_s:g} s (admit_fraction {lim.admit_fraction:g} x timeout "
+                  f"{lim.generation_timeout_s:g} s)", math.ceil(t - self.horizon_s))
 
     def observe(self, tokens: int, seconds: float) -> None:
-        """Fold one busy interval (``tokens`` work tokens done in ``seconds``) into the rate."""
+        """Fold one busy interval (``tokens`` work tokens done in ``seconds``) into ``throughput``."""
         if seconds <= 0 or tokens <= 0:
             return
         x = tokens / seconds
         with self._lock:
-            if self.rate is None:
-                self.rate = x
+            if self.throughput is None:
+                self.throughput = x
             else:
-                self.rate += (1.0 - math.exp(-seconds / RATE_TAU_S)) * (x - self.rate)
+                self.throughput += (1.0 - math.exp(-seconds / RATE_TAU_S)) * (x - self.throughput)
+
+
+def _busy(why: str, wait: float) -> None:
+    wait = int(min(max(wait, 1), MAX_RETRY_AFTER_S))
+    raise Refused(f"server busy: {why}; retry after {wait} s", code="server_busy", retry_after=wait)

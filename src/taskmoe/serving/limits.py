@@ -12,11 +12,13 @@ What each limit protects against:
   unbounded amount of work. They are written into the request schema (``/openapi.json``), so a
   violation is a 422 like any schema error. A completions request holds at most ``max_n`` prompts
   of ``max_n`` choices each, so ``max_n ** 2 <= queue_size``.
-- ``token_budget`` / ``max_request_share``: **admission by work** (:mod:`taskmoe.serving.admission`).
-  A request costs ``n x (prompt tokens + max_tokens)`` work tokens; the work admitted and not yet
-  done may not exceed the budget, nor what the measured rate finishes within
-  ``admit_fraction x generation_timeout_s``; one request may hold at most ``max_request_share`` of
-  the budget. Refusals are 429 with a ``Retry-After`` computed from the backlog.
+- ``token_budget`` / ``max_request_share`` / ``admit_fraction``: **admission by work**
+  (:mod:`taskmoe.serving.admission`). A request costs ``n x (prompt tokens + max_tokens)`` work
+  tokens; the work admitted and not yet done may not exceed the budget, one request may hold at
+  most ``max_request_share`` of it, and the backlog plus the request must be predicted (from the
+  measured prefill and decode-step seconds, :mod:`taskmoe.serving.costs`) to finish within
+  ``admit_fraction x generation_timeout_s``. Refusals are 429 with a ``Retry-After`` from that
+  prediction.
 - ``queue_size``: rows (one per choice) waiting to start; a memory bound behind the work budget.
 - ``max_batch`` / ``max_wait_ms``: at most ``max_batch`` rows of one routing key decode together
   (``batching="fifo"``: of all keys); a key with no running batch waits at most ``max_wait_ms``
@@ -72,7 +74,7 @@ class Limits(Config):
     retry_after_s: int = doc(RETRY_AFTER_S, "Retry-After seconds of a 429 sent before any decode rate is measured")
     token_budget: int = doc(TOKEN_BUDGET, "work tokens (n x (prompt + max_tokens)) admitted and not yet done, at most")
     max_request_share: float = doc(MAX_REQUEST_SHARE, "largest share of token_budget one request may ask for (else 429)")
-    admit_fraction: float = doc(ADMIT_FRACTION, "admit only work the measured rate finishes within this share of the timeout")
+    admit_fraction: float = doc(ADMIT_FRACTION, "admit only work predicted to finish within this share of the timeout")
     body_timeout_s: float = doc(BODY_TIMEOUT_S, "seconds to receive a request body before answering 408")
     batching: str = doc("grouped", "grouped: max_batch rows per routing key; fifo: max_batch rows in all (baseline)")
 

@@ -47,7 +47,10 @@ class ServerMetrics:
         self.running_rows = Gauge("taskmoe_running_rows", "rows being generated", registry=r)
         self.backlog_tokens = Gauge("taskmoe_backlog_tokens", "estimated work tokens admitted and not yet done",
                                     registry=r)
-        self.decode_rate = Gauge("taskmoe_work_tokens_per_second", "measured work rate (EWMA)", registry=r)
+        self.backlog_seconds = Gauge("taskmoe_backlog_seconds", "predicted seconds until the admitted work is done",
+                                     registry=r)
+        self.decode_rate = Gauge("taskmoe_work_tokens_per_second", "measured throughput in work tokens per busy "
+                                 "second (EWMA; shown, admission predicts seconds instead)", registry=r)
         self.queue_wait = Histogram("taskmoe_queue_wait_seconds", "time a row waited before it started generating",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("taskmoe_request_seconds", "request latency from arrival to last byte", ["route"],

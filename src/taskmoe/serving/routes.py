@@ -52,7 +52,9 @@ def add_routes(app: FastAPI, handler: CompletionHandler, ChatRequest: type, Text
         failed = [ComponentStatus(component=c, error=e) for c, e in sorted(scheduler.failed.items())]
         return Health(status="degraded" if failed else "ok", models=backend.model_ids(),
                       queue_rows=scheduler.waiting_rows, running_rows=scheduler.running_rows,
-                      backlog_tokens=scheduler.backlog, work_tokens_per_s=scheduler.admission.rate, failed=failed)
+                      backlog_tokens=scheduler.backlog, backlog_s=scheduler.backlog_s,
+                      work_tokens_per_s=scheduler.admission.throughput, rates=scheduler.admission.costs.summary(),
+                      failed=failed)
 
     @app.get("/metrics", response_class=Response, tags=["server"], responses=AUTH)
     async def prometheus() -> Response:

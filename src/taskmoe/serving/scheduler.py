@@ -22,8 +22,12 @@ settles the results. Two ways to run, picked from the backend:
 Admission (:meth:`Scheduler.submit`, all rows of a request or none): a component the route needs
 that failed answers :class:`~taskmoe.serving.backend.ComponentUnavailable` (503); more waiting
 rows than ``queue_size`` or more work than :class:`~taskmoe.serving.admission.Admission` allows
-answers :class:`~taskmoe.serving.admission.Refused` (429 with ``Retry-After``). The rate the rule
-uses is measured here: work tokens (prefilled prompts + generated tokens) per second of each plan.
+answers :class:`~taskmoe.serving.admission.Refused` (429 with ``Retry-After``). The rates the rule
+predicts with (:class:`~taskmoe.serving.costs.CostModel`) are measured here, in the generation
+thread: every ``add`` (a join: its prompts are prefilled) is one prefill sample of its key (rows,
+prompt tokens, seconds), every batch step one decode sample of its key (rows, seconds), so a
+prompt-heavy join never makes decoding look fast; a whole-batch call is one decode sample of (its
+longest row's tokens as steps, all rows' tokens as row steps, seconds).
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
-from taskmoe.serving.admission import Admission, Refused, request_cost
+from taskmoe.serving.admission import Admission, Refused, RowWork, request_cost
 from taskmoe.serving.backend import Backend, ComponentUnavailable, Route, RowResult, SamplingParams, StepBatch
+from taskmoe.serving.costs import CostModel
 from taskmoe.serving.limits import Limits
 from taskmoe.serving.metrics import ServerMetrics
 from taskmoe.serving.tickets import RowOutcome, Ticket
@@ -148,8 +153,13 @@ class Scheduler:
             self.metrics.rejected.inc()
             raise Refused(f"server busy: {len(self._queue)} of {self.limits.queue_size} queue rows taken, request needs "
                           f"{rows}; retry later", code="queue_full", retry_after=self.limits.retry_after_s)
+        now = time.monotonic()
+        keys = [r.key for r in routes] if routes else [None] * len(prompts)  # None: not routed yet
+        request = [RowWork(k, len(p), max_tokens, 0, self.limits.generation_timeout_s)
+                   for k, p in zip(keys, prompts) for _ in range(n)]
         try:
-            self.admission.check(request_cost([len(p) for p in prompts], n, max_tokens), self.backlog)
+            self.admission.check(request_cost([len(p) for p in prompts], n, max_tokens), self.backlog,
+                                 [t.work(now) for t in self._live], request)
         except Refused:
             self.metrics.rejected.inc()
             raise
@@ -184,6 +194,15 @@ class Scheduler:
         self.metrics.queue_rows.set(len(self._queue))
         self.metrics.running_rows.set(self.running_rows)
         self.metrics.backlog_tokens.set(self.backlog)
+        self.metrics.backlog_seconds.set(self.backlog_s or 0.0)
+
+    @property
+    def backlog_s(self) -> float | None:
+        """Predicted seconds until every live row is done (None before a decode step was timed)."""
+        if not self.admission.costs.measured:
+            return None
+        now = time.monotonic()
+        return self.admission.costs.predict([t.work(now) for t in self._live])
 
     # -------------------------------------------------------------------------- planning
     # ---------------------------------------------------------------------------- worker
@@ -225,7 +244,7 @@ class Scheduler:
             self._whole = []
             self._gauges()
         self.admission.observe(self.generated_tokens - work0 + plan.prompt_tokens, time.monotonic() - t0)
-        self.metrics.decode_rate.set(self.admission.rate or 0.0)
+        self.metrics.decode_rate.set(self.admission.throughput or 0.0)
 
     async def _run_steps(self, loop: asyncio.AbstractEventLoop, plan: Plan) -> None:
         running = list(self._running.values())
@@ -236,7 +255,7 @@ class Scheduler:
             loop.call_soon_threadsafe(_settle, run, results)
 
         errors = await loop.run_in_executor(self._executor, _decode_slice, running, joins, drops, self._changed,
-                                            post, self.metrics)
+                                            post, self.metrics, self.admission.costs)
         for key, run in list(self._running.items()):
             if id(run) in errors:  # a failed batch fails its rows and is discarded (its state is not trusted)
                 _fail_rows(self.failed, run.route, list(run.rows.values()), errors[id(run)])
@@ -246,10 +265,13 @@ class Scheduler:
 
     async def _run_whole(self, loop: asyncio.AbstractEventLoop, route: Route, batch: list[Ticket]) -> None:
         try:
+            t0 = time.monotonic()
             results = await loop.run_in_executor(self._executor, self.backend.generate_batch, route,
                                                  [t.row for t in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} rows")
+            lengths = [len(r.token_ids) for r in results]
+            self.admission.costs.observe_step(route.key, sum(lengths), time.monotonic() - t0, max(lengths, default=0))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a backend failure fails its batch, not the server
@@ -280,20 +302,24 @@ def _settle(run: _Running, results: list[tuple[int, RowResult]]) -> None:
 
 def _decode_slice(running: list[_Running], joins: list[tuple[_Running, list[Ticket]]],
                   drops: list[tuple[_Running, list[int]]], changed: threading.Event, post: Callable,
-                  metrics: ServerMetrics) -> dict[int, BaseException]:
-    """In the generation thread: drop dead rows, join new ones, then decode steps of every batch.
+                  metrics: ServerMetrics, costs: CostModel) -> dict[int, BaseException]:
+    """In the generation thread: drop dead rows, join new ones, then decode rounds of every batch.
 
-    Steps go on (each one step of every batch, round robin) until something changed for the planner
-    (a request arrived or was cancelled), every batch is empty, or :data:`SLICE_S` passed; rows
-    that end are posted to the event loop at once, and a row that died (client gone, deadline) is
-    dropped before the next step. Returns ``{id(run): error}``: a failing batch fails alone."""
+    Rounds go on (each one step of every batch, round robin) until something changed for the
+    planner (a request arrived or was cancelled), every batch is empty, or :data:`SLICE_S` passed;
+    rows that end are posted to the event loop at once, and a row that died (client gone,
+    deadline) is dropped before the next step. Each join is timed as a prefill sample and each
+    batch step as a decode sample for ``costs``. Returns ``{id(run): error}``: a failing batch fails alone."""
     errors: dict[int, BaseException] = {}
     for run, handles in drops:
         post(run, run.batch.drop(handles))
     for run, tickets in joins:
         try:
+            t0 = time.monotonic()
             for h, t in zip(run.batch.add([t.row for t in tickets]), tickets):
                 run.rows[h] = t
+            costs.observe_prefill(run.route.key, len(tickets), sum(len(t.row.prompt_ids) for t in tickets),
+                                  time.monotonic() - t0)
         except Exception as e:  # noqa: BLE001 - reported per batch
             errors[id(run)] = e
             run.rows.update({-1 - i: t for i, t in enumerate(tickets)})
@@ -302,13 +328,20 @@ def _decode_slice(running: list[_Running], joins: list[tuple[_Running, list[Tick
         for run in running:
             if id(run) in errors or not len(run.batch):
                 continue
+            t0 = time.monotonic()
             dead = [h for h, t in list(run.rows.items()) if not t.alive()]
             if dead:
                 post(run, run.batch.drop(dead))
+            if not (rows := len(run.batch)):
+                continue
+            for t in list(run.rows.values()):
+                t.rounds += 1
             try:
                 post(run, run.batch.step())
             except Exception as e:  # noqa: BLE001
                 errors[id(run)] = e
+            else:
+                costs.observe_step(run.route.key, rows, time.monotonic() - t0)
         metrics.steps.inc()
         live = any(len(r.batch) for r in running if id(r) not in errors)
         if not live or changed.is_set() or time.monotonic() >= end:

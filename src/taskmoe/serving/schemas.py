@@ -324,5 +324,11 @@ class Health(BaseModel):
     queue_rows: int
     running_rows: int
     backlog_tokens: int = 0
-    work_tokens_per_s: Optional[float] = None
+    backlog_s: Optional[float] = Field(None, description="predicted seconds until the admitted work is done "
+                                       "(admission by work; null before a decode step was timed)")
+    work_tokens_per_s: Optional[float] = Field(None, description="measured throughput, work tokens per busy second "
+                                               "(EWMA; shown only: admission predicts seconds)")
+    rates: dict[str, Optional[float]] = Field(default_factory=dict, description="the measured rates admission "
+                                              "predicts with: prefill s per prompt token, decode round s per batch "
+                                              "and per row, decode rounds per answer token")
     failed: list[ComponentStatus] = Field(default_factory=list)

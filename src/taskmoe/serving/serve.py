@@ -69,8 +69,9 @@ def serve(
     Binds 127.0.0.1 unless --host says otherwise. --api-key (or $TASKMOE_API_KEY) requires
     "Authorization: Bearer KEY" on every path but /health. --threads sets torch's intra-op threads
     (0: torch's default). Requests are admitted by work: --token-budget work tokens (n x (prompt +
-    max_tokens)) at most in flight, and only what the measured rate finishes well inside --timeout;
-    refusals are 429 with Retry-After. --no-check-experts skips reading every expert file at start.
+    max_tokens)) at most in flight, and only while the backlog plus the request is predicted (from
+    measured prefill and decode-step seconds) to finish within half of --timeout; refusals are 429
+    with Retry-After from that prediction. --no-check-experts skips reading every expert file at start.
     --route-only serves /v1/route (which experts a request goes to, with confidences and the trace)
     and no completion endpoints: the front of a multi-LoRA engine that serves the experts (README).
     """

@@ -11,8 +11,12 @@ for costs at most the one forward already running. ``done`` is resolved once, in
 its exception (a backend failure) is marked retrieved, so an abandoned ticket never logs
 "exception was never retrieved".
 
-Work accounting for admission: ``cost`` = prompt tokens + ``max_tokens``; ``consumed`` = prompt
-tokens once prefilled + tokens generated; the scheduler's backlog is the sum of what is left.
+Work accounting for admission: ``cost`` = prompt tokens + ``max_tokens`` work tokens, of which
+the prompt is done once prefilled and one token per token generated (the scheduler's backlog is
+the sum of what is left); ``rounds`` counts the decode rounds the row was stepped in (the
+scheduler's generation thread adds them), and :meth:`Ticket.work` is the row as the cost
+model predicts it (:class:`~taskmoe.serving.costs.RowWork`). A row that ends normally reports
+its rounds per answer token to the cost model.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from taskmoe.serving.backend import Route, Row, RowResult, SamplingParams
+from taskmoe.serving.costs import RowWork
 from taskmoe.serving.textstream import TextStream
 
 if TYPE_CHECKING:
@@ -65,12 +70,18 @@ class Ticket:
         self.cost = len(row_ids) + params.max_tokens
         self.prefilled = False
         self.generated = 0
+        self.rounds = 0
         self.done: asyncio.Future[RowOutcome] = self._loop.create_future()
 
     @property
     def remaining(self) -> int:
         """Work tokens still reserved by this row."""
         return max(0, self.cost - self.generated - (len(self.row.prompt_ids) if self.prefilled else 0))
+
+    def work(self, now: float) -> RowWork:
+        """This row for the cost model: what is left to prefill, its rounds so far, time to its deadline."""
+        return RowWork(self.route.key, 0 if self.prefilled else len(self.row.prompt_ids), self.row.params.max_tokens,
+                       self.rounds, self.deadline - now)
 
     def alive(self) -> bool:
         """False once the row was cancelled or its deadline passed (then it is also marked timed out)."""
@@ -118,6 +129,8 @@ class Ticket:
             finish = "length"
         else:  # "eos", or "halted" by a stop sequence
             finish = "stop"
+        if finish in ("stop", "length"):
+            self._scheduler.admission.costs.observe_row(self.rounds, self.generated)
         self.done.set_result(RowOutcome(self.stream.text, list(result.token_ids), finish, result.trace))
 
     def _put(self, piece: str | None) -> None:
