@@ -177,6 +177,10 @@ class FusionFormat:
     def eos_id(self) -> int:
         return self.sp["<|eos|>"]
 
+    def head(self, prompt_ids: Sequence[int]) -> list[int]:
+        """``<|bos|><|user|> prompt``: the part of every fusion sequence the intent head reads."""
+        return [self.sp["<|bos|>"], self.sp["<|user|>"], *map(int, prompt_ids)]
+
     def build(
         self,
         prompt_ids: Sequence[int],

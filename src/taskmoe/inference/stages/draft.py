@@ -2,7 +2,8 @@
 
 Rows are grouped by expert (an expert named by two selected categories of a row drafts once for
 it); each expert is fetched from the store once per call (the trace says whether it was loaded
-now or cached) and decodes its rows in chunks of ``draft_batch_size`` with
+now or cached) and decodes its rows from :func:`~taskmoe.inference.stages.ensemble.lm_input`
+(``<|bos|> prompt``, or the prompt as a user turn of a backbone's chat template) in chunks of ``draft_batch_size`` with
 :func:`~taskmoe.inference.generate.generate_rows`: greedy, the draft repetition penalty, stopping
 at ``<|eos|>``, ``draft_tokens`` new tokens (per row). This is THE draft function the summarizer is
 trained on (:func:`draft_generator`, same settings). Every token is streamed (stage ``"draft"``)
@@ -20,6 +21,7 @@ from torch import nn
 
 from taskmoe.inference.generate import GenerationConfig, generate, generate_rows
 from taskmoe.inference.stages.base import Call, ExpertStage, Row
+from taskmoe.inference.stages.ensemble import lm_input
 from taskmoe.inference.trace import DraftRecord
 from taskmoe.summarizer.drafts import GenerateFn
 from taskmoe.summarizer.fuser import Draft as DraftIds
@@ -75,7 +77,7 @@ class Draft(ExpertStage):
                 size = call.cfg.draft_batch_size
                 for s in range(0, len(job), size):
                     chunk = job[s : s + size]
-                    outs = generate_rows(model, [[tok.bos_id, *r.prompt] for r, _ in chunk],
+                    outs = generate_rows(model, [lm_input(tok, r.prompt) for r, _ in chunk],
                                          [draft_config(tok.eos_id, r.cfg.draft_tokens, r.cfg.draft_repetition_penalty)
                                           for r, _ in chunk],
                                          emits=[call.emit(r, "draft", name) for r, _ in chunk])

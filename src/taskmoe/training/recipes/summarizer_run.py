@@ -157,7 +157,10 @@ def train_summarizer(
     SummarizerRecipeConfig JSON; the flags given override it, and --set PATH=VALUE (repeatable,
     e.g. --set adapter_rank=4 --set train.lr=3e-4) overrides any field last. Writes
     RUN/summarizer/ and registers it in RUN/taskmoe.json; a rerun resumes training and reuses
-    cached drafts.
+    cached drafts. On a backbone system (experts are LoRA adapters of a backbone) the summarizer is
+    a fusion LoRA adapter of that backbone with a coding adapter trained from it
+    (taskmoe.training.recipes.backbone_summarizer; --config reads a BackboneSummarizerConfig,
+    --n-layers does not apply).
     """
     from taskmoe.data.commands import get_corpus
 
@@ -165,6 +168,11 @@ def train_summarizer(
              "max_len": max_len, "train.max_steps": steps, "train.batch_size": batch_size, "train.lr": lr,
              "train.seed": seed, "train.progress": progress, "adapter_train.max_steps": adapter_steps or None,
              "adapter_train.seed": seed, "adapter_train.progress": progress}
+    manifest = Path(run) / MANIFEST_FILE
+    if manifest.is_file() and (read_json(manifest).get("meta") or {}).get("backbone"):  # experts are backbone adapters
+        from taskmoe.training.recipes.backbone_summarizer import train_from_cli
+
+        return train_from_cli(Path(run), source, max_docs_per_domain, config, flags, set or (), calibrate, progress)
     cfg = load_config(SummarizerRecipeConfig, config, flags=flags, overrides=set or ())
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
     report = train_summarizer_run(Path(run), corpus, cfg, lm=SUMMARIZER_LM.replace(n_layers=n_layers),
