@@ -21,8 +21,10 @@ Design choices:
   so no draft text can forge a template token and no BPE merge crosses a section boundary.
 - **Most confident first, confidence as two-decimal text**, the budget and the truncation are
   FusionFormat's: the same :func:`~taskmoe.summarizer.fuser.order_drafts`,
-  :func:`~taskmoe.summarizer.fuser.fit_budget` (question, instructions and answer never cut;
-  drafts water-filled, least confident dropped whole when even headers do not fit).
+  :func:`~taskmoe.summarizer.fuser.fit_budget` (question, template and answer never cut;
+  drafts water-filled, least confident dropped whole when even headers do not fit). The drafts
+  section's frame (intro line + instruction) counts as fixed while any draft is kept; when none
+  fits the sequence is the bare question, exactly as built without drafts.
 - **The answer ends with the tokenizer's eos** (SmolLM2: ``<|im_end|>``), which is where the
   template closes the assistant turn and where decoding stops; the template's trailing newline
   after it is not part of the sequence. Loss only on the answer and that eos
@@ -94,13 +96,15 @@ class BackboneFusionFormat:
         headers = [self.encode(backbone_header_text(d.expert, d.confidence)) for d in ordered]
         answer = [] if answer_ids is None else [*map(int, answer_ids), self.eos_id]
         head = [*self.pre, *map(int, prompt_ids)]
-        tail = [*self.instruction, *self.post] if ordered else list(self.post)
-        intro = self.intro if ordered else []
-        fixed = len(head) + len(intro) + len(tail) + len(answer)
-        kept = fit_budget(fixed, [len(h) for h in headers], [len(d.ids) for d in ordered], max_len)
-        if ordered and all(k is None for k in kept):  # no draft fits: the bare question, as without drafts
-            fixed -= len(intro) + len(self.instruction)
-            intro, tail = [], list(self.post)
+        bare = len(head) + len(self.post) + len(answer)  # never cut: the question, the template, the answer
+        frame = len(self.intro) + len(self.instruction)  # what any drafts section adds besides its headers
+        if ordered and bare + frame <= max_len:
+            kept = fit_budget(bare + frame, [len(h) for h in headers], [len(d.ids) for d in ordered], max_len)
+        else:
+            kept = [None] * len(ordered) + fit_budget(bare, [], [], max_len)  # (raises when the question alone is over)
+        with_drafts = any(k is not None for k in kept)
+        intro = self.intro if with_drafts else []
+        tail = [*self.instruction, *self.post] if with_drafts else list(self.post)
         ids = head + intro
         experts: list[str] = []
         truncated: dict[str, tuple[int, int]] = {}

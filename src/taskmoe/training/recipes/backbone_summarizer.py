@@ -56,7 +56,8 @@ from taskmoe.training.loop import TrainResult, train as train_loop
 from taskmoe.training.recipes.summarizer import ADAPTER, FusionDataset, answer_perplexity, fusion_loss
 
 __all__ = ["BackboneSummarizerConfig", "BackboneFusionSetup", "setup", "draft_sets", "train_adapter", "train",
-           "save_summarizer", "register", "train_backbone_summarizer", "train_from_cli", "DRAFT_CACHE"]
+           "save_summarizer", "register", "train_backbone_summarizer", "quickstart_config", "train_from_cli",
+           "DRAFT_CACHE"]
 
 DRAFT_CACHE = "drafts_backbone.jsonl"
 
@@ -301,6 +302,17 @@ def train_backbone_summarizer(run_dir: Path, corpus: Any, cfg: BackboneSummarize
         report["disagreement"] = {k: cal.get(k) for k in ("threshold", "precision", "recall", "f1", "skipped") if k in cal}
         atomic_write_json(Path(run_dir) / "reports" / "summarizer.json", report)
     return report
+
+
+def quickstart_config(q: Any, progress: bool) -> BackboneSummarizerConfig:
+    """The summarizer sizes of a :class:`~taskmoe.training.recipes.quickstart_backbone.BackboneQuickstartConfig`."""
+    tc = BackboneSummarizerConfig().train.replace(max_steps=q.summarizer_steps, warmup_steps=max(1, q.summarizer_steps // 10),
+                                                  save_every=max(8, q.summarizer_steps // 2), seed=q.seed, progress=progress)
+    ac = BackboneSummarizerConfig().adapter_train.replace(max_steps=q.code_adapter_steps, save_every=q.code_adapter_steps,
+                                                          seed=q.seed, progress=progress)
+    return BackboneSummarizerConfig(r=q.rank, alpha=2.0 * q.rank, draft_tokens=q.draft_tokens,
+                                    pairs_per_domain=q.summarizer_pairs, val_pairs_per_domain=4, calibrate_per_domain=6,
+                                    train=tc, adapter_train=ac)
 
 
 def train_from_cli(run: Path, source: str | None, max_docs_per_domain: int | None, config: Path | None,
