@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from taskmoe.errors import ConfigError
-from taskmoe.summarizer.fuser import Draft, FusedSequence, fit_budget, order_drafts
+from taskmoe.summarizer.fuser import Draft, FusedSequence, fit_budget, order_drafts, place_drafts
 
 __all__ = ["BackboneFusionFormat", "backbone_header_text", "DRAFTS_INTRO", "INSTRUCTION"]
 
@@ -105,22 +105,11 @@ class BackboneFusionFormat:
         with_drafts = any(k is not None for k in kept)
         intro = self.intro if with_drafts else []
         tail = [*self.instruction, *self.post] if with_drafts else list(self.post)
-        ids = head + intro
-        experts: list[str] = []
-        truncated: dict[str, tuple[int, int]] = {}
-        dropped: list[str] = []
-        for d, h, k in zip(ordered, headers, kept):
-            if k is None:
-                dropped.append(d.expert)
-                continue
-            ids += h + list(d.ids[:k])
-            experts.append(d.expert)
-            if k < len(d.ids):
-                truncated[d.expert] = (len(d.ids), k)
-        ids += tail
-        answer_start = len(ids)
-        ids += answer
-        return FusedSequence(ids=ids, answer_start=answer_start, experts=experts, truncated=truncated, dropped=dropped)
+        seq = place_drafts(head + intro, ordered, headers, kept)
+        seq.ids += tail
+        seq.answer_start = len(seq.ids)
+        seq.ids += answer
+        return seq
 
     def text(self, prompt: str, drafts: Sequence[tuple[str, float, str]]) -> str:
         """The user turn's content as text (for traces and docs; untruncated)."""

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from taskmoe.errors import ConfigError
-from taskmoe.layers.lora import lora_layers, use_adapter
+from taskmoe.experts.adapter_expert import AdapterExpert, adapter_parameters
+from taskmoe.layers.lora import use_adapter
 from taskmoe.layers.multi_lora import use_row_adapters
 from taskmoe.models.switch_lock import switch_lock
 
@@ -43,42 +44,18 @@ def adapter_name(public: str) -> str:
     return f"summarizer_{public}"
 
 
-def _params(base: nn.Module, name: str) -> dict[str, nn.Parameter]:
-    out: dict[str, nn.Parameter] = {}
-    for path, layer in lora_layers(base).items():
-        if name in layer.specs:
-            key = f"{name}__{path.replace('.', '_')}"
-            out[f"{key}_A"], out[f"{key}_B"] = layer.lora_A[name], layer.lora_B[name]
-    return out
-
-
-class BackboneSummarizer(nn.Module):
+class BackboneSummarizer(AdapterExpert):
     """The backbone with adapter ``fusion`` on, ``adapters`` switchable per row (module docstring)."""
 
     def __init__(self, base: nn.Module, fusion: str = FUSION_ADAPTER, adapters: Sequence[str] = ()) -> None:
-        super().__init__()
-        params: dict[str, nn.Parameter] = {}
-        for name in [fusion, *map(adapter_name, adapters)]:
-            p = _params(base, name)
-            if not p:
-                raise ConfigError(f"backbone summarizer: the backbone has no adapter named {name!r}")
-            params.update(p)
-        self._base = (base,)  # not a submodule: shared with the experts
+        super().__init__(base, fusion)  # the backbone held outside the tree; ``lora``: the fusion adapter's A/B
+        for public in adapters:
+            extra = adapter_parameters(base, adapter_name(public))
+            if not extra:
+                raise ConfigError(f"backbone summarizer: the backbone has no adapter named {adapter_name(public)!r}")
+            self.lora.update({f"{public}__{k}": p for k, p in extra.items()})
         self.fusion, self.extra = fusion, list(adapters)  # public names; adapter_name() gives the backbone's
-        self.lora = nn.ParameterDict(params)
         self._switch: tuple[str | None, Tensor | None] = (None, None)
-
-    @property
-    def base(self) -> nn.Module:
-        return self._base[0]
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.base.vocab_size)  # type: ignore[attr-defined]
-
-    @property
-    def config(self) -> Any:
-        return self.base.config  # type: ignore[attr-defined]
 
     def adapter_names(self) -> list[str]:
         """The adapters that may replace ``fusion`` on some rows (e.g. ``["code"]``)."""
@@ -95,9 +72,6 @@ class BackboneSummarizer(nn.Module):
             yield self
         finally:
             self._switch = saved
-
-    def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> Any:
-        return self.base.init_state(batch_size, device, dtype)  # type: ignore[attr-defined]
 
     def forward(self, input_ids: Tensor, state: Any = None, *, logits_to_keep: int = 0) -> Any:
         name, rows = self._switch
