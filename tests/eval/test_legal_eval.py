@@ -106,3 +106,31 @@ def test_real_legalbench_files_parse(shared, tok):
     few, zero = hearsay_templates((root / "hearsay" / "base_prompt.txt").read_text())
     assert few.count("Is there hearsay?") == 6 and zero.count("Is there hearsay?") == 1
     assert len(read_tsv(root / "rule_qa" / "test.tsv", ("text", "answer"))) == 50
+
+
+def _law_folder(root):
+    root.mkdir(parents=True)
+    for i in range(40):
+        body = " ".join(f"Rule {i}.{j}. The court shall hear the motion of a party and rule on it in writing."
+                        for j in range(12))
+        (root / f"rule_{i:02d}.md").write_text(f"# Rule {i}\n\n{body}\n", encoding="utf-8")
+    return root
+
+
+def test_eval_legal_adds_held_out_legal_text_perplexity(tmp_path, tok):
+    from taskmoe.data.commands import get_corpus
+    from taskmoe.data.text_windows import TextWindows
+    from taskmoe.eval.legal import legal_perplexity
+
+    torch.manual_seed(0)
+    model = transformer_lm(LMConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2))
+    save_lm(model, tmp_path / "m")
+    tok.save(tmp_path / "m")
+    source = f"legal:{_law_folder(tmp_path / 'law')}"
+    rep = eval_legal(tmp_path / "m", data=_legalbench(tmp_path / "lb"), generate=0, bootstrap=20, legal_text=source,
+                     legal_windows=3, max_len=32, progress=False)
+    lt = rep["legal_text"]
+    held = list(get_corpus(source, progress=False).validation)
+    want = legal_perplexity(model.eval(), TextWindows(held, tok, 32, full_only=True, max_windows=3))
+    assert lt["source"] == source and lt["windows"] == 3 and lt["tokens"] == 3 * 32
+    assert lt["ppl"] == pytest.approx(want["ppl"], rel=1e-6) and lt["ppl"] > 1

@@ -59,3 +59,25 @@ def test_route_refuses_bad_requests_and_needs_the_key(served):
                        headers=auth).status_code == 400
     assert client.post("/v1/route", json={"prompt": ""}, headers=auth).status_code in (400, 422)
     assert client.post("/v1/route", json={"prompt": "x", "model": "other"}, headers=auth).status_code == 400
+
+
+def test_route_only_server_routes_but_generates_nothing(served):
+    root, _, prompts = served
+    text = next(iter(prompts.values()))
+    with TestClient(create_app(load_backend(root, name="imoe"), route_only=True)) as client:
+        r = client.post("/v1/route", json={"prompt": text})
+        assert r.status_code == 200 and r.json()["experts"]
+        assert client.get("/health").json()["status"] == "ok"
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["imoe"]
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            gone = client.post(path, json={"model": "imoe", "prompt": text,
+                                           "messages": [{"role": "user", "content": text}]})
+            assert gone.status_code == 404 and "error" in gone.json()
+        assert "/v1/chat/completions" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_route_only_needs_a_router(backend):
+    from taskmoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--route-only needs a system that routes"):
+        create_app(backend, route_only=True)

@@ -3,7 +3,7 @@
 :func:`evaluate_row` runs, on one model: LegalBench hearsay (:func:`~taskmoe.eval.legal.eval_hearsay`:
 balanced accuracy raw and calibrated, few- and zero-shot, bootstrap CI), rule_qa reference
 log-likelihood per token and greedy answers (:func:`~taskmoe.eval.legal.eval_rule_qa`), held-out
-legal perplexity (:func:`legal_perplexity`), held-out Alpaca reference log-likelihood and hh-rlhf
+legal perplexity (:func:`~taskmoe.eval.legal.legal_perplexity`), held-out Alpaca reference log-likelihood and hh-rlhf
 preference accuracy (:mod:`taskmoe.eval.chat_quality`). The chat measures use batch size 1: a
 per-sequence-routed model pools its prompt for routing, and padding would enter the pool. The
 legal windows all have the same length (no padding), so they are batched.
@@ -25,8 +25,7 @@ from torch import nn
 from taskmoe.data.chat import prompt_ids
 from taskmoe.data.text_windows import TextWindows
 from taskmoe.eval.chat_quality import preference_accuracy, reference_loglik
-from taskmoe.eval.legal import answer_logprob, eval_hearsay, eval_rule_qa, read_tsv
-from taskmoe.eval.nll import batched, corpus_nll, perplexity
+from taskmoe.eval.legal import answer_logprob, eval_hearsay, eval_rule_qa, legal_perplexity, read_tsv
 from taskmoe.inference.generate import GenerationConfig, generate as run_generate
 
 __all__ = ["EvalData", "legal_perplexity", "evaluate_row", "imoe_prompt", "imoe_rule_qa"]
@@ -44,15 +43,6 @@ class EvalData:
     rule_qa_items: Optional[int] = None
     max_len: int = 256
     generate: int = 5
-
-
-@torch.no_grad()
-def legal_perplexity(model: nn.Module, windows: TextWindows, batch_size: int = 4) -> dict[str, float]:
-    """``exp(sum NLL / #tokens)`` over the held-out legal windows (next-token on every position)."""
-    dev = next(model.parameters()).device
-    nll = corpus_nll(lambda b: (model(b["input_ids"].to(dev)).logits, b["labels"].to(dev)),
-                     batched(windows, batch_size, windows.collate), model=model)
-    return {"windows": len(windows), "tokens": nll.tokens, "ppl": perplexity(nll.mean), "mean_nll": nll.mean}
 
 
 def evaluate_row(model: nn.Module, tok: Any, data: EvalData, *, progress: bool = False) -> dict[str, Any]:

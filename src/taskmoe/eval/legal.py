@@ -14,6 +14,9 @@
   assistant reply; the mean log-likelihood per answer token (token-weighted over all questions,
   and the mean of per-question means), plus greedy answers to the first ``generate`` questions.
 
+- **legal text** (optional, :func:`legal_perplexity`): perplexity of held-out raw legal text, the
+  validation split of a legal corpus source (``--legal-text legal:DIR``, split as ``taskmoe cohesion``
+  splits it), in full windows of ``max_len`` tokens, next-token loss on every position.
 - **chat quality** (optional, :mod:`taskmoe.eval.chat_quality`): held-out Alpaca reference-answer
   log-likelihood per token and hh-rlhf preference accuracy, on the examples the trainers held out.
 
@@ -38,7 +41,7 @@ from taskmoe.data.sft import split_examples
 from taskmoe.errors import DataError
 from taskmoe.eval.chat_quality import preference_accuracy, reference_loglik
 from taskmoe.eval.classify import calibrate, classification_report, label_probs
-from taskmoe.eval.nll import picked_nll
+from taskmoe.eval.nll import batched, corpus_nll, perplexity, picked_nll
 from taskmoe.eval.scoring import PrefixCache, common_prefix_len
 from taskmoe.inference.generate import GenerationConfig, generate as run_generate
 from taskmoe.io import atomic_write_json, load_component
@@ -190,6 +193,27 @@ def eval_rule_qa(model: nn.Module, tok: Any, task_dir: Path, *, max_items: Optio
                          "generated": tok.decode(o, skip_special=True).strip()} for r, o in zip(asked, outs)]}
 
 
+@torch.no_grad()
+def legal_perplexity(model: nn.Module, windows: Any, batch_size: int = 4) -> dict[str, float]:
+    """``exp(sum NLL / #tokens)`` over held-out legal windows (a :class:`~taskmoe.data.text_windows.TextWindows`;
+    next-token loss on every position). The windows are full (one length), so they batch without padding."""
+    dev = next(model.parameters()).device
+    nll = corpus_nll(lambda b: (model(b["input_ids"].to(dev)).logits, b["labels"].to(dev)),
+                     batched(windows, batch_size, windows.collate), model=model)
+    return {"windows": len(windows), "tokens": nll.tokens, "ppl": perplexity(nll.mean), "mean_nll": nll.mean}
+
+
+def held_out_legal_windows(source: str, tok: Any, max_len: int, max_windows: Optional[int]) -> Any:
+    """The first ``max_windows`` full ``max_len``-token windows of the validation split of corpus ``source``."""
+    from taskmoe.data.commands import get_corpus
+    from taskmoe.data.text_windows import TextWindows
+
+    held = list(get_corpus(source, progress=False).validation)
+    if not held:
+        raise DataError(f"--legal-text {source}: the corpus has no validation documents to hold out")
+    return TextWindows(held, tok, max_len, full_only=True, max_windows=max_windows)
+
+
 # ------------------------------------------------------------------------------------- CLI
 def eval_legal(
     model: Path,
@@ -200,6 +224,8 @@ def eval_legal(
     bootstrap: int = 1000,
     alpaca: Optional[Path] = None,
     preferences: Optional[Path] = None,
+    legal_text: Optional[str] = None,
+    legal_windows: int = 24,
     held_out: int = 64,
     seed: int = 0,
     max_len: int = 512,
@@ -216,6 +242,9 @@ def eval_legal(
     prefilled once and its decoding state cloned per item. --alpaca FILE / --preferences FILE add the
     held-out reference-answer log-likelihood and preference accuracy (chosen more likely than
     rejected) on the --held-out N examples that `train sft|dpo` with the same --seed held out.
+    --legal-text SOURCE (e.g. legal:../shared/data/legal_raw) adds the perplexity of held-out raw legal
+    text: the first --legal-windows full windows of --max-len tokens of that corpus's validation split
+    (the legal expert of `taskmoe cohesion` never trains on it).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -231,6 +260,9 @@ def eval_legal(
     if preferences is not None:
         _, held = split_examples(read_preferences(preferences), held_out, seed)
         report["preferences"] = preference_accuracy(m, tok, held, max_len=max_len)
+    if legal_text is not None:
+        report["legal_text"] = {"source": legal_text, **legal_perplexity(
+            m, held_out_legal_windows(legal_text, tok, max_len, legal_windows))}
     report["seconds"] = time.perf_counter() - t0
     if out is not None:
         atomic_write_json(out, report)

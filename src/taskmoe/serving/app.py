@@ -29,6 +29,7 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.openapi.utils import get_openapi  # noqa: E402
 
 from taskmoe import __version__  # noqa: E402
+from taskmoe.errors import ConfigError  # noqa: E402
 from taskmoe.serving.auth import BearerAuth  # noqa: E402
 from taskmoe.serving.backend import Backend  # noqa: E402
 from taskmoe.serving.completion import CompletionHandler  # noqa: E402
@@ -63,9 +64,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(backend: Backend, limits: Limits | None = None, api_key: str | None = None,
-               *, metrics: ServerMetrics | None = None) -> FastAPI:
+               *, metrics: ServerMetrics | None = None, route_only: bool = False) -> FastAPI:
     """Build the ASGI app serving ``backend`` under ``limits``; ``api_key`` puts every path but
-    ``/health`` behind ``Authorization: Bearer <key>``."""
+    ``/health`` behind ``Authorization: Bearer <key>``. ``route_only``: answer ``/v1/route`` (and
+    ``/health``, ``/metrics``, ``/v1/models``) but generate nothing, for a front end of a multi-LoRA
+    engine; ConfigError when ``backend`` does not route with a router."""
     limits = limits or Limits()
     metrics = metrics or ServerMetrics()
     scheduler = Scheduler(backend, limits, metrics)
@@ -84,8 +87,11 @@ def create_app(backend: Backend, limits: Limits | None = None, api_key: str | No
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     add_routes(app, CompletionHandler(backend, scheduler, limits, metrics),
-               *request_models(limits, media=hasattr(backend, "encode_chat_media")))
-    add_route_endpoint(app, backend)  # POST /v1/route for systems that route with a router
+               *request_models(limits, media=hasattr(backend, "encode_chat_media")), completions=not route_only)
+    routes = add_route_endpoint(app, backend)  # POST /v1/route for systems that route with a router
+    if route_only and not routes:
+        raise ConfigError(f"--route-only needs a system that routes with a router (an IMoE run or a backbone "
+                          f"system); {', '.join(backend.model_ids())} has none")
     app.add_middleware(Edge, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s, metrics=metrics)
     if api_key:  # outermost: a request without the key is refused before its body is read
         app.add_middleware(BearerAuth, api_key=api_key)

@@ -39,8 +39,10 @@ def sse_200(chunk_model: str) -> dict[int | str, dict[str, Any]]:
                   "content": {"text/event-stream": {"schema": event}}}}
 
 
-def add_routes(app: FastAPI, handler: CompletionHandler, ChatRequest: type, TextRequest: type) -> None:
-    """Register every route of the API on ``app``; the request models carry the server's limits."""
+def add_routes(app: FastAPI, handler: CompletionHandler, ChatRequest: type, TextRequest: type,
+               *, completions: bool = True) -> None:
+    """Register every route of the API on ``app``; the request models carry the server's limits.
+    ``completions=False`` (``serve --route-only``) leaves out the two completion endpoints."""
     backend, scheduler, metrics = handler.backend, handler.scheduler, handler.metrics
     started = int(time.time())
     chat, text = ChatEndpoint(), TextEndpoint()
@@ -64,6 +66,9 @@ def add_routes(app: FastAPI, handler: CompletionHandler, ChatRequest: type, Text
              responses={k: ERROR_RESPONSES[k] for k in (401, 404, 422)})
     async def get_model(model_id: str) -> ModelCard:
         return ModelCard(id=handler.check_model(model_id), created=started)
+
+    if not completions:
+        return
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True, tags=["openai"],
               responses={**sse_200("ChatCompletionChunk"), **ERROR_RESPONSES})

@@ -57,6 +57,7 @@ def serve(
     body_timeout: float = BODY_TIMEOUT_S,
     threads: int = 0,
     check_experts: bool = True,
+    route_only: bool = False,
 ) -> dict:
     """Serve a model folder over an OpenAI-compatible HTTP API (needs FastAPI and uvicorn: the serve extra).
 
@@ -70,6 +71,8 @@ def serve(
     (0: torch's default). Requests are admitted by work: --token-budget work tokens (n x (prompt +
     max_tokens)) at most in flight, and only what the measured rate finishes well inside --timeout;
     refusals are 429 with Retry-After. --no-check-experts skips reading every expert file at start.
+    --route-only serves /v1/route (which experts a request goes to, with confidences and the trace)
+    and no completion endpoints: the front of a multi-LoRA engine that serves the experts (README).
     """
     require_serve_extra()
     import torch
@@ -89,7 +92,7 @@ def serve(
         torch.set_num_threads(threads)
     backend = load_backend(path, name=name)
     checked = check_backend(backend) if check_experts else []
-    app = create_app(backend, limits, api_key=api_key or os.environ.get(API_KEY_ENV) or None)
+    app = create_app(backend, limits, api_key=api_key or os.environ.get(API_KEY_ENV) or None, route_only=route_only)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=KEEP_ALIVE_S)
     metrics = app.state.metrics
     return {
