@@ -111,6 +111,17 @@ def test_format_budget_cuts_drafts_never_the_question(tok):
         fmt.build(prompt, drafts, [5, 6], max_len=len(bare.ids) - 1)
 
 
+def test_training_sequences_end_with_eos_only_where_the_target_ends(tok):
+    from taskmoe.summarizer.examples import FusionPair
+    from taskmoe.training.recipes.backbone_summarizer import fusion_sequences
+
+    fmt = BackboneFusionFormat(tok, max_len=512)
+    cut, ended = FusionPair((5, 6, 7), (8, 9, 10, 11), "code", "a", "continuation"), FusionPair((5, 6), (8, 9), None, "b", "reply")
+    a, b = fusion_sequences(fmt, [cut, ended], [[], []], target_tokens=4)
+    assert a.ids[a.answer_start:] == [8, 9, 10, 11] and b.ids[b.answer_start:] == [8, 9, tok.eos_id]
+    assert [y for y in a.targets() if y != IGNORE_INDEX] == [8, 9, 10, 11]
+
+
 # ---------------------------------------------------------------------------------------- training
 class _Crash(Exception):
     pass

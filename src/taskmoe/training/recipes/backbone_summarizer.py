@@ -14,7 +14,8 @@
    adapter fingerprint and draft settings (:func:`draft_sets`);
 2. **train** (:func:`train`): adapter ``summarizer_fusion`` (rank ``r`` on ``targets``) learns the
    answer from :class:`~taskmoe.summarizer.backbone_format.BackboneFusionFormat` sequences (loss on
-   answer tokens only, :func:`~taskmoe.training.recipes.summarizer.fusion_loss`); the **coding
+   answer tokens only, :func:`~taskmoe.training.recipes.summarizer.fusion_loss`; eos only where the
+   target really ends, :func:`fusion_sequences`); the **coding
    adapter** ``summarizer_code`` starts from the fusion adapter's weights and trains on the
    code-domain sequences; the **intent head** is the SSM system's
    :class:`~taskmoe.summarizer.intent.IntentClassifier` (logistic regression, code vs other) on the
@@ -55,7 +56,7 @@ from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, train as train_loop
 from taskmoe.training.recipes.summarizer import ADAPTER, FusionDataset, answer_perplexity, fusion_loss
 
-__all__ = ["BackboneSummarizerConfig", "BackboneFusionSetup", "setup", "draft_sets", "train_adapter", "train",
+__all__ = ["BackboneSummarizerConfig", "BackboneFusionSetup", "setup", "draft_sets", "fusion_sequences", "train_adapter", "train",
            "save_summarizer", "register", "train_backbone_summarizer", "quickstart_config", "train_from_cli",
            "DRAFT_CACHE"]
 
@@ -159,9 +160,26 @@ def draft_sets(system: Any, prompts: Sequence[Sequence[int]], cache: DraftCache 
     return sets
 
 
-def _dataset(fmt: BackboneFusionFormat, pairs: Sequence[FusionPair], drafts: Sequence[Sequence[Draft]], pad: int
-             ) -> FusionDataset:
-    return FusionDataset([fmt.build(p.prompt, d, p.target) for p, d in zip(pairs, drafts)], pad, [p.domain for p in pairs])
+def fusion_sequences(fmt: BackboneFusionFormat, pairs: Sequence[FusionPair], drafts: Sequence[Sequence[Draft]],
+                     target_tokens: int) -> list[Any]:
+    """Training sequences: prompt + drafts + target, ending with eos only where the target really ends.
+
+    A target cut at ``target_tokens`` (a continuation or reply that goes on) keeps no final eos, so
+    the summarizer never learns to stop after ``target_tokens`` tokens; a reply or a document that
+    ends inside the window ends with eos (where the template closes the assistant turn).
+    """
+    seqs = []
+    for p, d in zip(pairs, drafts):
+        seq = fmt.build(p.prompt, d, p.target)
+        if len(p.target) >= target_tokens:
+            seq.ids.pop()  # the eos: this target is a window, not the end of the answer
+        seqs.append(seq)
+    return seqs
+
+
+def _dataset(fmt: BackboneFusionFormat, pairs: Sequence[FusionPair], drafts: Sequence[Sequence[Draft]], pad: int,
+             target_tokens: int) -> FusionDataset:
+    return FusionDataset(fusion_sequences(fmt, pairs, drafts, target_tokens), pad, [p.domain for p in pairs])
 
 
 def setup(run_dir: Path, corpus: Any, cfg: BackboneSummarizerConfig, *, system: Any = None, progress: bool = True,
@@ -196,8 +214,9 @@ def setup(run_dir: Path, corpus: Any, cfg: BackboneSummarizerConfig, *, system: 
     log(f"fusion pairs: {len(train_pairs)} train / {len(val_pairs)} validation; drafts in {seconds:.0f} s "
         f"(cache: {cache.hits} hits, {cache.misses} misses)")
     pad = tok.pad_id
-    return BackboneFusionSetup(run_dir, system, fmt, train_pairs, val_pairs, _dataset(fmt, train_pairs, train_drafts, pad),
-                               _dataset(fmt, val_pairs, val_drafts, pad) if val_pairs else None, cfg,
+    tt = cfg.target_tokens
+    return BackboneFusionSetup(run_dir, system, fmt, train_pairs, val_pairs, _dataset(fmt, train_pairs, train_drafts, pad, tt),
+                               _dataset(fmt, val_pairs, val_drafts, pad, tt) if val_pairs else None, cfg,
                                backbone_dir(res), seconds)
 
 
