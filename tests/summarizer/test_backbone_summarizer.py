@@ -232,3 +232,18 @@ def test_coding_intent_switches_the_adapter_row_by_row(summ_run):
     ids = system.fmt.build(system.encode(code_p), system.draft([system.encode(code_p)])[0]).ids
     with system.summarizer.switch_adapter("code"):
         assert both[0].ids == _greedy(system.summarizer, ids, 4, system.tokenizer.eos_id)
+
+
+def test_train_summarizer_command_dispatches_on_a_backbone_run(experts_run, tmp_path):
+    from taskmoe.training.recipes.summarizer_run import train_summarizer
+
+    _, run, _ = experts_run
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    row = train_summarizer(run=out, max_docs_per_domain=6, steps=2, adapter_steps=1, batch_size=2, draft_tokens=6,
+                           prompt_tokens=16, target_tokens=8, max_len=160, calibrate=False, progress=False,
+                           set=["pairs_per_domain=3", "val_pairs_per_domain=2", "r=2", "adapter_train.batch_size=2"])
+    assert row["summarizer"].startswith("backbone LoRA") and row["fusion_steps"] == 2 and row["code_steps"] == 1
+    cfg = read_json(out / "summarizer" / "adapter_config.json")
+    assert cfg["r"] == 2 and cfg["peft_type"] == "LORA"
+    assert taskmoe.load(out).mode == "summarizer"
