@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny preset in a temporary folder (smoke test; numbers meaningless)")
     ap.add_argument("--per-domain", type=int, default=60, help="held-out prompts per domain")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--max-docs-per-domain", type=int, default=0,
+                    help="corpus cap for the held-out prompts (0: the run's own; a larger cap adds test documents, "
+                         "which stay held out: the split is by content hash)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     args = ap.parse_args()
     if args.threads:
@@ -72,6 +75,7 @@ def main() -> None:
     # the same corpus the run was built from (test documents are held out by content hash either way)
     qs = run / "quickstart.json"
     cap = read_json(qs)["config"]["max_docs_per_domain"] if qs.is_file() else cfg.max_docs_per_domain
+    cap = args.max_docs_per_domain or cap
     corpus = get_corpus(None, max_docs_per_domain=cap, progress=False)
     backbone = bool(system.meta.get("backbone"))
     rc = system.meta.get("summarizer", {}).get("recipe", {})
@@ -132,6 +136,7 @@ def main() -> None:
     if not args.no_write:
         cmd = "python -m bench.fusion" + (" --quick" if args.quick else "") + (f" --run {args.run}" if args.run != Path("runs/quickstart") else "")
         cmd += f" --per-domain {args.per_domain}" + (f" --threads {args.threads}" if args.threads else "")
+        cmd += f" --max-docs-per-domain {args.max_docs_per_domain}" if args.max_docs_per_domain else ""
         key, title = (("fusion_backbone", "IMoE fusion on the pretrained backbone (fusion LoRA summarizer vs its LoRA experts)")
                       if backbone else ("fusion", "IMoE fusion, disagreement and coding adapter (summarizer vs experts)"))
         print("written:", write_section(key, title, cmd,

@@ -330,7 +330,7 @@ def quickstart_config(q: Any, progress: bool) -> BackboneSummarizerConfig:
     ac = BackboneSummarizerConfig().adapter_train.replace(max_steps=q.code_adapter_steps, save_every=q.code_adapter_steps,
                                                           seed=q.seed, progress=progress)
     return BackboneSummarizerConfig(r=q.rank, alpha=2.0 * q.rank, draft_tokens=q.draft_tokens,
-                                    pairs_per_domain=q.summarizer_pairs, val_pairs_per_domain=4, calibrate_per_domain=6,
+                                    pairs_per_domain=q.summarizer_pairs, val_pairs_per_domain=4, calibrate_per_domain=4,
                                     train=tc, adapter_train=ac)
 
 
