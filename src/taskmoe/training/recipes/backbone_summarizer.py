@@ -50,7 +50,7 @@ from taskmoe.summarizer.backbone_format import BackboneFusionFormat
 from taskmoe.summarizer.backbone_summarizer import FUSION_ADAPTER, BackboneSummarizer, adapter_name
 from taskmoe.summarizer.drafts import DraftCache, draft_key
 from taskmoe.summarizer.examples import FusionPair
-from taskmoe.summarizer.fuser import Draft, order_drafts
+from taskmoe.summarizer.fuser import Draft, FusedSequence, order_drafts
 from taskmoe.summarizer.intent import IntentClassifier, domain_intents
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, train as train_loop
@@ -161,7 +161,7 @@ def draft_sets(system: Any, prompts: Sequence[Sequence[int]], cache: DraftCache 
 
 
 def fusion_sequences(fmt: BackboneFusionFormat, pairs: Sequence[FusionPair], drafts: Sequence[Sequence[Draft]],
-                     target_tokens: int) -> list[Any]:
+                     target_tokens: int) -> list[FusedSequence]:
     """Training sequences: prompt + drafts + target, ending with eos only where the target really ends.
 
     A target cut at ``target_tokens`` (a continuation or reply that goes on) keeps no final eos, so
