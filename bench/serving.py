@@ -107,11 +107,13 @@ def free_port() -> int:
 
 
 def start_server(folder: Path, max_batch: int, threads: int, batching: str = "grouped",
-                 module: str = "bench.serving") -> tuple[subprocess.Popen, str]:
+                 module: str = "bench.serving", extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Start ``module``'s ``--serve-worker FOLDER PORT MAX_BATCH THREADS BATCHING *extra`` process; wait until healthy."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", module, "--serve-worker", str(folder), str(port),
-                             str(max_batch), str(threads), batching], env=env, cwd=Path(__file__).resolve().parents[1])
+                             str(max_batch), str(threads), batching, *extra], env=env,
+                            cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     while True:

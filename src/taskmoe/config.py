@@ -225,14 +225,19 @@ def load_config(cls: type[C], path: str | Path | None = None, *, flags: dict[str
     return apply_overrides(apply_overrides(cfg, flags or {}, source="flag"), overrides)
 
 
-def config_from_flags(cls: type[C], path: str | Path | None, flag_map: dict[str, str], flags: dict[str, Any],
-                  overrides: Any = (), *, recipe: str, extra: dict[str, Any] | None = None) -> C:
+FlagPaths = typing.Union[str, tuple[str, ...]]
+"""The config path a recipe flag sets, or several (``seed`` may set ``train.seed`` and ``adapter_train.seed``)."""
+
+
+def config_from_flags(cls: type[C], path: str | Path | None, flag_map: dict[str, FlagPaths], flags: dict[str, Any],
+                      overrides: Any = (), *, recipe: str, extra: dict[str, Any] | None = None) -> C:
     """:func:`load_config` for a recipe command: its typed CLI ``flags`` ({flag: value}, None = unset) are
     mapped to config paths by ``flag_map`` (an unknown flag raises :class:`ConfigError` naming ``recipe``
     and the known flags); ``extra`` adds paths a recipe derives from its flags; ``--set`` wins last."""
     unknown = sorted(set(flags) - set(flag_map))
     if unknown:
         raise ConfigError(f"unknown {recipe} flag(s) {unknown}; known: {sorted(flag_map)}")
-    paths = {flag_map[k]: v for k, v in flags.items()}
+    paths = {p: v for k, v in flags.items()
+             for p in ((flag_map[k],) if isinstance(flag_map[k], str) else flag_map[k])}
     paths.update(extra or {})
     return load_config(cls, path, flags=paths, overrides=overrides or ())

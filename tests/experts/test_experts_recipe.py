@@ -17,7 +17,7 @@ from taskmoe.experts.assign import assign
 from taskmoe.io import load_tensors
 from taskmoe.manifest import load_manifest
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.recipes.experts import ExpertsRecipeConfig, build_recipe_config, setup, train_experts
+from taskmoe.training.recipes.experts import ExpertsRecipeConfig, setup, train_experts
 
 
 @pytest.fixture(scope="module")
@@ -107,4 +107,4 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no router in the run folder"):
         setup(tmp_path, corpus(), ExpertsRecipeConfig(), progress=False)
     with pytest.raises(ConfigError, match="lam"):
-        build_recipe_config(None, lam=1.5)
+        train_experts(tmp_path, lam=1.5)  # the flags are validated before any work

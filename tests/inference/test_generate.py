@@ -137,7 +137,7 @@ def test_shared_generator_rows_draw_together_like_stream(model) -> None:
     """``stream`` is ``stream_rows`` with one config and one generator object for every row."""
     cfg = GenerationConfig(max_new_tokens=6, temperature=0.9, top_k=10)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert list(stream_rows(model, PROMPTS, [cfg] * len(PROMPTS), [g1] * len(PROMPTS))) == \
+    assert list(stream_rows(model, PROMPTS, [cfg] * len(PROMPTS), generators=[g1] * len(PROMPTS))) == \
         list(stream(model, PROMPTS, cfg, g2))
 
 
@@ -146,3 +146,5 @@ def test_per_row_arguments_are_checked(model) -> None:
         generate_rows(model, [[1], [2]], [GenerationConfig()])
     with pytest.raises(RequestError, match="2 prompts but 3 emits"):
         generate_rows(model, [[1], [2]], [GenerationConfig()] * 2, emits=[None] * 3)
+    with pytest.raises(TypeError, match=r"unknown per-row option\(s\) \['emit'\]"):  # a typo is not ignored
+        generate_rows(model, [[1]], [GenerationConfig()], emit=[None])

@@ -1,9 +1,10 @@
 """Serving fixtures: a real tokenizer trained on a few KB of real text, real tiny LMs built with the
 ``taskmoe.nn`` builders (saved and loaded through ``save_lm``/``LMBackend.load``), and a real uvicorn
-server on a free loopback port."""
+server on a free loopback port; the tiny IMoE run of the pipeline tests (``imoe_run``, built once)."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Iterator
 
@@ -59,3 +60,24 @@ def server(backend) -> Iterator:
 
     with running(create_app(backend)) as srv:
         yield srv
+
+
+def _pipeline_helpers():
+    path = Path(__file__).resolve().parents[1] / "inference" / "pipeline_helpers.py"
+    spec = importlib.util.spec_from_file_location("pipeline_helpers_for_serving", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.fixture(scope="session")
+def imoe_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The pipeline tests' tiny IMoE run (router, 3 experts, summarizer + code adapter) and its prompts."""
+    helpers = _pipeline_helpers()
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = helpers.build_run(tmp_path_factory.mktemp("imoe") / "run")
+    finally:
+        torch.set_num_threads(prev)
+    return root, helpers.prompts()

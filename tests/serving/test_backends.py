@@ -5,7 +5,6 @@ generation for that prompt alone."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -89,21 +88,6 @@ def test_doe_over_http_with_trace(doe_folder) -> None:
 
 
 # ----------------------------------------------------------------------------------- IMoE
-def _pipeline_helpers():
-    path = Path(__file__).resolve().parents[1] / "inference" / "pipeline_helpers.py"
-    spec = importlib.util.spec_from_file_location("pipeline_helpers_for_serving", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
-@pytest.fixture(scope="module")
-def imoe_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    helpers = _pipeline_helpers()
-    root = helpers.build_run(tmp_path_factory.mktemp("imoe") / "run")
-    return root, helpers.prompts()
-
-
 def test_imoe_answers_equal_the_system_and_batches_group_by_selected_experts(imoe_run) -> None:
     import taskmoe
 

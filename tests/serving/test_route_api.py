@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,21 +14,12 @@ from taskmoe.serving.app import create_app  # noqa: E402
 from taskmoe.serving.backends import load_backend  # noqa: E402
 
 
-def _pipeline_helpers():
-    path = Path(__file__).resolve().parents[1] / "inference" / "pipeline_helpers.py"
-    spec = importlib.util.spec_from_file_location("pipeline_helpers_for_route", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    helpers = _pipeline_helpers()
-    root = helpers.build_run(tmp_path_factory.mktemp("route") / "run")
+def served(imoe_run):
+    root, prompts = imoe_run
     backend = load_backend(root, name="imoe")
     with TestClient(create_app(backend, api_key="k")) as client:
-        yield root, client, helpers.prompts()
+        yield root, client, prompts
 
 
 def test_route_answers_the_routers_decision_with_adapter_folders(served):

@@ -114,21 +114,25 @@ def test_every_training_command_takes_config_and_set(name) -> None:
 
 
 def test_chat_flags_then_sets(tmp_path) -> None:
-    from taskmoe.training.recipes.chat import build_config
+    from taskmoe.config import config_from_flags
+    from taskmoe.training.recipes.chat import FLAGS as CHAT_FLAGS
     from taskmoe.training.recipes.dpo import FLAGS as DPO_FLAGS, DPOConfig
     from taskmoe.training.recipes.sft import SFTConfig
 
+    def build(cls, path, sets, flag_map=CHAT_FLAGS, **flags):
+        return config_from_flags(cls, path, flag_map, flags, sets, recipe=cls.__name__)
+
     path = tmp_path / "sft.json"
     SFTConfig(max_len=64).save(path)
-    cfg = build_config(SFTConfig, path, ["train.warmup_steps=3", "lora_alpha=4"], steps=7, lr=None, progress=False)
+    cfg = build(SFTConfig, path, ["train.warmup_steps=3", "lora_alpha=4"], steps=7, lr=None, progress=False)
     assert (cfg.max_len, cfg.train.max_steps, cfg.train.warmup_steps, cfg.lora_alpha) == (64, 7, 3, 4.0)
     assert cfg.train.lr == SFTConfig().train.lr and cfg.train.progress is False
-    d = build_config(DPOConfig, None, ["beta=0.3"], DPO_FLAGS, beta=0.2, label_smoothing=0.1)
+    d = build(DPOConfig, None, ["beta=0.3"], DPO_FLAGS, beta=0.2, label_smoothing=0.1)
     assert (d.beta, d.label_smoothing) == (0.3, 0.1)
     with pytest.raises(ConfigError, match=r"unknown SFTConfig flag\(s\) \['beta'\]"):
-        build_config(SFTConfig, None, None, beta=0.2)
+        build(SFTConfig, None, None, beta=0.2)
     with pytest.raises(ConfigError, match="beta must be > 0"):
-        build_config(DPOConfig, None, ["beta=0"], DPO_FLAGS)
+        build(DPOConfig, None, ["beta=0"], DPO_FLAGS)
 
 
 def test_mixture_flags_derive_the_schedule_and_sets_win() -> None:

@@ -10,12 +10,13 @@ Each is a plain typed function (also the Python API) that returns its result; th
 
 from __future__ import annotations
 
-import logging
-
+import functools
 import hashlib
+import inspect
+import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from taskmoe.data.corpus import SPLITS, Corpus, CorpusConfig
 from taskmoe.data.default import DEFAULT_CHARS_PER_DOMAIN, cache_root, load_default_corpus
@@ -53,6 +54,38 @@ def get_corpus(
     src = open_source(source, text_field=text_field, domain_field=domain_field)
     cfg = CorpusConfig(max_docs_per_domain=max_docs_per_domain, max_chars_per_domain=max_chars_per_domain)
     return Corpus.from_documents(src, cfg)
+
+
+def corpus_command(body: Callable[..., Any]) -> Callable[..., Any]:
+    """The command ``body(..., *, corpus)`` with the options of :func:`get_corpus` as its own flags.
+
+    The corpus options are declared once, by :func:`get_corpus` (``--source``, ``--text-field``,
+    ``--domain-field``, ``--max-docs-per-domain``, ``--max-chars-per-domain``, ``--cache-dir``,
+    ``--progress``); the command gets them as keyword parameters after the body's own and passes
+    the corpus they select as ``corpus``. An option the body takes too (``source``, ``progress``)
+    goes to both.
+    """
+    own = {n: p for n, p in inspect.signature(body, eval_str=True).parameters.items() if n != "corpus"}
+    options = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for n, p in inspect.signature(get_corpus, eval_str=True).parameters.items() if n not in own]
+    sig = inspect.signature(body, eval_str=True)
+    sig = sig.replace(parameters=[*own.values(), *options])
+
+    @functools.wraps(body)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        chosen = {p.name: a.pop(p.name) for p in options}
+        chosen.update({n: a[n] for n in _CORPUS_OPTIONS if n in own})
+        return body(**a, corpus=get_corpus(chosen.pop("source", None), **chosen))
+
+    command.__signature__ = sig  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()} | {"return": sig.return_annotation}
+    return command
+
+
+_CORPUS_OPTIONS = tuple(inspect.signature(get_corpus).parameters)
 
 
 def corpus_fingerprint(corpus: Corpus) -> str:
@@ -119,17 +152,9 @@ def corpus_stats(corpus: Corpus, tokenizer: Tokenizer) -> list[dict[str, object]
     return rows
 
 
-def data_stats(
-    source: Optional[str] = None,
-    tokenizer: Optional[Path] = None,
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    max_docs_per_domain: Optional[int] = None,
-    max_chars_per_domain: int = DEFAULT_CHARS_PER_DOMAIN,
-    text_field: str = "text",
-    domain_field: Optional[str] = None,
-    cache_dir: Optional[Path] = None,
-    progress: bool = True,
-) -> list[dict[str, object]]:
+@corpus_command
+def data_stats(tokenizer: Optional[Path] = None, vocab_size: int = DEFAULT_VOCAB_SIZE, cache_dir: Optional[Path] = None,
+               progress: bool = True, *, corpus: Corpus) -> list[dict[str, object]]:
     """Documents, tokens and bytes per domain and split of the default corpus (or --source).
 
     --source: a folder of .txt files, a .jsonl/.json/.parquet file, a save_to_disk folder, or hf:NAME.
@@ -137,28 +162,16 @@ def data_stats(
     Caps apply per domain (0 = no cap). Tokens are counted with --tokenizer if given, else with a
     BPE of --vocab-size trained on the train split (cached, deterministic).
     """
-    corpus = get_corpus(source, text_field=text_field, domain_field=domain_field, max_docs_per_domain=max_docs_per_domain,
-                        max_chars_per_domain=max_chars_per_domain, cache_dir=cache_dir, progress=progress)
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else corpus_tokenizer(
         corpus, vocab_size, cache_dir=cache_dir, progress=progress
     )
     return corpus_stats(corpus, tok)
 
 
-def data_build(
-    out: Path = Path("data/corpus"),
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    max_chars_per_domain: int = DEFAULT_CHARS_PER_DOMAIN,
-    text_field: str = "text",
-    domain_field: Optional[str] = None,
-    cache_dir: Optional[Path] = None,
-    progress: bool = True,
-) -> dict[str, object]:
+@corpus_command
+def data_build(out: Path = Path("data/corpus"), source: Optional[str] = None, *, corpus: Corpus) -> dict[str, object]:
     """Build the default corpus (or --source) and write OUT/corpus.jsonl and OUT/manifest.json."""
     t0 = time.perf_counter()
-    corpus = get_corpus(source, text_field=text_field, domain_field=domain_field, max_docs_per_domain=max_docs_per_domain,
-                        max_chars_per_domain=max_chars_per_domain, cache_dir=cache_dir, progress=progress)
     out = Path(out)
     path = corpus.save(out / "corpus.jsonl")
     counts = {s: len(corpus.splits[s]) for s in SPLITS}
@@ -173,22 +186,13 @@ def data_build(
         },
     )
     return {"path": str(path), **{f"{s} documents": n for s, n in counts.items()}, "domains": ", ".join(corpus.domains),
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "write seconds": round(time.perf_counter() - t0, 2)}
 
 
-def tokenizer_train(
-    out: Path = Path("tokenizer.json"),
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    max_chars_per_domain: int = DEFAULT_CHARS_PER_DOMAIN,
-    text_field: str = "text",
-    cache_dir: Optional[Path] = None,
-    progress: bool = True,
-) -> dict[str, object]:
+@corpus_command
+def tokenizer_train(out: Path = Path("tokenizer.json"), vocab_size: int = DEFAULT_VOCAB_SIZE, progress: bool = True, *,
+                    corpus: Corpus) -> dict[str, object]:
     """Train a byte-level BPE tokenizer on the train split of the default corpus (or --source)."""
-    corpus = get_corpus(source, text_field=text_field, max_docs_per_domain=max_docs_per_domain,
-                        max_chars_per_domain=max_chars_per_domain, cache_dir=cache_dir, progress=progress)
     tok = train_tokenizer(corpus, vocab_size, progress=progress)
     path = tok.save(out)
     return {"path": str(path), "vocab_size": tok.vocab_size, "train documents": len(corpus.train)}

@@ -313,29 +313,16 @@ def default_corpus_key(config: CorpusConfig, domains: Sequence[str] = DOMAINS) -
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def default_corpus_config(
-    max_docs_per_domain: int | None = None,
-    max_chars_per_domain: int | None = DEFAULT_CHARS_PER_DOMAIN,
-    max_chunk_chars: int = 2000,
-    min_chunk_chars: int = 64,
-    split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
-) -> CorpusConfig:
-    return CorpusConfig(
-        max_chunk_chars=max_chunk_chars,
-        min_chunk_chars=min_chunk_chars,
-        max_docs_per_domain=max_docs_per_domain,
-        max_chars_per_domain=max_chars_per_domain,
-        split_fractions=split_fractions,
-    )
+def default_corpus_config(max_docs_per_domain: int | None = None,
+                          max_chars_per_domain: int | None = DEFAULT_CHARS_PER_DOMAIN) -> CorpusConfig:
+    """The default corpus's :class:`CorpusConfig`: its caps, and ``CorpusConfig``'s own chunking and splits."""
+    return CorpusConfig(max_docs_per_domain=max_docs_per_domain, max_chars_per_domain=max_chars_per_domain)
 
 
 def load_default_corpus(
     max_docs_per_domain: int | None = None,
     *,
     max_chars_per_domain: int | None = DEFAULT_CHARS_PER_DOMAIN,
-    max_chunk_chars: int = 2000,
-    min_chunk_chars: int = 64,
-    split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
     domains: Sequence[str] = DOMAINS,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
@@ -347,9 +334,7 @@ def load_default_corpus(
     ``max_docs_per_domain`` gives a quick corpus for tests. The result is deterministic for a
     given set of installed package versions.
     """
-    config = default_corpus_config(
-        max_docs_per_domain, max_chars_per_domain, max_chunk_chars, min_chunk_chars, split_fractions
-    )
+    config = default_corpus_config(max_docs_per_domain, max_chars_per_domain)
     path = cache_root(cache_dir) / f"default-corpus-{default_corpus_key(config, domains)}.jsonl"
     if use_cache and path.is_file():
         try:

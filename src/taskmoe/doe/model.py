@@ -51,6 +51,7 @@ from taskmoe.layers import LMState, SwiGLU
 from taskmoe.models import CausalLM, LMOutput, TransformerLMConfig, init_lm_weights, transformer_lm
 from taskmoe.models.backbones import LlamaConfig
 from taskmoe.layers.block import BlockState
+from taskmoe.layers.lora import train_only
 
 KIND = "doe"
 GATE_SUPERVISION = ("none", "router")
@@ -291,11 +292,7 @@ class DOETransformer(CausalLM):
 
     def freeze_except(self, name: str) -> list[nn.Parameter]:
         """Freeze every parameter but expert ``name``'s (MLPs + gate); returns the trainable ones."""
-        keep = self.expert_parameters(name)
-        ids = {id(p) for p in keep}
-        for p in self.parameters():
-            p.requires_grad_(id(p) in ids)
-        return keep
+        return train_only(self, self.expert_parameters(name))
 
     def extract(self, experts: Sequence[str]) -> "DOETransformer":
         """A copy holding only ``experts``; identical outputs on sequences whose routed experts are all kept."""

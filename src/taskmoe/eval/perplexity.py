@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from taskmoe.data.commands import corpus_command
+from taskmoe.data.corpus import Corpus
 from taskmoe.progress import progress_bar
 from taskmoe.errors import ConfigError, DataError
 from taskmoe.eval.nll import IGNORE_INDEX as IGNORE, perplexity as _ppl, row_nll
@@ -227,18 +229,18 @@ def plot_matrix(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path:
     return path
 
 
+@corpus_command
 def eval_experts(
     run: Path = Path("runs/default"),
     split: str = "validation",
-    source: Optional[str] = None,
-    domain_field: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
     seq_len: int = 256,
     route_tokens: int = 32,
     max_doc_tokens: int = 512,
     batch_size: int = 8,
     out: Optional[Path] = None,
     progress: bool = True,
+    *,
+    corpus: Corpus,
 ) -> Any:
     """Held-out perplexity of each expert on each domain, and of routed mixtures, with a heatmap.
 
@@ -252,7 +254,6 @@ def eval_experts(
     from rich.console import Group
     from rich.text import Text
 
-    from taskmoe.data.commands import get_corpus
     from taskmoe.experts.expert_lm import load_expert
     from taskmoe.io import atomic_write_json
     from taskmoe.manifest import load_manifest
@@ -266,7 +267,6 @@ def eval_experts(
     experts = {router.categories[k]: load_expert(p, router.embedding).eval() for k, p in sorted(res.experts.items())}
     if not experts:
         raise DataError(f"{res.run_dir}: taskmoe.json lists no experts; run `taskmoe train experts` first")
-    corpus = get_corpus(source, domain_field=domain_field, max_docs_per_domain=max_docs_per_domain, progress=progress)
     if split not in corpus.splits or not corpus.splits[split]:
         raise DataError(f"split {split!r} is missing or empty (splits: {sorted(corpus.splits)})")
     docs = corpus.splits[split]

@@ -25,6 +25,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from taskmoe.data.commands import corpus_command
+from taskmoe.data.corpus import Corpus
 from taskmoe.errors import DataError
 from taskmoe.io import atomic_write_json
 from taskmoe.router.classifier import expected_calibration_error
@@ -151,14 +153,9 @@ def _table(rows: list[dict[str, Any]], title: str) -> Any:
     return t
 
 
-def route_report(
-    router: Path = Path("runs/default/router"),
-    split: str = "validation",
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    out: Optional[Path] = None,
-    progress: bool = True,
-) -> Any:
+@corpus_command
+def route_report(router: Path = Path("runs/default/router"), split: str = "validation", out: Optional[Path] = None, *,
+                 corpus: Corpus) -> Any:
     """Evaluate a router against the corpus's true domains: NMI, purity, ECE, table and a 2-D map.
 
     Routes the --split (validation, test or train) of the default corpus (or --source; documents
@@ -171,9 +168,6 @@ def route_report(
     r = Router.load(router)
     if r.tokenizer is None:
         raise DataError(f"{router}: the router folder has no tokenizer.json; cannot tokenise the corpus")
-    from taskmoe.data.commands import get_corpus
-
-    corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
     if split not in corpus.splits:
         raise DataError(f"split must be one of {sorted(corpus.splits)}, got {split!r}")
     docs = corpus.splits[split]

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -190,23 +190,37 @@ def _sample_group(logits: torch.Tensor, seen: torch.Tensor, cfg: GenerationConfi
     return sample(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator)  # (b,)
 
 
-def stream_rows(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    cfgs: Sequence[GenerationConfig],
-    generators: Sequence[torch.Generator | None] | None = None,
-    emits: Sequence[Emit | None] | None = None,
-    side: Sequence[Any] | None = None,
-) -> Iterator[tuple[int, int]]:
-    """The decoding loop: yield ``(prompt_index, token_id)`` as tokens are produced, row ``i``
-    decoded under ``cfgs[i]``, drawing from ``generators[i]`` and halted when ``emits[i](token)``
-    returns False (called before the token is yielded; the token counts as emitted; a halted row
-    gets no further forward). ``side[i]`` is row ``i``'s side data for the model (module docstring).
+class RowOptions(TypedDict, total=False):
+    """The per-row keyword options of :func:`stream_rows` and :func:`generate_rows` (one entry per prompt).
 
-    ``generators=None`` gives every row its own generator seeded from ``cfgs[i].seed`` (the global
-    RNG when that is None), so seeded rows do not depend on their batch-mates. Rows in a step come
-    in prefill order (by prompt length); see the module docstring.
+    ``generators[i]``: row ``i``'s sampling generator (absent: seeded from ``cfgs[i].seed``, the
+    global RNG when that is None); ``emits[i](token)``: called before a token is yielded, False
+    halts the row; ``side[i]``: row ``i``'s side data for the model (module docstring).
     """
+
+    generators: Sequence[torch.Generator | None] | None
+    emits: Sequence[Emit | None] | None
+    side: Sequence[Any] | None
+
+
+def _row_options(opts: dict[str, Any]) -> tuple[Any, Any, Any]:
+    unknown = sorted(set(opts) - set(RowOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unknown per-row option(s) {unknown}; known: {sorted(RowOptions.__annotations__)}")
+    return opts.get("generators"), opts.get("emits"), opts.get("side")
+
+
+def stream_rows(model: nn.Module, prompts: Sequence[Sequence[int]], cfgs: Sequence[GenerationConfig],
+                **opts: Unpack[RowOptions]) -> Iterator[tuple[int, int]]:
+    """The decoding loop: yield ``(prompt_index, token_id)`` as tokens are produced, row ``i``
+    decoded under ``cfgs[i]`` with the :class:`RowOptions` ``opts``. A row halted by its
+    ``emits[i]`` keeps the token it was called on and gets no further forward.
+
+    Without ``generators`` every row gets its own generator seeded from ``cfgs[i].seed``, so seeded
+    rows do not depend on their batch-mates. Rows in a step come in prefill order (by prompt
+    length); see the module docstring.
+    """
+    generators, emits, side = _row_options(dict(opts))
     _check_prompts(prompts, model.vocab_size)
     _check_per_row(len(prompts), cfgs=cfgs, generators=generators, emits=emits, side=side)
     live = [i for i, c in enumerate(cfgs) if c.max_new_tokens > 0]
@@ -247,15 +261,10 @@ def stream_rows(
         model.train(was_training)
 
 
-def generate_rows(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    cfgs: Sequence[GenerationConfig],
-    generators: Sequence[torch.Generator | None] | None = None,
-    emits: Sequence[Emit | None] | None = None,
-    side: Sequence[Any] | None = None,
-) -> list[RowOutput]:
+def generate_rows(model: nn.Module, prompts: Sequence[Sequence[int]], cfgs: Sequence[GenerationConfig],
+                  **opts: Unpack[RowOptions]) -> list[RowOutput]:
     """Each row's tokens and finish reason under its own config; see :func:`stream_rows`."""
+    _, emits, _ = _row_options(dict(opts))
     _check_per_row(len(prompts), cfgs=cfgs, emits=emits)
     halted = [False] * len(prompts)
 
@@ -268,7 +277,7 @@ def generate_rows(
 
     watched = [watch(i, None if emits is None else emits[i]) for i in range(len(prompts))]
     out: list[list[int]] = [[] for _ in prompts]
-    for row, tok in stream_rows(model, prompts, cfgs, generators, watched, side):
+    for row, tok in stream_rows(model, prompts, cfgs, **{**opts, "emits": watched}):
         out[row].append(tok)
     # a row ends for exactly one reason: sampling stops once it holds max_new_tokens tokens
     return [RowOutput(o, "halted" if h else "length" if len(o) == c.max_new_tokens else "stop")
@@ -293,7 +302,7 @@ def stream(
         return
     if generator is None and cfg.seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
-    yield from stream_rows(model, prompts, [cfg] * len(prompts), [generator] * len(prompts), side=side)
+    yield from stream_rows(model, prompts, [cfg] * len(prompts), generators=[generator] * len(prompts), side=side)
 
 
 def generate(

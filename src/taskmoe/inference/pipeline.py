@@ -24,6 +24,11 @@ expert)`` receives every token as it is produced (drafts, cross-talk turns, then
 clarification). Per-row ``options`` override the decoding fields of single rows; every row decodes
 with its own generator seeded from its ``seed``, so rows with different seeds share one batch.
 
+Continuous batching (:meth:`System.open_session`): the same stages with the decode stages (Draft,
+Fuse, Ensemble) run step-wise, so the rows of a later call join the running decodes between steps
+instead of waiting for the whole call (:mod:`taskmoe.inference.stages.session`; the server's IMoE
+backend drives it); a joined row's answer equals its solo run.
+
 Exactness: every stage is row-independent (a row's greedy tokens do not depend on its
 batch-mates; a sampled row draws from its own generator), so :meth:`System.generate_batch` gives
 each prompt exactly the answer :meth:`System.generate` gives it alone (tested).
@@ -66,6 +71,7 @@ from taskmoe.inference.stages import (
     summarizer_features,
     uses_adapter,
 )
+from taskmoe.inference.stages.session import PipelineSession
 from taskmoe.inference.stream import PipelineStream, TokenEvent
 from taskmoe.inference.trace import Answer, ExpertUse, Trace
 from taskmoe.router.policy import RoutingDecision
@@ -243,24 +249,45 @@ class System:
         ``trace.clarification`` holds the question (written, not decoded; streamed as stage
         ``"clarification"``). A stopped row returns what it produced (``trace.stopped``).
         """
+        rows, call = self.call_rows(prompts, controls=controls, on_token=on_token, options=options, clock=clock, **gen)
+        for stage in self.stages():
+            rows = stage(rows, call)
+        return self.results(rows, call)
+
+    def call_rows(self, prompts: Sequence[Sequence[int]], *, controls: Sequence[Control] | None = None,
+                  on_token: OnToken | None = None, options: Sequence[Mapping[str, Any] | None] | None = None,
+                  clock: Clock | None = None, **gen: Any) -> tuple[list[Row], Call]:
+        """One call's stage rows and :class:`Call` (arguments as :meth:`generate_ids`)."""
         prompts = [[int(t) for t in p] for p in prompts]
         for name, per_row in (("controls", controls), ("options", options)):
             if per_row is not None and len(per_row) != len(prompts):
                 raise RequestError(f"{name} must give one entry per prompt: {len(prompts)} prompts, {len(per_row)} {name}")
         base = self._config(gen)
-        call = Call(base, RecordingStore(self.store), clock or Clock(), on_token)
+        call = Call(base, RecordingStore(self.store), clock or Clock(), on_token, size=len(prompts))
         rows = [Row(i, p, self._config({**gen, **(options[i] or {})}) if options is not None and options[i] else base,
                     Trace(prompt="", prompt_tokens=len(p), mode=self.mode, routing={}),
                     controls[i] if controls is not None else Control()) for i, p in enumerate(prompts)]
-        for stage in self.stages():
-            rows = stage(rows, call)
+        return rows, call
+
+    def results(self, rows: Sequence[Row], call: Call) -> list[tuple[list[int], Trace]]:
+        """Finished rows of ``call`` -> (answer ids, trace): the experts used, timings, the call's size."""
         for r in rows:
             d, tr = r.decision, r.trace
             tr.experts = [] if d is None else [
                 ExpertUse(self.expert_of[c], c, float(d.confidences[i]), *call.store.uses.get(self.expert_of[c], ("unused", 0.0)))
                 for i, c in zip(d.selected, d.selected_names)]
-            tr.timings, tr.batch_size, tr.answer_tokens = dict(call.clock.t), len(rows), len(r.answer)
+            tr.timings, tr.answer_tokens = dict(call.clock.t), len(r.answer)
+            tr.batch_size = call.size or len(rows)
         return [(r.answer, r.trace) for r in rows]
+
+    def open_session(self) -> PipelineSession:
+        """The stages opened for continuous batching: calls' rows join between decode steps.
+
+        ``session.add(*system.call_rows(prompts, ...))``, then ``session.step()`` until it is empty;
+        each step returns the ``(row, call)`` pairs that are done (:meth:`results` gives their
+        answers, equal to :meth:`generate_ids`'). See :mod:`taskmoe.inference.stages.session`.
+        """
+        return PipelineSession(self.stages())
 
     def _config(self, gen: Mapping[str, Any]) -> PipelineConfig:
         bad = sorted(set(gen) - set(GEN_FIELDS))

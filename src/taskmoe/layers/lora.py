@@ -53,6 +53,7 @@ __all__ = [
     "base_state_dict",
     "lora_layers",
     "mark_only_adapter_trainable",
+    "train_only",
     "set_adapter",
     "use_adapter",
     "merge_adapter",
@@ -218,17 +219,18 @@ def unmerge_adapter(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def train_only(model: nn.Module, keep: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Freeze every parameter of ``model`` except those in ``keep`` (by identity); return ``keep``."""
+    ids = {id(p) for p in keep}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return keep
+
+
 def mark_only_adapter_trainable(model: nn.Module, name: str) -> list[nn.Parameter]:
     """Freeze every parameter of ``model`` except adapter ``name``'s A and B; return those."""
     layers = _layers_with(model, name)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params: list[nn.Parameter] = []
-    for layer in layers.values():
-        for p in (layer.lora_A[name], layer.lora_B[name]):
-            p.requires_grad_(True)
-            params.append(p)
-    return params
+    return train_only(model, [p for layer in layers.values() for p in (layer.lora_A[name], layer.lora_B[name])])
 
 
 def remove_adapters(model: nn.Module) -> list[str]:

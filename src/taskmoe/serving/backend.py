@@ -19,7 +19,7 @@ Optional, for what a backend can do better (the scheduler checks with ``getattr`
 
 - ``open_batch(route) -> StepBatch``: continuous batching. The scheduler adds rows between steps
   and steps the batch itself, so rows of many requests are in flight, a row that ends or is
-  dropped costs nothing more, and no request blocks the others (LM and DOE backends).
+  dropped costs nothing more, and no request blocks the others (LM, DOE and IMoE backends).
 - ``check_components() -> list[str]``: read every weight file the backend may load later (experts
   load lazily) and raise :class:`~taskmoe.errors.CheckpointError` naming a bad one; returns the
   names of what it checked (``taskmoe serve`` calls it before reporting healthy).

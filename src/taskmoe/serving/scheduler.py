@@ -5,7 +5,8 @@ Each prompt is routed once on arrival (``Backend.route``); its choices become *r
 plans, hands the plan to a dedicated generation thread (the event loop keeps serving HTTP), and
 settles the results. Two ways to run, picked from the backend:
 
-- **Stepwise** (the backend has ``open_batch``: LM and DOE backends). Every routing key has at
+- **Stepwise** (the backend has ``open_batch``: LM, DOE and IMoE backends; an IMoE step is one
+  decode step of every decode stage of the pipeline). Every routing key has at
   most one running :class:`~taskmoe.serving.backend.StepBatch`; each plan (1) drops the rows that
   died (client gone, deadline passed), (2) lets waiting rows **join** a running batch of their key
   between steps, up to ``max_batch`` rows (a key with no running batch starts once its oldest row
@@ -14,7 +15,7 @@ settles the results. Two ways to run, picked from the backend:
   of another key, and a dead row costs at most the forward that was already running.
   ``batching="fifo"`` (the benchmark's baseline) caps running rows at ``max_batch`` over all keys
   and lets rows start strictly in arrival order, i.e. batching without grouping by expert.
-- **Whole batch** (only ``generate_batch``: the IMoE system): the group with a full batch, or
+- **Whole batch** (a backend with only ``generate_batch``): the group with a full batch, or
   holding the oldest row once it waited ``max_wait_ms``, runs to the end in one call; rows check
   ``alive()`` and ``emit`` halts them.
 
@@ -237,10 +238,10 @@ class Scheduler:
         errors = await loop.run_in_executor(self._executor, _decode_slice, running, joins, drops, self._changed,
                                             post, self.metrics)
         for key, run in list(self._running.items()):
-            if id(run) in errors:
+            if id(run) in errors:  # a failed batch fails its rows and is discarded (its state is not trusted)
                 _fail_rows(self.failed, run.route, list(run.rows.values()), errors[id(run)])
-                run.rows.clear()
-            if not len(run.batch) and not run.rows:
+                del self._running[key]
+            elif not len(run.batch) and not run.rows:
                 del self._running[key]
 
     async def _run_whole(self, loop: asyncio.AbstractEventLoop, route: Route, batch: list[Ticket]) -> None:

@@ -61,6 +61,7 @@ from taskmoe.doe.seq_moe import REJECT_MARGIN
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, check_state, load_component, save_component
 from taskmoe.doe.modality.encoders import build_encoder
+from taskmoe.layers.lora import train_only
 
 KIND = "multimodal"
 
@@ -243,11 +244,7 @@ class MultimodalLM(nn.Module):
 
     def freeze_except(self, modality: str) -> list[nn.Parameter]:
         """Freeze everything but :meth:`modality_parameters`; returns the trainable parameters."""
-        keep = self.modality_parameters(modality)
-        ids = {id(p) for p in keep}
-        for p in self.parameters():
-            p.requires_grad_(id(p) in ids)
-        return keep
+        return train_only(self, self.modality_parameters(modality))
 
     def config_dict(self) -> dict[str, Any]:
         return {"base": self.base.doe_config.to_dict(),

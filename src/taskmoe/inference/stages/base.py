@@ -122,7 +122,10 @@ class Clock:
         try:
             yield
         finally:
-            self.t[stage] = self.t.get(stage, 0.0) + time.perf_counter() - t0
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.t[stage] = self.t.get(stage, 0.0) + seconds
 
 
 class RecordingStore:
@@ -156,6 +159,8 @@ class Call:
     store: RecordingStore
     clock: Clock = field(default_factory=Clock)
     on_token: OnToken | None = None
+    size: int | None = None
+    """How many rows the call brought (the traces' ``batch_size``; None: the rows passed together)."""
 
     def emit(self, row: Row, stage: str, expert: str | None = None) -> Callable[[int], bool]:
         """The per-token callback of ``row`` in a decoder: stream the token, then say whether to go on."""

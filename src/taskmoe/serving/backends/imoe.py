@@ -2,8 +2,16 @@
 
 The system's router decides, once per prompt and before batching, which category experts run
 (:meth:`Router.route_batch`); the key is that expert tuple, so a batch holds prompts that draft
-with the same experts and :meth:`System.generate_ids` runs each of them once for the whole batch,
-then one summarizer (or ensemble) decode for all rows. The routing decision is the route trace;
+with the same experts, each expert decoding once per step for the whole batch, then one
+summarizer (or ensemble) decode for all rows.
+
+Continuous batching (:meth:`SystemBackend.open_batch` -> :class:`SystemBatch`): the scheduler
+drives the system's :class:`~taskmoe.inference.stages.session.PipelineSession` one decode step
+at a time; rows of a request that arrives later (a new *cohort*) are routed in one batched pass
+and join the running draft decodes between steps, then the running summarizer (or ensemble)
+decode after their one-pass cross-talk/assessment. So a long IMoE request no longer blocks the
+requests that arrive after it, and a row's answer equals its solo :meth:`System.generate` run
+(tested). :meth:`SystemBackend.generate_batch` still answers a batch in ONE pipeline call. The routing decision is the route trace;
 the system's full per-prompt :class:`~taskmoe.inference.trace.Trace` (experts loaded or cached,
 drafts, disagreement, adapter, stop reason, timings) is the row's generation trace.
 
@@ -30,12 +38,16 @@ An expert that fails later raises :class:`~taskmoe.serving.backend.ComponentUnav
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from taskmoe.errors import CheckpointError, RequestError
+from taskmoe.inference.stages import Control
 from taskmoe.serving.backend import ComponentUnavailable, Route, Row, RowResult
 from taskmoe.serving.backends.decode import MIN_TEMPERATURE, row_seed
+
+T = TypeVar("T")
 
 
 class SystemBackend:
@@ -100,9 +112,10 @@ class SystemBackend:
                 return ComponentUnavailable(f"expert {name}", f"{type(e).__name__}: {e}")
         return None
 
-    def generate_batch(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
+    def guarded(self, route: Route, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``; a failure that an expert of ``route`` explains becomes :class:`ComponentUnavailable`."""
         try:
-            return self._generate(route, rows)
+            return fn(*args)
         except RequestError:
             raise
         except Exception as e:
@@ -111,32 +124,92 @@ class SystemBackend:
                 raise failed from e
             raise
 
-    def _generate(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
-        from taskmoe.inference.stages import Control
+    def generate_batch(self, route: Route, rows: Sequence[Row]) -> list[RowResult]:
+        """Every row of one batch in ONE pipeline call (:meth:`System.generate_ids`)."""
+        return self.guarded(route, self._generate, rows)
 
-        seeds = [row_seed(r) for r in rows]
-        options = [{"max_new_tokens": r.params.max_tokens, "seed": s, "top_p": r.params.top_p,
-                    "temperature": 0.0 if r.params.temperature < MIN_TEMPERATURE else r.params.temperature}
-                   for r, s in zip(rows, seeds)]
-        controls = [Control(is_cancelled=lambda r=r: not r.alive()) for r in rows]
-        tokens: list[list[int]] = [[] for _ in rows]
-        finish: list[str | None] = [None] * len(rows)  # "halted" (emit said stop) or "length", once decided
+    def _generate(self, rows: Sequence[Row]) -> list[RowResult]:
+        cohort = Cohort(rows)
+        answers = self.system.generate_ids([r.prompt_ids for r in rows], **cohort.call_args())
+        return [cohort.result(i, trace) for i, (_ids, trace) in enumerate(answers)]
 
-        def on_token(i: int, token: int, stage: str, _expert: str | None) -> None:
-            if stage not in ("answer", "clarification") or finish[i] is not None:
-                return
-            tokens[i].append(int(token))
-            if not rows[i].emit(int(token)):
-                finish[i] = "halted"  # a stop sequence matched, the client went away or the deadline passed
-            elif len(tokens[i]) >= rows[i].params.max_tokens:
-                finish[i] = "length"  # (cuts a clarification, which is written at once)
-            if finish[i] == "halted":
-                controls[i].cancel()  # the row leaves the batch before the next decode step
+    def open_batch(self, route: Route) -> "SystemBatch":
+        """A continuous batch for ``route``'s rows: the pipeline's decodes, rows joining between steps."""
+        return SystemBatch(self, route)
 
-        answers = self.system.generate_ids([r.prompt_ids for r in rows], controls=controls, on_token=on_token,
-                                           options=options)
+
+class Cohort:
+    """Serving rows that enter the pipeline together (one call): their per-row options, controls and
+    answer-token bookkeeping (see the module docstring)."""
+
+    def __init__(self, rows: Sequence[Row]) -> None:
+        self.rows = list(rows)
+        self.seeds = [row_seed(r) for r in rows]
+        self.options = [{"max_new_tokens": r.params.max_tokens, "seed": s, "top_p": r.params.top_p,
+                         "temperature": 0.0 if r.params.temperature < MIN_TEMPERATURE else r.params.temperature}
+                        for r, s in zip(rows, self.seeds)]
+        self.controls = [Control(is_cancelled=lambda r=r: not r.alive()) for r in rows]
+        self.tokens: list[list[int]] = [[] for _ in rows]
+        self.finish: list[str | None] = [None] * len(rows)  # "halted" (emit said stop) or "length", once decided
+
+    def call_args(self) -> dict[str, Any]:
+        return {"controls": self.controls, "on_token": self.on_token, "options": self.options}
+
+    def on_token(self, i: int, token: int, stage: str, _expert: str | None) -> None:
+        if stage not in ("answer", "clarification") or self.finish[i] is not None:
+            return
+        row = self.rows[i]
+        self.tokens[i].append(int(token))
+        if not row.emit(int(token)):
+            self.finish[i] = "halted"  # a stop sequence matched, the client went away or the deadline passed
+        elif len(self.tokens[i]) >= row.params.max_tokens:
+            self.finish[i] = "length"  # (cuts a clarification, which is written at once)
+        if self.finish[i] == "halted":
+            self.controls[i].cancel()  # the row leaves the batch before the next decode step
+
+    def result(self, i: int, trace: Any) -> RowResult:
+        end = self.finish[i] or ("halted" if trace.stopped is not None else "eos")
+        return RowResult(self.tokens[i], end,  # type: ignore[arg-type]
+                         {**trace.to_dict(), "seed": self.seeds[i], "batch_rows": len(self.rows)})
+
+
+class SystemBatch:
+    """The :class:`~taskmoe.serving.backend.StepBatch` of an IMoE route: a
+    :class:`~taskmoe.inference.stages.session.PipelineSession` whose rows come in cohorts (one per
+    ``add``); ``step`` is one decode step of every decode stage. Failures map as in
+    :meth:`SystemBackend.generate_batch`."""
+
+    def __init__(self, backend: SystemBackend, route: Route) -> None:
+        self.backend, self.route = backend, route
+        self.system = backend.system
+        self.session = self.system.open_session()
+        self._handles = itertools.count()
+        self._of: dict[int, tuple[int, Cohort]] = {}  # id(stage row) -> (handle, cohort)
+        self._rows: dict[int, Any] = {}  # handle -> stage row
+
+    def __len__(self) -> int:
+        return len(self.session)
+
+    def add(self, rows: Sequence[Row]) -> list[int]:
+        cohort = Cohort(rows)
+        stage_rows, call = self.system.call_rows([r.prompt_ids for r in rows], **cohort.call_args())
+        handles = [next(self._handles) for _ in rows]
+        for h, r in zip(handles, stage_rows):
+            self._of[id(r)], self._rows[h] = (h, cohort), r
+        self.backend.guarded(self.route, self.session.add, stage_rows, call)
+        return handles
+
+    def step(self) -> list[tuple[int, RowResult]]:
+        return self._results(self.backend.guarded(self.route, self.session.step))
+
+    def drop(self, handles: Sequence[int]) -> list[tuple[int, RowResult]]:
+        return self._results(self.session.drop([self._rows[h] for h in handles if h in self._rows]))
+
+    def _results(self, done: list[tuple[Any, Any]]) -> list[tuple[int, RowResult]]:
         out = []
-        for f, s, toks, (_ids, trace) in zip(finish, seeds, tokens, answers):
-            end = f or ("halted" if trace.stopped is not None else "eos")
-            out.append(RowResult(toks, end, {**trace.to_dict(), "seed": s, "batch_rows": len(rows)}))  # type: ignore[arg-type]
+        for r, call in done:
+            h, cohort = self._of.pop(id(r))
+            del self._rows[h]
+            ((_ids, trace),) = self.system.results([r], call)
+            out.append((h, cohort.result(r.index, trace)))
         return out

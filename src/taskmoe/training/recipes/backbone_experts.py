@@ -43,7 +43,7 @@ from taskmoe.training.losses import lm_cross_entropy
 from taskmoe.training.recipes.experts import route_corpus
 
 __all__ = ["AdapterExpertsConfig", "BackboneExpertsSetup", "setup", "train_expert", "register_backbone_experts",
-           "window_loss", "backbone_ref", "train_backbone_experts", "train_from_cli",
+           "window_loss", "backbone_ref", "train_backbone_experts",
            "check_adapter_fits", "experts_add"]
 
 
@@ -203,22 +203,6 @@ def train_backbone_experts(run_dir: Path, corpus: Any, backbone_dir: Path, cfg: 
             register_backbone_experts(st.run_dir, st.router.categories, st.backbone_dir, [name], policy=st.router.policy)
     acc.wait_for_everyone()
     return rows
-
-
-def train_from_cli(run: Path, backbone: Path, expert: str | None, source: str | None,
-                           max_docs_per_domain: int | None, rank: int, config: Path | None, progress: bool,
-                           **overrides: Any) -> list[dict[str, Any]]:
-    """``taskmoe train experts --backbone DIR``: the recipe config (``--config`` JSON or defaults) with the CLI's overrides."""
-    from taskmoe.data.commands import get_corpus
-
-    cfg = AdapterExpertsConfig.load(config) if config is not None else AdapterExpertsConfig(r=rank, alpha=2.0 * rank)
-    o = {k: v for k, v in overrides.items() if v is not None}
-    tr = cfg.train.replace(progress=progress, **{k: o.pop(k) for k in ("max_steps", "batch_size", "grad_accum", "lr",
-                                                                        "seed") if k in o})
-    cfg = cfg.replace(train=tr, **o)
-    corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
-    return train_backbone_experts(Path(run), corpus, Path(backbone), cfg, [expert] if expert else None,
-                                  progress=progress, log=print if progress else (lambda s: None))
 
 
 def check_adapter_fits(peft_dir: Path, backbone_dir: Path) -> dict[str, Any]:

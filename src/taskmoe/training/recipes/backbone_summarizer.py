@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from taskmoe.config import Config, check, check_min, doc, load_config
+from taskmoe.config import Config, check, check_min, doc
 from taskmoe.errors import ConfigError, DataError
 from taskmoe.eval.fusion import heldout_pairs
 from taskmoe.experts.adapter_expert import AdapterExpert, adapter_parameters
@@ -334,14 +334,13 @@ def quickstart_config(q: Any, progress: bool) -> BackboneSummarizerConfig:
                                     train=tc, adapter_train=ac)
 
 
-def train_from_cli(run: Path, source: str | None, max_docs_per_domain: int | None, config: Path | None,
-                   flags: dict[str, Any], overrides: Sequence[str], calibrate: bool, progress: bool) -> dict[str, Any]:
-    """``taskmoe train summarizer --run RUN`` on a backbone run: the config (``--config`` JSON or defaults),
-    then the CLI's flags, then ``--set PATH=VALUE``; returns one summary row."""
+def train_from_cli(run: Path, source: str | None, max_docs_per_domain: int | None, cfg: BackboneSummarizerConfig,
+                   calibrate: bool) -> dict[str, Any]:
+    """``taskmoe train summarizer --run RUN`` on a backbone run (the command built ``cfg`` from ``--config``,
+    its flags and ``--set``); returns one summary row."""
     from taskmoe.data.commands import get_corpus
 
-    known = {k: v for k, v in flags.items() if v is not None and k.split(".")[0] in BackboneSummarizerConfig.__dataclass_fields__}
-    cfg = load_config(BackboneSummarizerConfig, config, flags=known, overrides=overrides)
+    progress = cfg.train.progress
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
     rep = train_backbone_summarizer(Path(run), corpus, cfg, calibrate=calibrate, progress=progress,
                                     log=print if progress else (lambda s: None))

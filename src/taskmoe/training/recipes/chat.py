@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, check_min, config_from_flags, doc
+from taskmoe.config import Config, FlagPaths, check, check_min, doc
 from taskmoe.data.sft import GroupedBatches, split_examples
 from taskmoe.data.tokenizer import TOKENIZER_FILE
 from taskmoe.errors import ConfigError
@@ -71,19 +71,12 @@ class ChatRecipeConfig(Config):
         check_min(self, ("mega",), 1)
 
 
-FLAGS: dict[str, str] = {
+FLAGS: dict[str, FlagPaths] = {
     "lora_rank": "lora_rank", "max_len": "max_len", "max_examples": "max_examples", "val_examples": "val_examples",
     "steps": "train.max_steps", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "lr": "train.lr",
     "seed": "train.seed", "progress": "train.progress",
 }
 """``train sft`` / ``train dpo`` flag -> the config path it sets (DPO adds ``beta``, ``label_smoothing``)."""
-
-
-def build_config(cls: type, config: Optional[Path], overrides: Sequence[str] | None = None,
-                 flag_map: dict[str, str] = FLAGS, **flags: Any) -> Any:
-    """``cls`` from a JSON file (or defaults), the flags given (None = unset; :data:`FLAGS`), then the
-    ``--set PATH=VALUE`` overrides (:func:`taskmoe.config.config_from_flags`)."""
-    return config_from_flags(cls, config, flag_map, flags, overrides, recipe=cls.__name__)
 
 
 @dataclass

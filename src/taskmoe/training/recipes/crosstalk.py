@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check_choice, check_min, doc, load_config
+from taskmoe.config import Config, FlagPaths, check_choice, check_min, doc
 from taskmoe.crosstalk.dialogue import DialogueTokens
 from taskmoe.crosstalk.discriminator import Discriminator, DiscriminatorConfig, expert_features
 from taskmoe.crosstalk.gan import CrosstalkGAN, GANConfig, Rollout, attach_adapter, gan_loss
@@ -50,6 +50,7 @@ from taskmoe.io import atomic_write_json, read_json
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, train as train_loop
 from taskmoe.training.metrics import METRICS_FILE
+from taskmoe.training.recipes.command import recipe_command
 
 __all__ = ["CrosstalkRecipeConfig", "CrosstalkPrompts", "cut_prompts", "pair_prompts", "collect_rollouts",
            "compare_rollouts", "detection", "rollout_perplexity", "probe_accuracy", "discriminator_setup", "plot_curves",
@@ -287,28 +288,16 @@ def cleanup(st: CrosstalkSetup, pr: PairResult) -> dict[str, Any]:
             "folder": str(out), "plot": str(png)}
 
 
-FLAGS: dict[str, str] = {"max_steps": "train.max_steps", "batch_size": "train.batch_size", "lr": "train.lr",
-                         "seed": "train.seed", "progress": "train.progress", "reward": "gan.reward",
-                         "prompt_tokens": "prompt_tokens"}
+FLAGS: dict[str, FlagPaths] = {"steps": "train.max_steps", "batch_size": "train.batch_size", "lr": "train.lr",
+                               "seed": "train.seed", "progress": "train.progress", "reward": "gan.reward",
+                               "prompt_tokens": "prompt_tokens"}
 """``train crosstalk`` flag -> the config path it sets."""
 
 
-def train_crosstalk(
-    run: Path = Path("runs/default"),
-    first: Optional[str] = None,
-    second: Optional[str] = None,
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    steps: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    reward: Optional[str] = None,
-    prompt_tokens: Optional[int] = None,
-    config: Optional[Path] = None,
-    set: Optional[list[str]] = None,
-    seed: Optional[int] = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+@recipe_command(CrosstalkRecipeConfig, FLAGS, recipe="train crosstalk")
+def train_crosstalk(run: Path = Path("runs/default"), first: Optional[str] = None, second: Optional[str] = None,
+                    source: Optional[str] = None, max_docs_per_domain: Optional[int] = None, progress: bool = True, *,
+                    cfg: CrosstalkRecipeConfig) -> dict[str, Any]:
     """Train the cross-talk adapters of two experts of a run folder against a discriminator (GAN).
 
     --first/--second name the pair (expert folder names; default: the pair the router flags for
@@ -321,9 +310,6 @@ def train_crosstalk(
     it in RUN/taskmoe.json. --config reads a CrosstalkRecipeConfig JSON; flags given override it,
     and --set PATH=VALUE (repeatable, e.g. --set gan.adapter.rank=4) overrides any field last.
     """
-    flags = dict(max_steps=steps, batch_size=batch_size, lr=lr, seed=seed, reward=reward, prompt_tokens=prompt_tokens,
-                 progress=None if progress else False)
-    cfg = load_config(CrosstalkRecipeConfig, config, flags={FLAGS[k]: v for k, v in flags.items()}, overrides=set or ())
     st = setup(Path(run), cfg, first=first, second=second, source=source, max_docs_per_domain=max_docs_per_domain,
                progress=progress, log=print if progress else (lambda s: None))
     return cleanup(st, train(st))

@@ -22,7 +22,6 @@ and the model in :mod:`taskmoe.doe`:
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from taskmoe.config import Config, check, config_from_flags, doc
-from taskmoe.data.commands import DEFAULT_VOCAB_SIZE, corpus_tokenizer, get_corpus
+from taskmoe.config import Config, FlagPaths, check, config_from_flags, doc
+from taskmoe.data.commands import DEFAULT_VOCAB_SIZE, corpus_command, corpus_tokenizer, get_corpus
 from taskmoe.data.corpus import Corpus
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.model import DOEConfig, DOETransformer, build_doe, load_doe, save_doe
@@ -46,6 +45,7 @@ from taskmoe.models import TransformerLMConfig, transformer_lm
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 from taskmoe.training.loop import train as train_loop
+from taskmoe.training.recipes.command import recipe_command
 
 __all__ = ["DOERecipeConfig", "recipe_config", "DocumentWindows", "windows_for", "doe_loss_fn", "dense_loss_fn",
            "perplexity", "expert_choices", "routing_report", "plot_heatmap", "Setup", "setup", "train", "cleanup",
@@ -143,12 +143,22 @@ def perplexity(model: nn.Module, data: DocumentWindows, batch_size: int = 16) ->
 
 # ---------------------------------------------------------------------------------- config
 @dataclass
-class DOERecipeConfig(Config):
+class DOEWindowsConfig(Config):
+    """The windows a DOE model reads (``train doe`` and ``doe add-expert``)."""
+
+    seq_len: int = doc(256, "tokens per window (windows never cross a document boundary)")
+    prompt_len: int = doc(32, "leading tokens of a window that routing reads; the loss skips what routing saw")
+
+    def validate(self) -> None:
+        check(1 <= self.prompt_len < self.seq_len,
+              f"{type(self).__name__}: need 1 <= prompt_len ({self.prompt_len}) < seq_len ({self.seq_len})")
+
+
+@dataclass
+class DOERecipeConfig(DOEWindowsConfig):
     """The windows, the DOE model and its training run (``taskmoe train doe``)."""
 
     vocab_size: int = doc(DEFAULT_VOCAB_SIZE, "BPE vocabulary size when the tokenizer is trained on the corpus")
-    seq_len: int = doc(256, "tokens per window (windows never cross a document boundary)")
-    prompt_len: int = doc(32, "leading tokens of a window that routing reads; the loss skips what routing saw")
     model: DOEConfig = doc(DOEConfig(lm=TransformerLMConfig(d_model=128, n_layers=4, n_heads=4)),
                            "the DOE transformer (lm.vocab_size is set from the tokenizer; experts are renamed after "
                            "the router's categories with gate_supervision='router')")
@@ -158,12 +168,11 @@ class DOERecipeConfig(Config):
                              "the training run (the dense baseline uses the same one)")
 
     def validate(self) -> None:
-        check(1 <= self.prompt_len < self.seq_len,
-              f"DOERecipeConfig: need 1 <= prompt_len ({self.prompt_len}) < seq_len ({self.seq_len})")
+        super().validate()
         check(self.vocab_size >= 1, f"DOERecipeConfig.vocab_size must be >= 1, got {self.vocab_size}")
 
 
-FLAGS: dict[str, str] = {
+FLAGS: dict[str, FlagPaths] = {
     "vocab_size": "vocab_size", "seq_len": "seq_len", "prompt_len": "prompt_len", "compare_dense": "compare_dense",
     "d_model": "model.lm.d_model", "n_layers": "model.lm.n_layers", "n_heads": "model.lm.n_heads",
     "moe_every": "model.moe_every", "max_experts": "model.max_experts", "tau": "model.tau",
@@ -174,13 +183,23 @@ FLAGS: dict[str, str] = {
 """``train doe`` / ``doe add-expert`` flag -> the config path it sets."""
 
 
+def steps_warmup(flags: dict[str, Any]) -> dict[str, Any]:
+    """``steps`` also sets the warm-up to steps // 20 (``train doe``, ``doe add-expert``)."""
+    return {} if flags.get("steps") is None else {"train.warmup_steps": max(1, int(flags["steps"]) // 20)}
+
+
+def _derive(flags: dict[str, Any]) -> dict[str, Any]:
+    """``experts=N`` names the experts e0..e{N-1}; see :func:`steps_warmup`."""
+    extra = steps_warmup(flags)
+    if flags.get("experts") is not None:
+        extra["model.experts"] = [f"e{i}" for i in range(int(flags["experts"]))]
+    return extra
+
+
 def recipe_config(config: Optional[Path] = None, overrides: Sequence[str] = (), **flags: Any) -> DOERecipeConfig:
-    """JSON file (or defaults) -> flags (None = unset; ``experts=N`` names e0..e{N-1}; ``steps`` also sets
-    warmup to steps // 20) -> ``--set`` overrides."""
-    n = flags.pop("experts", None)
-    extra: dict[str, Any] = {} if n is None else {"model.experts": [f"e{i}" for i in range(int(n))]}
-    if flags.get("steps") is not None:
-        extra["train.warmup_steps"] = max(1, int(flags["steps"]) // 20)
+    """JSON file (or defaults) -> flags (None = unset; see :func:`_derive`) -> ``--set`` overrides."""
+    extra = _derive(flags)
+    flags.pop("experts", None)
     return config_from_flags(DOERecipeConfig, config, FLAGS, flags, overrides, recipe="doe", extra=extra)
 
 
@@ -252,34 +271,11 @@ def cleanup(model: DOETransformer, s: Setup, summary: dict[str, Any], out: Path)
 
 
 # ------------------------------------------------------------------------------------ CLI
-def train_doe(
-    out: Path = DEFAULT_OUT,
-    source: Optional[str] = None,
-    tokenizer: Optional[Path] = None,
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    max_docs_per_domain: Optional[int] = None,
-    experts: int = 4,
-    d_model: int = 128,
-    n_layers: int = 4,
-    n_heads: int = 4,
-    moe_every: int = 1,
-    max_experts: int = 1,
-    tau: float = 0.5,
-    capacity_factor: float = 1.0,
-    gate_supervision: str = "none",
-    router: Optional[Path] = None,
-    gate_loss_weight: float = 0.1,
-    seq_len: int = 256,
-    prompt_len: int = 32,
-    steps: int = 500,
-    batch_size: int = 16,
-    lr: float = 2e-3,
-    compare_dense: bool = True,
-    config: Optional[Path] = None,
-    set: Optional[list[str]] = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
+@recipe_command(DOERecipeConfig, FLAGS, recipe="doe", derive=_derive,
+                derived={"experts": (int, "number of experts, named e0..e{N-1} (default: the model config's)")})
+def train_doe(out: Path = DEFAULT_OUT, source: Optional[str] = None, tokenizer: Optional[Path] = None,
+              max_docs_per_domain: Optional[int] = None, router: Optional[Path] = None, *,
+              cfg: DOERecipeConfig) -> dict[str, Any]:
     """Train a DOE transformer (sequence-routed experts) on the embedded corpus, or --source.
 
     Reports held-out perplexity (and a dense transformer's with the same active parameters when
@@ -289,15 +285,6 @@ def train_doe(
     flags above then apply on top of it), and --set PATH=VALUE (repeatable, e.g.
     --set model.expert_hidden=256 --set train.warmup_steps=10) overrides any field last.
     """
-    flags = dict(vocab_size=vocab_size, experts=experts, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                 moe_every=moe_every, max_experts=max_experts, tau=tau, capacity_factor=capacity_factor,
-                 gate_supervision=gate_supervision, gate_loss_weight=gate_loss_weight, seq_len=seq_len,
-                 prompt_len=prompt_len, steps=steps, batch_size=batch_size, lr=lr, compare_dense=compare_dense,
-                 seed=seed, progress=progress)
-    if config is not None:  # with --config, a flag left at its default keeps the file's value
-        defaults = {k: p.default for k, p in inspect.signature(train_doe).parameters.items()}
-        flags = {k: (None if v == defaults[k] else v) for k, v in flags.items()}
-    cfg = recipe_config(config, set or (), **flags)
     if cfg.model.gate_supervision == "router" and router is None:
         raise ConfigError("train doe: --gate-supervision router needs --router PATH (a fitted router folder)")
     torch.manual_seed(cfg.train.seed)
@@ -320,18 +307,11 @@ def load_with_tokenizer(model: Path) -> tuple[DOETransformer, Tokenizer]:
     return m, Tokenizer.load(tok_path)
 
 
-def doe_report(
-    model: Path = DEFAULT_OUT / "model",
-    source: Optional[str] = None,
-    split: str = "validation",
-    max_docs_per_domain: Optional[int] = None,
-    out: Optional[Path] = None,
-    seq_len: int = 256,
-    prompt_len: int = 32,
-) -> list[dict[str, Any]]:
+@corpus_command
+def doe_report(model: Path = DEFAULT_OUT / "model", split: str = "validation", out: Optional[Path] = None,
+               seq_len: int = 256, prompt_len: int = 32, *, corpus: Corpus) -> list[dict[str, Any]]:
     """Which expert takes which domain: table, NMI of the chosen expert vs domain, heatmap PNG."""
     m, tok = load_with_tokenizer(model)
-    corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=False)
     if split not in corpus.splits:
         raise ConfigError(f"doe report: split must be one of {sorted(corpus.splits)}, got {split!r}")
     domains = list(corpus.domains)

@@ -16,20 +16,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from taskmoe.config import FlagPaths, doc
 from taskmoe.data.commands import get_corpus
 from taskmoe.doe.model import save_doe
 from taskmoe.errors import ConfigError
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
+from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import train as train_loop
-from taskmoe.training.recipes.doe import DEFAULT_OUT, TOKENIZER_FILE, load_with_tokenizer, recipe_config, windows_for
+from taskmoe.training.recipes.command import recipe_command
+from taskmoe.training.recipes.doe import (
+    DEFAULT_OUT, TOKENIZER_FILE, DOEWindowsConfig, load_with_tokenizer, steps_warmup, windows_for)
 
-__all__ = ["add_expert", "add_expert_force", "add_expert_loss"]
+__all__ = ["DOEAddConfig", "FLAGS", "add_expert", "add_expert_force", "add_expert_loss"]
 
 
 def add_expert_force(labels: torch.Tensor, j: int, n_experts: int) -> torch.Tensor:
@@ -57,22 +62,25 @@ def add_expert_loss(j: int, n_experts: int):
     return loss_fn
 
 
-def add_expert(
-    model: Path = DEFAULT_OUT / "model",
-    name: str = "new",
-    domain: str = "code",
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    init_from: Optional[str] = None,
-    out: Optional[Path] = None,
-    seq_len: int = 256,
-    prompt_len: int = 32,
-    steps: int = 200,
-    batch_size: int = 16,
-    lr: float = 2e-3,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
+@dataclass
+class DOEAddConfig(DOEWindowsConfig):
+    """``doe add-expert``: the windows and the run that trains the new expert and its gate."""
+
+    train: TrainConfig = doc(TrainConfig(max_steps=200, batch_size=16, lr=2e-3, warmup_steps=10, eval_every=0,
+                                         save_every=0, log_every=10, weight_decay=0.1),
+                             "the training run (only the new expert and its gate learn)")
+
+
+FLAGS: dict[str, FlagPaths] = {"seq_len": "seq_len", "prompt_len": "prompt_len", "steps": "train.max_steps",
+                               "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+                               "progress": "train.progress"}
+"""``doe add-expert`` flag -> the config path it sets (``--steps`` also sets the warm-up to steps // 20)."""
+
+
+@recipe_command(DOEAddConfig, FLAGS, recipe="doe add-expert", derive=steps_warmup)
+def add_expert(model: Path = DEFAULT_OUT / "model", name: str = "new", domain: str = "code", source: Optional[str] = None,
+               max_docs_per_domain: Optional[int] = None, init_from: Optional[str] = None, out: Optional[Path] = None,
+               progress: bool = True, *, cfg: DOEAddConfig) -> dict[str, Any]:
     """Add an expert to a trained DOE model and train only it and its gate on one domain's data.
 
     Positives are the --domain documents (or every document of --source); negatives are as many
@@ -93,17 +101,16 @@ def add_expert(
     # as many negatives as positives (deterministic pick), so the gate's BCE is balanced
     step = max(1, len(neg_docs) // max(1, len(pos_docs)))
     neg_docs = list(neg_docs)[::step][: len(pos_docs)]
-    data = windows_for(list(pos_docs) + list(neg_docs), tok, domains, seq_len, prompt_len,
+    data = windows_for(list(pos_docs) + list(neg_docs), tok, domains, cfg.seq_len, cfg.prompt_len,
                        [1] * len(pos_docs) + [0] * len(neg_docs))
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.train.seed)
     m.add_expert(name, init_from=init_from)
     m.freeze_except(name)
     j = m.expert_names.index(name)
     loss_fn = add_expert_loss(j, len(m.expert_names))
 
     dest = Path(out) if out is not None else Path(model)
-    tcfg = recipe_config(steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress).train
-    res = train_loop(m, loss_fn, data, tcfg,
+    res = train_loop(m, loss_fn, data, cfg.train,
                      out_dir=dest.parent / f"{dest.name}.train_add_{name}", resume=True)
     for p in m.parameters():
         p.requires_grad_(True)

@@ -22,17 +22,18 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from taskmoe.config import check, doc
+from taskmoe.config import FlagPaths, check, doc
 from taskmoe.data.formats import read_preferences
 from taskmoe.data.sft import PreferenceDataset
 from taskmoe.training.losses import IGNORE_INDEX, completion_logprob, dpo_loss, dpo_metrics
 from taskmoe.training.policy import Policy, logits_of
-from taskmoe.training.recipes.chat import FLAGS as CHAT_FLAGS, ChatRecipeConfig, build_config, cleanup, run as train, setup
+from taskmoe.training.recipes.chat import FLAGS as CHAT_FLAGS, ChatRecipeConfig, cleanup, run as train, setup
+from taskmoe.training.recipes.command import recipe_command
 
 __all__ = ["DPOConfig", "dpo_loss_fn", "setup", "train", "cleanup", "train_dpo", "FLAGS"]
 
 DEFAULT_OUT = Path("runs/dpo")
-FLAGS: dict[str, str] = {**CHAT_FLAGS, "beta": "beta", "label_smoothing": "label_smoothing"}
+FLAGS: dict[str, FlagPaths] = {**CHAT_FLAGS, "beta": "beta", "label_smoothing": "label_smoothing"}
 """``train dpo`` flag -> the config path it sets."""
 
 
@@ -66,26 +67,9 @@ def dpo_loss_fn(policy: Policy, beta: float, label_smoothing: float = 0.0
     return loss_fn
 
 
-def train_dpo(
-    model: Path,
-    data: Path,
-    out: Path = DEFAULT_OUT,
-    adapter: Optional[Path] = None,
-    beta: Optional[float] = None,
-    label_smoothing: Optional[float] = None,
-    lora_rank: Optional[int] = None,
-    max_len: Optional[int] = None,
-    max_examples: Optional[int] = None,
-    val_examples: Optional[int] = None,
-    steps: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    grad_accum: Optional[int] = None,
-    lr: Optional[float] = None,
-    config: Optional[Path] = None,
-    set: Optional[list[str]] = None,
-    seed: Optional[int] = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+@recipe_command(DPOConfig, FLAGS, recipe="train dpo")
+def train_dpo(model: Path, data: Path, out: Path = DEFAULT_OUT, adapter: Optional[Path] = None, *,
+              cfg: DPOConfig) -> dict[str, Any]:
     """DPO of MODEL on preference pairs DATA (HH-RLHF JSONL(.gz) or AlpacaEval JSON), with a frozen reference.
 
     Trains a fresh LoRA adapter (reference: the same model with it off), continues an SFT adapter
@@ -96,10 +80,6 @@ def train_dpo(
     --config reads a DPOConfig JSON; the flags given override it, and --set PATH=VALUE (repeatable)
     overrides any field last.
     """
-    cfg = build_config(DPOConfig, config, set, FLAGS, beta=beta, label_smoothing=label_smoothing, lora_rank=lora_rank,
-                       max_len=max_len, max_examples=max_examples, val_examples=val_examples, steps=steps,
-                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed,
-                       progress=None if progress else False)
     st = setup(model, read_preferences(data), PreferenceDataset, cfg, start=adapter)
     res = train(st, dpo_loss_fn(st.policy, cfg.beta, cfg.label_smoothing), cfg, out)
     return cleanup(st, res, cfg, out, "dpo")

@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, config_from_flags, doc
+from taskmoe.config import Config, FlagPaths, check, doc
 from taskmoe.errors import CheckpointError
 from taskmoe.experts.assign import Assignment
 from taskmoe.experts.expert_lm import build_expert, expert_config, save_expert
@@ -62,11 +62,12 @@ from taskmoe.models.config import ExpertLMConfig
 from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, make_accelerator, train as train_loop
 from taskmoe.training.recipes.routed_corpus import route_corpus
+from taskmoe.training.recipes.command import recipe_command
 from taskmoe.training.recipes.pruning import expert_pruning, pruned_names, window_route_weights
 from taskmoe.training.losses import lm_cross_entropy
 
 __all__ = ["ExpertsRecipeConfig", "ExpertData", "ExpertsSetup", "setup", "train", "cleanup", "expert_loss", "train_expert",
-           "register_experts", "build_recipe_config", "train_experts"]
+           "register_experts", "train_experts", "FLAGS"]
 
 INDEX_BACKENDS = ("auto", "exact", "faiss")
 
@@ -263,42 +264,39 @@ def cleanup(st: ExpertsSetup, names: Sequence[str]) -> Path:
     return register_experts(st.run_dir, st.router, names)
 
 
-def build_recipe_config(config: Optional[Path], overrides: Sequence[str] | None = None, **flags: Any) -> ExpertsRecipeConfig:
-    """The recipe config from a JSON file (or the defaults), the CLI flags given (None = unset; see
-    :data:`FLAGS`), then the ``--set PATH=VALUE`` overrides (:func:`taskmoe.config.apply_overrides`)."""
-    return config_from_flags(ExpertsRecipeConfig, config, FLAGS, flags, overrides, recipe="experts")
-
-
-FLAGS: dict[str, str] = {
-    "max_steps": "train.max_steps", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
+FLAGS: dict[str, FlagPaths] = {
+    "steps": "train.max_steps", "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
     "lr": "train.lr", "seed": "train.seed", "progress": "train.progress", "n_layers": "lm.n_layers",
     "n_heads": "lm.n_heads", "seq_len": "seq_len", "lam": "lam", "neighbours": "neighbours",
     "fine_tune_embedding": "fine_tune_embedding",
 }
 """``train experts`` flag -> the config path it sets."""
+RANK = 16
+"""``--rank``: the LoRA rank of each adapter expert with ``--backbone``."""
+BACKBONE_FLAGS: dict[str, FlagPaths] = {k: v for k, v in FLAGS.items()
+                                        if k in ("steps", "batch_size", "grad_accum", "lr", "seed", "progress", "seq_len")}
+"""The flags that apply with ``--backbone`` (to an :class:`AdapterExpertsConfig`; the rest must stay unset)."""
 
 
-def train_experts(
-    run: Path = Path("runs/default"),
-    expert: Optional[str] = None,
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    steps: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    grad_accum: Optional[int] = None,
-    lr: Optional[float] = None,
-    seq_len: Optional[int] = None,
-    lam: Optional[float] = None,
-    neighbours: Optional[int] = None,
-    n_layers: Optional[int] = None,
-    fine_tune_embedding: Optional[bool] = None,
-    config: Optional[Path] = None,
-    set: Optional[list[str]] = None,
-    seed: Optional[int] = None,
-    backbone: Optional[Path] = None,
-    rank: int = 16,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
+def _backbone_variant(a: dict[str, Any]) -> Any:
+    if a["backbone"] is None:
+        return None
+    from taskmoe.training.recipes.backbone_experts import AdapterExpertsConfig
+
+    return AdapterExpertsConfig, BACKBONE_FLAGS
+
+
+def _backbone_rank(a: dict[str, Any]) -> dict[str, Any]:
+    """``--rank R`` sets the adapters' ``r`` and ``alpha = 2 R`` (without ``--config``, or when given)."""
+    if a["backbone"] is None or (a["config"] is not None and a["rank"] == RANK):
+        return {}
+    return {"r": a["rank"], "alpha": 2.0 * a["rank"]}
+
+
+@recipe_command(ExpertsRecipeConfig, FLAGS, recipe="train experts", variant=_backbone_variant, derive=_backbone_rank)
+def train_experts(run: Path = Path("runs/default"), expert: Optional[str] = None, source: Optional[str] = None,
+                  max_docs_per_domain: Optional[int] = None, backbone: Optional[Path] = None, rank: int = RANK,
+                  progress: bool = True, *, cfg: Any) -> list[dict[str, Any]]:
     """Train the experts of a run folder that has a router (all, or one with --expert NAME).
 
     The router labels the corpus (the default corpus, or --source): each expert trains on the
@@ -314,21 +312,16 @@ def train_experts(
     With --backbone DIR each expert is instead a LoRA adapter (rank --rank) of that frozen backbone
     (router fitted with route fit --backbone DIR), saved in PEFT's layout in RUN/experts/NAME/
     (see taskmoe.training.recipes.backbone_experts); --lr, --steps, --batch-size, --grad-accum,
-    --seq-len and --seed apply, the small-expert options do not.
+    --seq-len and --seed apply, the small-expert options are refused.
     """
     from taskmoe.data.commands import get_corpus
 
     if backbone is not None:
-        from taskmoe.training.recipes.backbone_experts import train_from_cli
+        from taskmoe.training.recipes.backbone_experts import train_backbone_experts
 
-        return train_from_cli(run, backbone, expert, source, max_docs_per_domain, rank, config, progress,
-                              max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, seq_len=seq_len,
-                              seed=seed)
-
-    cfg = build_recipe_config(config, set, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                              seq_len=seq_len, lam=lam, neighbours=neighbours, n_layers=n_layers,
-                              fine_tune_embedding=fine_tune_embedding, seed=seed,
-                              progress=None if progress else False)
+        corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
+        return train_backbone_experts(Path(run), corpus, Path(backbone), cfg, [expert] if expert else None,
+                                      progress=progress, log=print if progress else (lambda s: None))
     acc = make_accelerator(cfg.train)
     say = print if (progress and acc.is_main_process) else (lambda s: None)
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress and acc.is_main_process)

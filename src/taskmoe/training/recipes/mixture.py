@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check_min, config_from_flags, doc
+from taskmoe.config import Config, FlagPaths, check_min, doc
 from taskmoe.errors import ConfigError, DataError
 from taskmoe.experts.ensemble import RoutedMixture
 from taskmoe.experts.expert_lm import load_expert, save_expert
@@ -38,6 +38,7 @@ from taskmoe.training.config import TrainConfig
 from taskmoe.training.loop import TrainResult, train as train_loop
 from taskmoe.training.losses import lm_cross_entropy
 from taskmoe.training.recipes.experts import load_router, register_experts
+from taskmoe.training.recipes.command import recipe_command
 from taskmoe.training.recipes.routed_corpus import _windows
 
 __all__ = ["MixtureRecipeConfig", "MixtureWindows", "mixture_loss", "train_joint", "route_windows", "setup", "train",
@@ -129,7 +130,7 @@ class MixtureRecipeConfig(Config):
         check_min(self, ("seq_len",), 2)
 
 
-FLAGS: dict[str, str] = {
+FLAGS: dict[str, FlagPaths] = {
     "steps": "train.max_steps", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
     "progress": "train.progress", "seq_len": "seq_len", "window": "pruning.window",
     "min_contributions": "pruning.min_contributions", "min_weight": "pruning.min_weight", "source": "source",
@@ -197,22 +198,14 @@ def cleanup(st: MixtureSetup, result: TrainResult, cb: PruningCallback, seconds:
     return rows
 
 
-def train_mixture(
-    run: Path = Path("runs/default"),
-    steps: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    seq_len: Optional[int] = None,
-    window: Optional[int] = None,
-    min_contributions: Optional[int] = None,
-    min_weight: Optional[float] = None,
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    seed: Optional[int] = None,
-    config: Optional[Path] = None,
-    set: Optional[list[str]] = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
+def _schedule(a: dict[str, Any]) -> dict[str, Any]:
+    """``--steps N`` also sets the warm-up (N // 10, at most 10) and checkpoints every N // 4 steps."""
+    n = a["steps"]
+    return {} if n is None else {"train.warmup_steps": min(10, n // 10), "train.save_every": max(1, n // 4)}
+
+
+@recipe_command(MixtureRecipeConfig, FLAGS, recipe="mixture", derive=_schedule)
+def train_mixture(run: Path = Path("runs/default"), *, cfg: MixtureRecipeConfig) -> list[dict[str, Any]]:
     """Fine-tune a run's trained experts together as a routed mixture, pruning the ones that rarely contribute.
 
     Every window of --seq-len tokens (default 128) of the corpus (the default corpus, or --source) is
@@ -225,11 +218,6 @@ def train_mixture(
     Defaults: 100 steps of 8 at lr 3e-4. --config reads a MixtureRecipeConfig JSON, the flags given
     override it, and --set PATH=VALUE (repeatable, e.g. --set pruning.keep_at_least=2) overrides any field last.
     """
-    extra = {} if steps is None else {"train.warmup_steps": min(10, steps // 10), "train.save_every": max(1, steps // 4)}
-    cfg = config_from_flags(MixtureRecipeConfig, config, FLAGS, dict(
-        steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress, seq_len=seq_len, window=window,
-        min_contributions=min_contributions, min_weight=min_weight, source=source,
-        max_docs_per_domain=max_docs_per_domain), set, recipe="mixture", extra=extra)
     st = setup(run, cfg)
     t0 = time.perf_counter()
     result, cb = train(st, cfg)

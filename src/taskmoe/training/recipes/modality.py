@@ -21,12 +21,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from taskmoe.config import Config, check, config_from_flags, doc
+from taskmoe.config import Config, FlagPaths, check, doc
 from taskmoe.data.commands import get_corpus
 from taskmoe.data.media_tasks import MEDIA_MARKERS, MediaQA, digit_audio, digit_images
 from taskmoe.data.tokenizer import Tokenizer
@@ -41,6 +41,7 @@ from taskmoe.training.config import TrainConfig
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 from taskmoe.training.loop import TrainResult
 from taskmoe.training.loop import train as train_loop
+from taskmoe.training.recipes.command import recipe_command
 
 DEFAULT_BASE = Path("runs/default/doe/model")
 DEFAULT_OUT = Path("runs/default/multimodal")
@@ -186,28 +187,13 @@ def cleanup(s: Setup, cfg: ModalityTrainConfig, res: TrainResult, seconds: float
 
 
 # ------------------------------------------------------------------------------------ CLI
-FLAGS: dict[str, str] = {k: k for k in ("kind", "base", "out", "data", "max_train", "max_test", "init_from", "channels",
+FLAGS: dict[str, FlagPaths] = {k: k for k in ("kind", "base", "out", "data", "max_train", "max_test", "init_from", "channels",
                                           "steps", "batch_size", "lr", "seed", "progress")}
 """``train modality`` flag -> the config field it sets."""
 
 
-def train_modality(
-    kind: Optional[str] = None,
-    base: Optional[Path] = None,
-    out: Optional[Path] = None,
-    data: Optional[Path] = None,
-    max_train: Optional[int] = None,
-    max_test: Optional[int] = None,
-    init_from: Optional[str] = None,
-    channels: Optional[int] = None,
-    steps: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    seed: Optional[int] = None,
-    config: Optional[Path] = None,
-    set: Optional[list[str]] = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+@recipe_command(ModalityTrainConfig, FLAGS, recipe="modality")
+def train_modality(*, cfg: ModalityTrainConfig) -> dict[str, Any]:
     """Add an image or audio expert (encoder + projector + expert + gate) to a trained DOE model.
 
     --base is a DOE model folder (taskmoe train doe) or a multimodal folder to extend. --data is an
@@ -218,11 +204,6 @@ def train_modality(
     of 64 at lr 3e-3); --config reads a ModalityTrainConfig JSON, the flags given override it, and
     --set PATH=VALUE (repeatable, e.g. --set gate_weight=0.5) overrides any field last.
     """
-    as_str = lambda v: None if v is None else str(v)  # noqa: E731
-    cfg = config_from_flags(ModalityTrainConfig, config, FLAGS, dict(
-        kind=kind, base=as_str(base), out=as_str(out), data=as_str(data), max_train=max_train, max_test=max_test,
-        init_from=init_from, channels=channels, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-        progress=None if progress else False), set, recipe="modality")
     kind = cfg.kind
     t0 = time.time()
     s = setup(cfg)

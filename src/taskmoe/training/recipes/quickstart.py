@@ -42,7 +42,7 @@ from typing import Any, Optional
 
 import torch
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_min, doc
 from taskmoe.io import atomic_write_json, read_json
 from taskmoe.manifest import MANIFEST_FILE
 from taskmoe.models.config import ExpertLMConfig, LinearAttentionConfig
@@ -81,11 +81,11 @@ class QuickstartConfig(Config):
     seed: int = doc(0, "seed of every stage")
 
     def validate(self) -> None:
-        for f in ("max_docs_per_domain", "d_model", "router_steps", "expert_layers", "expert_steps", "summarizer_layers",
-                  "summarizer_steps", "adapter_steps", "prompt_tokens", "target_tokens", "draft_tokens",
-                  "calibration_prompts", "samples_per_domain", "report_docs_per_domain"):
-            check(getattr(self, f) >= 1, f"quickstart.{f} must be >= 1, got {getattr(self, f)}")
-        check(self.n_categories >= 2, f"quickstart.n_categories must be >= 2, got {self.n_categories}")
+        check_min(self, ("max_docs_per_domain", "d_model", "router_steps", "expert_layers", "expert_steps",
+                         "summarizer_layers", "summarizer_steps", "adapter_steps", "prompt_tokens", "target_tokens",
+                         "draft_tokens", "calibration_prompts", "samples_per_domain", "report_docs_per_domain"), 1,
+                  owner="quickstart")
+        check_min(self, ("n_categories",), 2, owner="quickstart")
         check(self.d_model % 4 == 0, f"quickstart.d_model must be a multiple of 4, got {self.d_model}")
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from taskmoe.config import Config, check, doc
+from taskmoe.config import Config, check, check_min, doc
 from taskmoe.io import atomic_write_json, atomic_write_text, read_json
 from taskmoe.manifest import MANIFEST_FILE
 
@@ -75,11 +75,10 @@ class BackboneQuickstartConfig(Config):
     seed: int = doc(0, "seed of every stage")
 
     def validate(self) -> None:
-        for f in ("max_docs_per_domain", "rank", "expert_steps", "expert_batch", "eval_windows", "max_new_tokens",
-                  "summarizer_pairs", "code_adapter_steps", "draft_tokens"):
-            check(getattr(self, f) >= 1, f"quickstart.{f} must be >= 1, got {getattr(self, f)}")
-        check(self.summarizer_steps >= 0, f"quickstart.summarizer_steps must be >= 0, got {self.summarizer_steps}")
-        check(self.n_categories >= 2, f"quickstart.n_categories must be >= 2, got {self.n_categories}")
+        check_min(self, ("max_docs_per_domain", "rank", "expert_steps", "expert_batch", "eval_windows",
+                         "max_new_tokens", "summarizer_pairs", "code_adapter_steps", "draft_tokens"), 1, owner="quickstart")
+        check_min(self, ("summarizer_steps",), 0, owner="quickstart")
+        check_min(self, ("n_categories",), 2, owner="quickstart")
         check(self.router_encoder in ("tfidf", "backbone"),
               f"quickstart.router_encoder must be 'tfidf' or 'backbone', got {self.router_encoder!r}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from taskmoe.data.formats import read_alpaca
 from taskmoe.data.sft import SFTDataset
 from taskmoe.training.losses import IGNORE_INDEX, lm_cross_entropy
 from taskmoe.training.policy import logits_of
-from taskmoe.training.recipes.chat import ChatRecipeConfig, build_config, cleanup, run as train, setup
+from taskmoe.training.recipes.chat import FLAGS, ChatRecipeConfig, cleanup, run as train, setup
+from taskmoe.training.recipes.command import recipe_command
 
 __all__ = ["SFTConfig", "sft_loss", "setup", "train", "cleanup", "train_sft"]
 
@@ -41,23 +42,8 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return loss, {"tokens": int((batch["labels"] != IGNORE_INDEX).sum())}
 
 
-def train_sft(
-    model: Path,
-    data: Path,
-    out: Path = DEFAULT_OUT,
-    lora_rank: Optional[int] = None,
-    max_len: Optional[int] = None,
-    max_examples: Optional[int] = None,
-    val_examples: Optional[int] = None,
-    steps: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    grad_accum: Optional[int] = None,
-    lr: Optional[float] = None,
-    config: Optional[Path] = None,
-    set: Optional[list[str]] = None,
-    seed: Optional[int] = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+@recipe_command(SFTConfig, FLAGS, recipe="train sft")
+def train_sft(model: Path, data: Path, out: Path = DEFAULT_OUT, *, cfg: SFTConfig) -> dict[str, Any]:
     """Supervised fine-tuning of MODEL on Alpaca-style DATA (JSON or JSONL), loss on assistant tokens only.
 
     MODEL is a model folder (config.json + model.safetensors, tokenizer.json in or beside it).
@@ -67,9 +53,6 @@ def train_sft(
     rerun resumes). --config reads an SFTConfig JSON; the flags given override it, and --set PATH=VALUE
     (repeatable, e.g. --set train.warmup_steps=5 --set lora_alpha=32) overrides any field last.
     """
-    cfg = build_config(SFTConfig, config, set, lora_rank=lora_rank, max_len=max_len, max_examples=max_examples,
-                       val_examples=val_examples, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-                       lr=lr, seed=seed, progress=None if progress else False)
     st = setup(model, read_alpaca(data), SFTDataset, cfg)
     res = train(st, sft_loss, cfg, out)
     return cleanup(st, res, cfg, out, "sft")

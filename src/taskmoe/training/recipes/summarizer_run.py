@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from taskmoe.config import load_config
+from taskmoe.config import FlagPaths
 from taskmoe.errors import CheckpointError, DataError
 from taskmoe.eval.fusion import calibrate_disagreement, heldout_pairs
 from taskmoe.experts.expert_lm import expert_loader
@@ -40,6 +40,7 @@ from taskmoe.models.builders import summarizer_lm
 from taskmoe.models.config import LMConfig, SummarizerLMConfig
 from taskmoe.router.router import Router
 from taskmoe.summarizer.drafts import Drafter, folder_fingerprint
+from taskmoe.training.recipes.command import recipe_command
 from taskmoe.training.recipes.summarizer import ADAPTER, SummarizerRecipeConfig, run as run_recipe
 
 __all__ = ["SUMMARIZER_LM", "update_manifest", "summarizer_drafter", "train_summarizer_run", "calibrate_run",
@@ -126,25 +127,29 @@ def calibrate_run(run_dir: Path, corpus: Any, *, prompt_tokens: int = 64, target
     return cal
 
 
-def train_summarizer(
-    run: Path = Path("runs/default"),
-    source: Optional[str] = None,
-    max_docs_per_domain: Optional[int] = None,
-    steps: Optional[int] = None,
-    adapter_steps: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    lr: Optional[float] = None,
-    n_layers: int = SUMMARIZER_LM.n_layers,
-    draft_tokens: Optional[int] = None,
-    prompt_tokens: Optional[int] = None,
-    target_tokens: Optional[int] = None,
-    max_len: Optional[int] = None,
-    calibrate: bool = True,
-    config: Optional[Path] = None,
-    set: Optional[list[str]] = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
+FLAGS: dict[str, FlagPaths] = {
+    "steps": "train.max_steps", "adapter_steps": "adapter_train.max_steps", "batch_size": "train.batch_size",
+    "lr": "train.lr", "draft_tokens": "draft_tokens", "prompt_tokens": "prompt_tokens",
+    "target_tokens": "target_tokens", "max_len": "max_len", "seed": ("train.seed", "adapter_train.seed"),
+    "progress": ("train.progress", "adapter_train.progress"),
+}
+"""``train summarizer`` flag -> the config path(s) it sets (``--seed`` / ``--progress`` set both runs)."""
+
+
+def _backbone_variant(a: dict[str, Any]) -> Any:
+    """On a backbone system (``meta.backbone``) the config is a BackboneSummarizerConfig (same flag paths)."""
+    manifest = Path(a["run"]) / MANIFEST_FILE
+    if not (manifest.is_file() and (read_json(manifest).get("meta") or {}).get("backbone")):
+        return None
+    from taskmoe.training.recipes.backbone_summarizer import BackboneSummarizerConfig
+
+    return BackboneSummarizerConfig, FLAGS
+
+
+@recipe_command(SummarizerRecipeConfig, FLAGS, recipe="train summarizer", variant=_backbone_variant)
+def train_summarizer(run: Path = Path("runs/default"), source: Optional[str] = None,
+                     max_docs_per_domain: Optional[int] = None, n_layers: int = SUMMARIZER_LM.n_layers,
+                     calibrate: bool = True, *, cfg: Any) -> dict[str, Any]:
     """Train the summarizer of a run folder that has a router and experts (+ code adapter, intent head).
 
     Fusion pairs come from the corpus (default, or --source): document prefix -> true
@@ -159,21 +164,16 @@ def train_summarizer(
     RUN/summarizer/ and registers it in RUN/taskmoe.json; a rerun resumes training and reuses
     cached drafts. On a backbone system (experts are LoRA adapters of a backbone) the summarizer is
     a fusion LoRA adapter of that backbone with a coding adapter trained from it
-    (taskmoe.training.recipes.backbone_summarizer; --config reads a BackboneSummarizerConfig,
-    --n-layers does not apply).
+    (taskmoe.training.recipes.backbone_summarizer; --config / --set then read a
+    BackboneSummarizerConfig, --n-layers does not apply).
     """
     from taskmoe.data.commands import get_corpus
 
-    flags = {"draft_tokens": draft_tokens, "prompt_tokens": prompt_tokens, "target_tokens": target_tokens,
-             "max_len": max_len, "train.max_steps": steps, "train.batch_size": batch_size, "train.lr": lr,
-             "train.seed": seed, "train.progress": progress, "adapter_train.max_steps": adapter_steps or None,
-             "adapter_train.seed": seed, "adapter_train.progress": progress}
-    manifest = Path(run) / MANIFEST_FILE
-    if manifest.is_file() and (read_json(manifest).get("meta") or {}).get("backbone"):  # experts are backbone adapters
+    if not isinstance(cfg, SummarizerRecipeConfig):  # a backbone system: its experts are adapters of a backbone
         from taskmoe.training.recipes.backbone_summarizer import train_from_cli
 
-        return train_from_cli(Path(run), source, max_docs_per_domain, config, flags, set or (), calibrate, progress)
-    cfg = load_config(SummarizerRecipeConfig, config, flags=flags, overrides=set or ())
+        return train_from_cli(Path(run), source, max_docs_per_domain, cfg, calibrate)
+    seed, progress = cfg.train.seed, cfg.train.progress
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
     report = train_summarizer_run(Path(run), corpus, cfg, lm=SUMMARIZER_LM.replace(n_layers=n_layers),
                                   seed=seed, progress=progress)
