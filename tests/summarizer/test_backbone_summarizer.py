@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "backbones"))
-from backbone_helpers import write_hf_backbone  # noqa: E402
+from backbone_helpers import backbone_experts_run  # noqa: E402
 
 import taskmoe  # noqa: E402
 from taskmoe.data.backbone_tokenizer import BackboneTokenizer  # noqa: E402
@@ -37,16 +37,9 @@ CFG = BackboneSummarizerConfig(r=4, alpha=8.0, prompt_tokens=16, target_tokens=8
 @pytest.fixture(scope="module")
 def experts_run(tmp_path_factory):
     """A backbone run with a router and two LoRA experts, no summarizer yet."""
-    from taskmoe.training.recipes.experts import train_experts
-    from taskmoe.training.recipes.router import route_fit
-
     root = tmp_path_factory.mktemp("bbsum")
-    hf = write_hf_backbone(root / "backbone")
     run = root / "experts_run"
-    route_fit(out=run / "router", encoder="backbone", backbone=root / "backbone", layer=1, n_categories="2",
-              max_docs_per_domain=6, progress=False)
-    train_experts(run, backbone=root / "backbone", steps=3, batch_size=2, seq_len=32, max_docs_per_domain=6, rank=4,
-                  progress=False)
+    hf, _ = backbone_experts_run(root, run)
     return root, run, hf
 
 
