@@ -99,10 +99,17 @@ def main() -> None:
     summ = system.meta.get("summarizer", {})
     kind = (f"the backbone `{system.meta['backbone']}` with a fusion LoRA adapter (r={summ.get('r', '?')}) and a "
             "coding LoRA adapter started from it" if backbone else f"{summ.get('lm', {}).get('n_layers', '?')} SSM layers")
+    trained = ""
+    if backbone and (run / "reports" / "summarizer.json").is_file():
+        sr = read_json(run / "reports" / "summarizer.json")
+        trained = (f" The summarizer's training: {sr.get('fusion_steps')} fusion-adapter steps and {sr.get('code_steps')} "
+                   f"coding-adapter steps on {sr.get('fusion_pairs', {}).get('train')} fusion examples (batch "
+                   f"{rc.get('train', {}).get('batch_size', '?')}); the experts continue `<|bos|> prompt` as they were "
+                   "trained, the summarizer answers in the backbone's chat template.")
     body = [
         f"System: `{run}` ({built}{len(system.router.categories)} experts, summarizer {kind}); "
         f"{len(pairs)} held-out test prompts ({pt} prompt tokens -> {tt} target tokens); torch threads "
-        f"{torch.get_num_threads()}; machine: {START_LOAD}.",
+        f"{torch.get_num_threads()}; machine: {START_LOAD}.{trained}",
         "",
         "### 1. Fusion vs the best single selected expert (target perplexity, lower is better)",
         "",
