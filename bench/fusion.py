@@ -16,10 +16,15 @@ reused otherwise), all on the corpus's **test** split, against baselines measure
 3. **Coding adapter and intent**: code-domain target perplexity with vs without the adapter, and
    the intent head's accuracy (:func:`taskmoe.eval.fusion.adapter_eval`).
 
+The same measurements run on either summarizer: the SSM summarizer of a from-scratch system, or the
+summarizer of a backbone system (a fusion LoRA adapter of the pretrained backbone reading the drafts
+in its chat template, :mod:`taskmoe.training.recipes.backbone_summarizer`), each written to its own
+section of docs/benchmarks.md (``fusion`` / ``fusion_backbone``).
+
 Usage::
 
     python -m bench.fusion                 # runs/quickstart (trains it first if missing, ~10 min)
-    python -m bench.fusion --run PATH      # any run folder with a summarizer
+    python -m bench.fusion --run PATH      # any run folder with a summarizer (a backbone run too)
     python -m bench.fusion --quick         # the --tiny quickstart preset in a temp folder (smoke test)
 """
 
@@ -32,13 +37,14 @@ from pathlib import Path
 
 import torch
 
-from bench._report import md_table, write_section
+from bench._report import load_note, md_table, write_section
 from taskmoe.data.commands import get_corpus
 from taskmoe.eval.fusion import adapter_eval, calibrate_disagreement, fusion_perplexity, heldout_pairs
 from taskmoe.inference.loader import load_system
 from taskmoe.io import read_json
 from taskmoe.training.recipes.quickstart import PRESETS, run_quickstart
 
+START_LOAD = load_note()  # how busy the machine was when this run started
 COLS = ["domain", "examples", "tokens", "summarizer", "summarizer_no_drafts", "top1_expert", "best_selected_expert"]
 
 
@@ -48,6 +54,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny preset in a temporary folder (smoke test; numbers meaningless)")
     ap.add_argument("--per-domain", type=int, default=60, help="held-out prompts per domain")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--max-docs-per-domain", type=int, default=0,
+                    help="corpus cap for the held-out prompts (0: the run's own; a larger cap adds test documents, "
+                         "which stay held out: the split is by content hash)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     args = ap.parse_args()
     if args.threads:
@@ -66,7 +75,9 @@ def main() -> None:
     # the same corpus the run was built from (test documents are held out by content hash either way)
     qs = run / "quickstart.json"
     cap = read_json(qs)["config"]["max_docs_per_domain"] if qs.is_file() else cfg.max_docs_per_domain
+    cap = args.max_docs_per_domain or cap
     corpus = get_corpus(None, max_docs_per_domain=cap, progress=False)
+    backbone = bool(system.meta.get("backbone"))
     rc = system.meta.get("summarizer", {}).get("recipe", {})
     pt, tt = int(rc.get("prompt_tokens", cfg.prompt_tokens)), int(rc.get("target_tokens", cfg.target_tokens))
     pairs = heldout_pairs(corpus.test, system.tokenizer, prompt_tokens=pt, target_tokens=tt, per_domain=args.per_domain)
@@ -85,10 +96,20 @@ def main() -> None:
                else "fusion helps against the top-1 expert only" if allrow["summarizer"] < allrow["top1_expert"]
                else "fusion does NOT beat the selected experts")
     drafts_help = allrow["summarizer"] < allrow["summarizer_no_drafts"]
+    summ = system.meta.get("summarizer", {})
+    kind = (f"the backbone `{system.meta['backbone']}` with a fusion LoRA adapter (r={summ.get('r', '?')}) and a "
+            "coding LoRA adapter started from it" if backbone else f"{summ.get('lm', {}).get('n_layers', '?')} SSM layers")
+    trained = ""
+    if backbone and (run / "reports" / "summarizer.json").is_file():
+        sr = read_json(run / "reports" / "summarizer.json")
+        trained = (f" The summarizer's training: {sr.get('fusion_steps')} fusion-adapter steps and {sr.get('code_steps')} "
+                   f"coding-adapter steps on {sr.get('fusion_pairs', {}).get('train')} fusion examples (batch "
+                   f"{rc.get('train', {}).get('batch_size', '?')}); the experts continue `<|bos|> prompt` as they were "
+                   "trained, the summarizer answers in the backbone's chat template.")
     body = [
-        f"System: `{run}` ({built}{len(system.router.categories)} experts, summarizer "
-        f"{system.meta.get('summarizer', {}).get('lm', {}).get('n_layers', '?')} SSM layers); "
-        f"{len(pairs)} held-out test prompts ({pt} prompt tokens -> {tt} target tokens).",
+        f"System: `{run}` ({built}{len(system.router.categories)} experts, summarizer {kind}); "
+        f"{len(pairs)} held-out test prompts ({pt} prompt tokens -> {tt} target tokens); torch threads "
+        f"{torch.get_num_threads()}; machine: {START_LOAD}.{trained}",
         "",
         "### 1. Fusion vs the best single selected expert (target perplexity, lower is better)",
         "",
@@ -121,8 +142,12 @@ def main() -> None:
     print(text)
     if not args.no_write:
         cmd = "python -m bench.fusion" + (" --quick" if args.quick else "") + (f" --run {args.run}" if args.run != Path("runs/quickstart") else "")
-        print("written:", write_section("fusion", "IMoE fusion, disagreement and coding adapter (summarizer vs experts)",
-                                        cmd, text + ("\n\n_--quick: tiny preset, numbers are a smoke test only._" if args.quick else "")))
+        cmd += f" --per-domain {args.per_domain}" + (f" --threads {args.threads}" if args.threads else "")
+        cmd += f" --max-docs-per-domain {args.max_docs_per_domain}" if args.max_docs_per_domain else ""
+        key, title = (("fusion_backbone", "IMoE fusion on the pretrained backbone (fusion LoRA summarizer vs its LoRA experts)")
+                      if backbone else ("fusion", "IMoE fusion, disagreement and coding adapter (summarizer vs experts)"))
+        print("written:", write_section(key, title, cmd,
+                                        text + ("\n\n_--quick: tiny preset, numbers are a smoke test only._" if args.quick else "")))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from taskmoe.errors import ConfigError  # noqa: E402
 from taskmoe.training.recipes.quickstart_backbone import BackboneQuickstartConfig, run_backbone_quickstart  # noqa: E402
 
 TINY = BackboneQuickstartConfig(max_docs_per_domain=8, rank=2, expert_steps=2, expert_batch=2, seq_len=32,
-                                eval_windows=1, max_new_tokens=4)
+                                eval_windows=1, max_new_tokens=4, summarizer_pairs=4, summarizer_steps=2,
+                                code_adapter_steps=1, draft_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,16 @@ def qs(tmp_path_factory):
 
 def test_backbone_quickstart_builds_a_loadable_system_and_a_report(qs):
     root, res = qs
-    assert [s["stage"] for s in res.stages] == ["corpus", "backbone", "router", "experts", "evaluate", "samples", "report"]
+    assert [s["stage"] for s in res.stages] == ["corpus", "backbone", "router", "experts", "summarizer", "evaluate",
+                                                "samples", "report"]
     text = res.report.read_text()
     assert "categories (with their most characteristic words): c0:" in text
     assert "## Held-out perplexity per domain" in text and "## Sample answers" in text and "routing:" in text
-    assert len(res.samples) == 4 and all(s["experts"] for s in res.samples)
+    assert "## Summarizer (fusion LoRA adapter" in text and "draft by c" in text
+    assert len(res.samples) == 4 and all(s["experts"] and s["mode"] == "summarizer" and s["drafts"] for s in res.samples)
     system = taskmoe.load(res.run_dir)
     a = system.generate("Who is Hamlet?", max_new_tokens=4)
-    assert a.text == res.samples[2]["answer"] and a.trace.experts
+    assert a.text == res.samples[2]["answer"] and a.trace.experts and a.trace.mode == "summarizer"
 
 
 def test_rerun_skips_every_training_stage(qs):
@@ -46,7 +49,7 @@ def test_rerun_skips_every_training_stage(qs):
     again = run_backbone_quickstart(res.run_dir, TINY, backbone_dir=root / "backbones" / "tiny",
                                     backbone_source=root / "hf", progress=False)
     status = {s["stage"]: s["status"] for s in again.stages}
-    assert status["backbone"] == status["router"] == status["experts"] == "skipped"
+    assert status["backbone"] == status["router"] == status["experts"] == status["summarizer"] == "skipped"
     with pytest.raises(ConfigError, match="different sizes"):
         run_backbone_quickstart(res.run_dir, TINY.replace(rank=3), backbone_dir=root / "backbones" / "tiny",
                                 backbone_source=root / "hf", progress=False)

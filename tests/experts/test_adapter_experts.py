@@ -10,25 +10,19 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "backbones"))
-from backbone_helpers import write_hf_backbone  # noqa: E402
+from backbone_helpers import backbone_experts_run, write_hf_backbone  # noqa: E402
 
 import taskmoe  # noqa: E402
 from taskmoe.errors import CheckpointError, ConfigError  # noqa: E402
 from taskmoe.experts.adapter_expert import AdapterExpert  # noqa: E402
 from taskmoe.io import read_json  # noqa: E402
-from taskmoe.training.recipes.experts import train_experts  # noqa: E402
-from taskmoe.training.recipes.router import route_fit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def backbone_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bbrun")
-    hf = write_hf_backbone(root / "backbone")
     run = root / "run"
-    route_fit(out=run / "router", encoder="backbone", backbone=root / "backbone", layer=1, n_categories="2",
-              max_docs_per_domain=6, progress=False)
-    rows = train_experts(run, backbone=root / "backbone", steps=3, batch_size=2, seq_len=32, max_docs_per_domain=6,
-                         rank=4, progress=False)
+    hf, rows = backbone_experts_run(root, run)
     return root, run, hf, rows
 
 

@@ -36,10 +36,10 @@ from torch import nn
 
 from taskmoe.errors import DataError
 from taskmoe.eval.nll import IGNORE_INDEX, evaluating, perplexity, row_nll
-from taskmoe.layers.lora import use_adapter
 from taskmoe.summarizer.disagreement import calibrate_threshold, precision_recall
 from taskmoe.summarizer.examples import FusionPair, fusion_pairs
 from taskmoe.summarizer.fuser import Draft
+from taskmoe.summarizer.switch import summarizer_adapter
 
 __all__ = ["heldout_pairs", "target_nll", "fusion_perplexity", "adapter_eval", "disagreement_examples",
            "calibrate_disagreement"]
@@ -86,7 +86,7 @@ def target_nll(model: nn.Module, seqs: Sequence[tuple[Sequence[int], int, int]],
                 rows = torch.tensor([bool(r) for r in adapter_rows[s : s + batch_size]])
                 if not bool(rows.any()):
                     name, rows = None, None
-            with use_adapter(model, name, rows):
+            with summarizer_adapter(model, name, rows):
                 nll, _ = row_nll(model(x).logits, y)  # (B,)
             out.extend(nll.tolist())
     return out

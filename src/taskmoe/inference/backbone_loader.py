@@ -11,9 +11,21 @@ loads as:
 3. the expert store over PEFT adapter folders: lazy as for small experts, each expert loaded
    into the shared backbone on first use (:func:`~taskmoe.experts.adapter_expert.adapter_expert_loader`)
    and charged its adapter bytes only; pruned categories route to the remaining experts;
-4. the pipeline settings (``meta.pipeline``). The system answers in experts-only mode (the
-   confidence-weighted ensemble of the selected experts, :class:`~taskmoe.inference.rowwise.EnsembleLM`),
-   each expert reading the prompt inside the backbone's chat template.
+4. the summarizer, when the manifest names one (:mod:`taskmoe.training.recipes.backbone_summarizer`):
+   its fusion adapter (``summarizer/``, PEFT files) and its coding adapter (``adapters.code``) are
+   loaded into the same backbone as ``summarizer_fusion`` / ``summarizer_code`` and wrapped as a
+   :class:`~taskmoe.summarizer.backbone_summarizer.BackboneSummarizer`; the intent head from
+   ``summarizer/intent``; the prompt format is
+   :class:`~taskmoe.summarizer.backbone_format.BackboneFusionFormat` (the backbone's chat template).
+   The system then answers in summarizer mode (Route -> Draft -> Crosstalk -> Assess -> Fuse; no
+   cross-talk runner is configured, so a flagged pair's trace says so), with the disagreement
+   threshold calibrated on validation (``meta.pipeline.disagreement``);
+5. the pipeline settings (``meta.pipeline``). Without a summarizer the system answers in
+   experts-only mode (the confidence-weighted ensemble of the selected experts,
+   :class:`~taskmoe.inference.rowwise.EnsembleLM`), each expert reading the prompt inside the
+   backbone's chat template.
+
+The loaded backbone is ``system.backbone`` (the summarizer recipe trains its adapters into it).
 """
 
 from __future__ import annotations
@@ -41,9 +53,37 @@ def backbone_dir(res: ResolvedManifest) -> Path:
     return folder
 
 
+def _summarizer(res: ResolvedManifest, base: Any, tok: Any, expert_names: Any) -> tuple[Any, Any]:
+    """(BackboneSummarizer, intent head or None) of the manifest's summarizer folder."""
+    from taskmoe.layers.lora import set_adapter
+    from taskmoe.models.adapters import is_peft_adapter_dir, load_adapter
+    from taskmoe.models.switch_lock import switch_lock
+    from taskmoe.summarizer.backbone_summarizer import FUSION_ADAPTER, BackboneSummarizer, adapter_name
+    from taskmoe.summarizer.intent import IntentClassifier
+
+    mpath = res.run_dir / "taskmoe.json"
+    folder = res.summarizer
+    assert folder is not None
+    if not is_peft_adapter_dir(folder):
+        raise CheckpointError(f"{mpath}: summarizer {folder} is not a PEFT adapter folder (a backbone system's "
+                              "summarizer is its fusion adapter; retrain it with `taskmoe train summarizer`)")
+    taken = sorted({FUSION_ADAPTER, *map(adapter_name, res.adapters)} & set(expert_names))
+    if taken:
+        raise CheckpointError(f"{mpath}: expert names {taken} collide with the summarizer's adapter names")
+    with switch_lock(base):
+        load_adapter(base, folder, name=FUSION_ADAPTER)
+        for name, afolder in res.adapters.items():
+            load_adapter(base, afolder, name=adapter_name(name))
+        set_adapter(base, None)  # the shared backbone's own forward stays the base model
+    intent = IntentClassifier.load(folder / "intent") if (folder / "intent").is_dir() else None
+    return BackboneSummarizer(base, FUSION_ADAPTER, list(res.adapters)), intent
+
+
 def load_backbone_system(res: ResolvedManifest, *, max_experts: int | None = None, max_bytes: int | None = None,
-                         config: PipelineConfig | None = None, device: str = "cpu", **_: Any) -> System:
-    """Load a backbone system (module docstring) from an already validated manifest."""
+                         config: PipelineConfig | None = None, device: str = "cpu", summarizer: bool = True,
+                         **_: Any) -> System:
+    """Load a backbone system (module docstring) from an already validated manifest; ``summarizer=False``
+    loads it experts-only even when the run has a summarizer (its recipe drafts with that)."""
     from taskmoe.data.backbone_tokenizer import BackboneTokenizer
     from taskmoe.inference.loader import _expert_names
     from taskmoe.models.backbones import load_backbone
@@ -76,7 +116,18 @@ def load_backbone_system(res: ResolvedManifest, *, max_experts: int | None = Non
             config = PipelineConfig.from_dict(m.meta.get("pipeline", {}), source=f"{mpath}: meta.pipeline")
         except ConfigError as e:
             raise CheckpointError(str(e)) from e
+    summ = intent = fmt = None
+    if summarizer and res.summarizer is not None:
+        from taskmoe.summarizer.backbone_format import BackboneFusionFormat
+
+        summ, intent = _summarizer(res, base, tok, expert_of.values())
+        fmt = BackboneFusionFormat(tok, max_len=config.max_len)
+    elif res.adapters and res.summarizer is None:
+        raise CheckpointError(f"{mpath}: adapters {sorted(res.adapters)} are listed but there is no summarizer")
     try:
-        return System(tok, router, store, expert_of, config=config, source=res.run_dir, meta=m.meta)
+        system = System(tok, router, store, expert_of, summarizer=summ, intent=intent, config=config,
+                        source=res.run_dir, meta=m.meta, fmt=fmt)
     except ConfigError as e:
         raise CheckpointError(f"{mpath}: {e}") from e
+    system.backbone = base  # type: ignore[attr-defined]
+    return system

@@ -74,12 +74,12 @@ from taskmoe.inference.stages import (
 from taskmoe.inference.stages.session import PipelineSession
 from taskmoe.inference.stream import PipelineStream, TokenEvent
 from taskmoe.inference.trace import Answer, ExpertUse, Trace
-from taskmoe.layers.lora import adapter_names
 from taskmoe.router.policy import RoutingDecision
 from taskmoe.summarizer.disagreement import DisagreementConfig, DisagreementReport, assess
 from taskmoe.summarizer.fuser import Draft as DraftIds
 from taskmoe.summarizer.fuser import FusionFormat
 from taskmoe.summarizer.intent import IntentClassifier, IntentResult
+from taskmoe.summarizer.switch import adapters_of
 
 __all__ = ["PipelineConfig", "CrosstalkRunner", "Control", "TokenEvent", "System", "draft_generator", "prompt_head"]
 
@@ -123,7 +123,11 @@ class PipelineConfig(Config):
 
 
 class System:
-    """A loaded IMoE system (see the module docstring). Build with :func:`taskmoe.load`."""
+    """A loaded IMoE system (see the module docstring). Build with :func:`taskmoe.load`.
+
+    ``fmt`` is the summarizer's prompt format (default: :class:`FusionFormat` over the special
+    tokens; a backbone system injects :class:`~taskmoe.summarizer.backbone_format.BackboneFusionFormat`).
+    """
 
     def __init__(
         self,
@@ -138,6 +142,7 @@ class System:
         config: PipelineConfig | None = None,
         source: str | Path | None = None,
         meta: Mapping[str, Any] | None = None,
+        fmt: Any = None,
     ) -> None:
         self.tokenizer, self.router, self.store = tokenizer, router, store
         self.expert_of = dict(expert_of)
@@ -154,7 +159,8 @@ class System:
         self.config = config or PipelineConfig()
         self.source = Path(source) if source is not None else None
         self.meta = dict(meta or {})  # the manifest's free-form meta (training summary, calibration)
-        self.fmt = FusionFormat(tokenizer, max_len=self.config.max_len) if summarizer is not None else None
+        # the summarizer's prompt format: injected (a backbone's chat-template format), else the special-token one
+        self.fmt = fmt if fmt is not None or summarizer is None else FusionFormat(tokenizer, max_len=self.config.max_len)
         self.topics = {self.expert_of[c]: d for c, d in zip(router.categories, getattr(router, "descriptions", []) or [])
                        if d and c in self.expert_of}
         if intent is not None and summarizer is not None and intent.feature != "summarizer_hidden":
@@ -167,7 +173,7 @@ class System:
 
     @property
     def adapters(self) -> list[str]:
-        return adapter_names(self.summarizer) if self.summarizer is not None else []
+        return adapters_of(self.summarizer) if self.summarizer is not None else []
 
     def stages(self) -> list[Stage]:
         """The stages a call runs, in order (built from the current parts: cheap, holds no state)."""

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from taskmoe.errors import ConfigError
 from taskmoe.experts.ensemble import mixture_logprobs
-from taskmoe.layers.lora import adapter_names, use_adapter
 from taskmoe.models.model import LMOutput
 from taskmoe.layers.state import TaggedState
+from taskmoe.summarizer.switch import adapters_of, summarizer_adapter
 
 __all__ = ["TaggedState", "RowTaggedLM", "AdapterRowsLM", "EnsembleLM"]
 
@@ -77,17 +77,17 @@ class AdapterRowsLM(RowTaggedLM):
     """``model`` with LoRA adapter ``adapter`` on the rows whose side data is True, off on the others.
 
     Each forward switches the adapter on with that forward's row mask and restores the previous
-    switch state afterwards (:func:`~taskmoe.layers.lora.use_adapter`), so the shared model is left
-    as it was found.
+    switch state afterwards (:func:`~taskmoe.summarizer.switch.summarizer_adapter`: the LoRA switch,
+    or the model's own for a backbone summarizer), so the shared model is left as it was found.
     """
 
     def __init__(self, model: nn.Module, adapter: str | None) -> None:
         super().__init__()
-        if adapter is not None and adapter not in adapter_names(model):
-            raise ConfigError(f"AdapterRowsLM: the model has no adapter '{adapter}' (it has {adapter_names(model)})")
+        if adapter is not None and adapter not in adapters_of(model):
+            raise ConfigError(f"AdapterRowsLM: the model has no adapter '{adapter}' (it has {adapters_of(model)})")
         self.model = model
         self.adapter = adapter
-        self._has_adapters = bool(adapter_names(model))
+        self._has_adapters = bool(adapters_of(model))
 
     @property
     def vocab_size(self) -> int:
@@ -109,7 +109,7 @@ class AdapterRowsLM(RowTaggedLM):
         if name is None and not self._has_adapters:
             out = self.model(input_ids, inner, logits_to_keep=logits_to_keep)
         else:
-            with use_adapter(self.model, name, rows):
+            with summarizer_adapter(self.model, name, rows):
                 out = self.model(input_ids, inner, logits_to_keep=logits_to_keep)
         return out.logits, out.state, out.hidden
 

@@ -43,7 +43,8 @@ from taskmoe.layers.multi_lora import row_adapters, set_row_adapters
 from taskmoe.models.backbones.convert import hf_to_ours, ours_to_hf
 
 __all__ = ["DEFAULT_TARGETS", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "inject_adapter", "save_adapter", "load_adapter",
-           "set_active", "is_peft_adapter_dir", "mark_only_adapter_trainable"]
+           "set_active", "is_peft_adapter_dir", "mark_only_adapter_trainable", "adapter_files",
+           "write_adapter_files"]
 
 DEFAULT_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -99,9 +100,9 @@ def _target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
     return leaves if covered == set(wrapped) else sorted(ours_to_hf(w) for w in wrapped)
 
 
-def save_adapter(model: nn.Module, name: str, folder: str | Path, *,
-                 base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter ``name`` of ``model`` as a PEFT adapter folder (atomically); return the folder."""
+def adapter_files(model: nn.Module, name: str, *, base_model_name_or_path: str | None = None
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(adapter_config.json contents, adapter_model.safetensors tensors)`` of adapter ``name`` in PEFT's layout."""
     layers = _layers_of(model, name)
     specs = {n: layer.specs[name] for n, layer in layers.items()}
     (r, alpha), _ = Counter((s.rank, s.alpha) for s in specs.values()).most_common(1)[0]
@@ -120,12 +121,27 @@ def save_adapter(model: nn.Module, name: str, folder: str | Path, *,
         key = PEFT_PREFIX + ours_to_hf(n)
         tensors[f"{key}.lora_A.weight"] = layer.lora_A[name].detach()
         tensors[f"{key}.lora_B.weight"] = layer.lora_B[name].detach()
+    return config, tensors
 
-    def build(tmp: Path) -> None:
-        save_tensors(tmp / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
-        atomic_write_json(tmp / ADAPTER_CONFIG, config)
 
-    return atomic_dir(folder, build)
+def write_adapter_files(model: nn.Module, name: str, folder: str | Path, *,
+                        base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter ``name``'s two PEFT files into ``folder`` (an existing folder being built, e.g. by
+    :func:`taskmoe.io.atomic_dir`; use :func:`save_adapter` for an atomic adapter folder of its own)."""
+    config, tensors = adapter_files(model, name, base_model_name_or_path=base_model_name_or_path)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+    atomic_write_json(folder / ADAPTER_CONFIG, config)
+    return folder
+
+
+def save_adapter(model: nn.Module, name: str, folder: str | Path, *,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter ``name`` of ``model`` as a PEFT adapter folder (atomically); return the folder."""
+    _layers_of(model, name)  # fail before creating anything
+    return atomic_dir(folder, lambda tmp: write_adapter_files(model, name, tmp,
+                                                              base_model_name_or_path=base_model_name_or_path))
 
 
 def _pattern_value(patterns: dict[str, Any], hf_module: str, default: Any) -> Any:

@@ -6,9 +6,15 @@
 - :mod:`.drafts`: route prompts, let the selected experts draft (grouped by expert), cache drafts;
 - :mod:`.intent`: intent detection from pooled embeddings (code vs other) -> coding LoRA adapter;
 - :mod:`.disagreement`: draft similarity + intent consistency -> disagreement score and the
-  clarification question.
+  clarification question;
+- :mod:`.backbone_format`, :mod:`.backbone_summarizer`: the summarizer of a backbone system (the
+  fusion prompt in the backbone's chat template; the fusion LoRA adapter of the shared backbone with
+  its coding adapter switched per row);
+- :mod:`.switch`: switching either summarizer's adapters through one protocol.
 """
 
+from taskmoe.summarizer.backbone_format import BackboneFusionFormat
+from taskmoe.summarizer.backbone_summarizer import BackboneSummarizer
 from taskmoe.summarizer.disagreement import (
     DisagreementConfig,
     DisagreementReport,
@@ -26,4 +32,5 @@ __all__ = [
     "DraftCache", "Drafter", "DraftSet", "FusionPair", "fusion_pairs",
     "Draft", "FusedSequence", "FusionFormat", "collate", "fusion_text",
     "IntentClassifier", "IntentResult", "domain_intents", "pooled_hidden",
+    "BackboneFusionFormat", "BackboneSummarizer",
 ]

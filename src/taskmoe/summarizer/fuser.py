@@ -59,6 +59,7 @@ __all__ = [
     "order_drafts",
     "water_fill",
     "fit_budget",
+    "place_drafts",
     "fusion_text",
     "collate",
 ]
@@ -177,6 +178,10 @@ class FusionFormat:
     def eos_id(self) -> int:
         return self.sp["<|eos|>"]
 
+    def head(self, prompt_ids: Sequence[int]) -> list[int]:
+        """``<|bos|><|user|> prompt``: the part of every fusion sequence the intent head reads."""
+        return [self.sp["<|bos|>"], self.sp["<|user|>"], *map(int, prompt_ids)]
+
     def build(
         self,
         prompt_ids: Sequence[int],
@@ -195,22 +200,31 @@ class FusionFormat:
         head = [sp["<|bos|>"], sp["<|user|>"], *map(int, prompt_ids)]
         fixed = len(head) + 1 + len(answer)  # + <|answer|>
         kept = fit_budget(fixed, [len(h) + 1 for h in headers], [len(d.ids) for d in ordered], max_len)
-        ids = list(head)
-        experts: list[str] = []
-        truncated: dict[str, tuple[int, int]] = {}
-        dropped: list[str] = []
-        for d, h, k in zip(ordered, headers, kept):
-            if k is None:
-                dropped.append(d.expert)
-                continue
-            ids += h + list(d.ids[:k]) + [sp["<|end_draft|>"]]
-            experts.append(d.expert)
-            if k < len(d.ids):
-                truncated[d.expert] = (len(d.ids), k)
-        ids.append(sp["<|answer|>"])
-        answer_start = len(ids)
-        ids += answer
-        return FusedSequence(ids=ids, answer_start=answer_start, experts=experts, truncated=truncated, dropped=dropped)
+        seq = place_drafts(head, ordered, headers, kept, [sp["<|end_draft|>"]])
+        seq.ids.append(sp["<|answer|>"])
+        seq.answer_start = len(seq.ids)
+        seq.ids += answer
+        return seq
+
+
+def place_drafts(head: Sequence[int], ordered: Sequence[Draft], headers: Sequence[Sequence[int]],
+                 kept: Sequence[int | None], closer: Sequence[int] = ()) -> FusedSequence:
+    """``head`` then, per kept draft, ``header + first k_i draft tokens + closer`` (the budget's verdict
+    ``kept`` from :func:`fit_budget`); the result records kept, cut and dropped drafts, ``answer_start``
+    at the end (the caller appends its answer marker and answer)."""
+    ids = [int(t) for t in head]
+    experts: list[str] = []
+    truncated: dict[str, tuple[int, int]] = {}
+    dropped: list[str] = []
+    for d, h, k in zip(ordered, headers, kept):
+        if k is None:
+            dropped.append(d.expert)
+            continue
+        ids += [*h, *d.ids[:k], *closer]
+        experts.append(d.expert)
+        if k < len(d.ids):
+            truncated[d.expert] = (len(d.ids), k)
+    return FusedSequence(ids=ids, answer_start=len(ids), experts=experts, truncated=truncated, dropped=dropped)
 
 
 def fusion_text(prompt: str, drafts: Sequence[tuple[str, float, str]], answer: str | None = None) -> str:

@@ -76,3 +76,17 @@ def write_hf_backbone(folder: Path, arch: str = "llama", tie: bool = True, **kw)
     model.save_pretrained(str(folder))
     write_tokenizer(folder)
     return model
+
+
+def backbone_experts_run(root: Path, run: Path):
+    """A backbone system on a tiny random Llama in ``root / "backbone"``: a router on its hidden states and two
+    LoRA experts trained 3 steps each into ``run``; returns (the transformers model, the experts' rows)."""
+    from taskmoe.training.recipes.experts import train_experts
+    from taskmoe.training.recipes.router import route_fit
+
+    hf = write_hf_backbone(root / "backbone")
+    route_fit(out=run / "router", encoder="backbone", backbone=root / "backbone", layer=1, n_categories="2",
+              max_docs_per_domain=6, progress=False)
+    rows = train_experts(run, backbone=root / "backbone", steps=3, batch_size=2, seq_len=32, max_docs_per_domain=6,
+                         rank=4, progress=False)
+    return hf, rows

@@ -24,22 +24,22 @@ import torch
 from torch import nn
 
 from taskmoe.inference.stages.base import Call, Row
-from taskmoe.layers.lora import use_adapter
 from taskmoe.summarizer.disagreement import assess_embedded, clarification
 from taskmoe.summarizer.fuser import FusionFormat
 from taskmoe.summarizer.intent import IntentClassifier, pooled_hidden
+from taskmoe.summarizer.switch import summarizer_adapter
 
 __all__ = ["Assess", "prompt_head", "summarizer_features"]
 
 
 def prompt_head(fmt: FusionFormat, ids: Sequence[int]) -> list[int]:
-    """``<|bos|><|user|> ids``: what the intent head reads (as in :mod:`taskmoe.training.recipes.summarizer`)."""
-    return [fmt.sp["<|bos|>"], fmt.sp["<|user|>"], *map(int, ids)]
+    """What the intent head reads: ``fmt.head(ids)`` (``<|bos|><|user|> ids``, or the backbone's user turn)."""
+    return fmt.head(ids)
 
 
 def summarizer_features(summarizer: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """The intent head's input: mean-pooled summarizer hidden states with every adapter off, (N, D)."""
-    with use_adapter(summarizer, None):  # intent decides whether the adapter runs: read without it
+    with summarizer_adapter(summarizer, None):  # intent decides whether the adapter runs: read without it
         return pooled_hidden(summarizer, seqs, pad_id=pad_id)
 
 

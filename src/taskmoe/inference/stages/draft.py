@@ -24,6 +24,7 @@ from torch import nn
 
 from taskmoe.inference.generate import GenerationConfig, generate, generate_rows
 from taskmoe.inference.stages.base import Call, ExpertStage, Row
+from taskmoe.inference.stages.ensemble import lm_input
 from taskmoe.inference.stages.joined import JoinedDecode
 from taskmoe.inference.trace import DraftRecord
 from taskmoe.summarizer.drafts import GenerateFn
@@ -73,9 +74,10 @@ class Draft(ExpertStage):
         return jobs
 
     def inputs(self, job: list[tuple[Row, float]]) -> tuple[list[list[int]], list[GenerationConfig]]:
-        """What an expert decodes for its rows: ``<|bos|> prompt`` under THE draft config."""
+        """What an expert decodes for its rows: :func:`~taskmoe.inference.stages.ensemble.lm_input` (``<|bos|>
+        prompt``, or the prompt as a user turn of a backbone's chat template) under THE draft config."""
         tok = self.tokenizer
-        return ([[tok.bos_id, *r.prompt] for r, _ in job],
+        return ([lm_input(tok, r.prompt) for r, _ in job],
                 [draft_config(tok.eos_id, r.cfg.draft_tokens, r.cfg.draft_repetition_penalty) for r, _ in job])
 
     def __call__(self, rows: list[Row], call: Call) -> list[Row]:

