@@ -163,6 +163,27 @@ def test_train_modality_on_a_backbone_folder_and_generate_with_an_image(tmp_path
     text = generate_text(tmp_path / "mm", "hello world", max_new_tokens=4)
     ref = generate_text(bb, "hello world", max_new_tokens=4, raw=True)  # the backbone's plain completion
     assert text["experts"] == BASE and text["answer"] == ref["answer"].strip()
+    _served_answers_an_image_url_part(tmp_path / "mm", png)
+
+
+def _served_answers_an_image_url_part(folder, png) -> None:
+    """The server loads the upcycled multimodal folder with the backbone's tokenizer and routes an image part."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from taskmoe.serving.app import create_app
+    from taskmoe.serving.backends import load_backend
+    from taskmoe.serving.media import image_url_part
+
+    backend = load_backend(folder, name="mm")
+    assert isinstance(backend.tokenizer, BackboneTokenizer)
+    with TestClient(create_app(backend)) as client:
+        content = [{"type": "text", "text": "What digit is this?"}, image_url_part(png.read_bytes())]
+        r = client.post("/v1/chat/completions", json={"model": "mm", "max_tokens": 3, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": content}],
+                                                      "taskmoe": {"trace": True}})
+        assert r.status_code == 200, r.text
+        assert r.json()["taskmoe"]["choices"][0]["route"]["experts"] == ["image"]
 
 
 def test_train_modality_on_a_doe_upcycle_folder_then_extend_with_audio(tmp_path) -> None:

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from taskmoe.data.media_tasks import media_prompt
-from taskmoe.doe.modality.model import MediaInput, MultimodalLM, load_multimodal
+from taskmoe.doe.modality.model import MediaInput, MultimodalLM, load_multimodal, model_tokenizer
+from taskmoe.errors import CheckpointError, DataError
 from taskmoe.inference.media import Broadcast, media_tensor, placeholder_of
 from taskmoe.serving.backend import Route
 from taskmoe.serving.backends.lm import LMBackend
@@ -48,7 +49,15 @@ class MultimodalBackend(LMBackend):
     @classmethod
     def load(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,
              device: str | torch.device = "cpu") -> "MultimodalBackend":
-        return cls.one_folder(path, load_multimodal, name=name, stop_ids=stop_ids, device=device)
+        """A multimodal folder with its tokenizer: its own or the one beside it, or for a model on an
+        upcycled backbone the backbone's (chat requests then use its chat template)."""
+        path = Path(path)
+        model = load_multimodal(path, device=device)
+        try:
+            tok = model_tokenizer(path, model)
+        except DataError as e:
+            raise CheckpointError(str(e)) from e
+        return cls({name or path.name: model}, tok, stop_ids=stop_ids, source=str(path))
 
     def encode_chat_media(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Messages whose last user turn has one image/audio part -> :class:`MediaIds`."""
