@@ -69,11 +69,16 @@ def _legalbench(root):
     return root
 
 
-def test_eval_legal_end_to_end_on_a_tiny_model(tmp_path, tok):
+def _saved_tiny_model(folder, tok):
     torch.manual_seed(0)
     model = transformer_lm(LMConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2))
-    save_lm(model, tmp_path / "m")
-    tok.save(tmp_path / "m")
+    save_lm(model, folder)
+    tok.save(folder)
+    return model
+
+
+def test_eval_legal_end_to_end_on_a_tiny_model(tmp_path, tok):
+    model = _saved_tiny_model(tmp_path / "m", tok)
     rep = eval_legal(tmp_path / "m", data=_legalbench(tmp_path / "lb"), generate=1, bootstrap=50,
                      out=tmp_path / "rep.json", progress=False)
     h = rep["hearsay"]
@@ -122,10 +127,7 @@ def test_eval_legal_adds_held_out_legal_text_perplexity(tmp_path, tok):
     from taskmoe.data.text_windows import TextWindows
     from taskmoe.eval.legal import legal_perplexity
 
-    torch.manual_seed(0)
-    model = transformer_lm(LMConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2))
-    save_lm(model, tmp_path / "m")
-    tok.save(tmp_path / "m")
+    model = _saved_tiny_model(tmp_path / "m", tok)
     source = f"legal:{_law_folder(tmp_path / 'law')}"
     rep = eval_legal(tmp_path / "m", data=_legalbench(tmp_path / "lb"), generate=0, bootstrap=20, legal_text=source,
                      legal_windows=3, max_len=32, progress=False)
