@@ -204,7 +204,6 @@ class Scheduler:
         now = time.monotonic()
         return self.admission.costs.predict([t.work(now) for t in self._live])
 
-    # -------------------------------------------------------------------------- planning
     # ---------------------------------------------------------------------------- worker
     async def _run(self) -> None:
         assert self._wakeup is not None
@@ -237,7 +236,7 @@ class Scheduler:
         t0, work0 = time.monotonic(), self.generated_tokens
         try:
             if plan.whole:
-                await self._run_whole(loop, *plan.whole)
+                await _run_whole(self, loop, *plan.whole)
             else:
                 await self._run_steps(loop, plan)
         finally:
@@ -263,22 +262,24 @@ class Scheduler:
             elif not len(run.batch) and not run.rows:
                 del self._running[key]
 
-    async def _run_whole(self, loop: asyncio.AbstractEventLoop, route: Route, batch: list[Ticket]) -> None:
-        try:
-            t0 = time.monotonic()
-            results = await loop.run_in_executor(self._executor, self.backend.generate_batch, route,
-                                                 [t.row for t in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} rows")
-            lengths = [len(r.token_ids) for r in results]
-            self.admission.costs.observe_step(route.key, sum(lengths), time.monotonic() - t0, max(lengths, default=0))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a backend failure fails its batch, not the server
-            _fail_rows(self.failed, route, batch, e)
-        else:
-            for t, r in zip(batch, results):
-                t.resolve(r)
+
+async def _run_whole(sched: Scheduler, loop: asyncio.AbstractEventLoop, route: Route, batch: list[Ticket]) -> None:
+    """A backend without step-wise batches: one ``generate_batch`` call for ``batch`` in the generation thread."""
+    try:
+        t0 = time.monotonic()
+        results = await loop.run_in_executor(sched._executor, sched.backend.generate_batch, route, [t.row for t in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(f"backend returned {len(results)} results for {len(batch)} rows")
+        lengths = [len(r.token_ids) for r in results]
+        sched.admission.costs.observe_step(route.key, sum(lengths), time.monotonic() - t0, max(lengths, default=0))
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # a backend failure fails its batch, not the server
+        _fail_rows(sched.failed, route, batch, e)
+    else:
+        for t, r in zip(batch, results):
+            t.resolve(r)
+
 
 def _fail_rows(failed: dict[str, str], route: Route | None, tickets: list[Ticket], error: BaseException) -> None:
     """Fail ``tickets`` with ``error``; a :class:`ComponentUnavailable` is remembered in ``failed`` (503 later)."""
