@@ -240,3 +240,19 @@ def test_train_summarizer_command_dispatches_on_a_backbone_run(experts_run, tmp_
     cfg = read_json(out / "summarizer" / "adapter_config.json")
     assert cfg["r"] == 2 and cfg["peft_type"] == "LORA"
     assert taskmoe.load(out).mode == "summarizer"
+
+
+def test_load_mode_chooses_summarizer_or_ensemble(experts_run, summ_run):
+    from taskmoe.errors import ConfigError
+    from taskmoe.inference.commands import generate_text
+
+    run, _, _ = summ_run
+    ens = taskmoe.load(run, mode="ensemble")
+    assert ens.mode == "ensemble" and ens.summarizer is None
+    a = ens.generate("the quick brown fox", max_new_tokens=4)
+    assert a.trace.mode == "ensemble" and not a.trace.drafts
+    assert generate_text(run, "the quick brown fox", max_new_tokens=4, mode="ensemble").text == a.text
+    with pytest.raises(ConfigError, match="no summarizer"):
+        taskmoe.load(experts_run[1], mode="summarizer")
+    with pytest.raises(ConfigError, match="mode must be"):
+        taskmoe.load(run, mode="fused")

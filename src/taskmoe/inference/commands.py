@@ -57,6 +57,7 @@ def generate_text(
     raw: bool = False,
     image: Optional[Path] = None,
     audio: Optional[Path] = None,
+    mode: Optional[str] = None,
 ) -> Answer | dict[str, Any]:
     """Answer one prompt with a trained system: taskmoe generate RUN "prompt" [--trace].
 
@@ -70,7 +71,8 @@ def generate_text(
     (taskmoe backbone import): the prompt is one user message in its chat template, or a plain
     completion with --raw. --image FILE.png / --audio FILE.wav ask a multimodal model (taskmoe
     train modality) about a picture or a recording; its result names the modality expert that
-    took the question.
+    took the question. --mode summarizer|ensemble answers through the run's summarizer or with the
+    confidence-weighted mixture of the selected experts (default: the run's own mode).
     """
     if image is None and audio is None and is_backbone_dir(path):
         return generate_with_backbone(path, prompt, raw=raw, **_gen(max_new_tokens, temperature, seed))
@@ -78,7 +80,7 @@ def generate_text(
         return answer_with_media(path, prompt, image=image, audio=audio, **_gen(max_new_tokens, temperature, seed))
     if not (Path(path) / MANIFEST_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file():
         return generate_with_model(path, prompt, **_gen(max_new_tokens, temperature, seed))
-    system = load_system(path, max_experts=max_experts)
+    system = load_system(path, max_experts=max_experts, mode=mode)
     return system.generate(prompt, trace=trace, **_gen(max_new_tokens, temperature, seed))
 
 
@@ -141,12 +143,14 @@ def chat(
     temperature: Optional[float] = None,
     seed: Optional[int] = None,
     max_experts: Optional[int] = None,
+    mode: Optional[str] = None,
 ) -> dict[str, Any]:
     """Chat with a trained system on stdin; prints the routing of every turn (/exit or EOF ends).
 
     Each line you type is one user turn; the prompt holds the last --history exchanges in the
     corpus's dialogue format (A: you / B: the system). --trace prints the whole trace per turn.
-    PATH may be a backbone folder: turns are chat messages in its own chat template.
+    PATH may be a backbone folder: turns are chat messages in its own chat template. --mode
+    summarizer|ensemble as for `generate`.
     """
     from rich.console import Console
     from rich.text import Text
@@ -155,7 +159,7 @@ def chat(
     gen = _gen(max_new_tokens, temperature, seed)
     if is_backbone_dir(path):
         return _chat_backbone(path, history, gen, console)
-    system = load_system(path, max_experts=max_experts)
+    system = load_system(path, max_experts=max_experts, mode=mode)
     turns: list[tuple[str, str]] = []
     console.print(Text(f"taskmoe chat: {path} ({system.mode}; experts {', '.join(system.store.names)}). "
                        f"Type a message; {EXIT} or EOF ends."), style="dim")

@@ -88,8 +88,13 @@ def load_system(
     crosstalk: CrosstalkRunner | None = None,
     config: PipelineConfig | None = None,
     device: str = "cpu",
+    mode: str | None = None,
 ) -> System:
     """Load the trained system in run folder ``path`` (see the module docstring).
+
+    ``mode``: ``"summarizer"`` or ``"ensemble"`` (the confidence-weighted mixture of the selected
+    experts, no summarizer loaded); None = the run's own (summarizer when it has one). A run without
+    a summarizer cannot load in summarizer mode (ConfigError).
 
     ``max_experts`` / ``max_bytes`` bound the resident experts (LRU); ``crosstalk`` is the
     cross-talk runner to call when the router flags a pair (default: the run's trained
@@ -100,10 +105,15 @@ def load_system(
 
     res = load_manifest(path)
     m = res.manifest
+    if mode not in (None, "summarizer", "ensemble"):
+        raise ConfigError(f"mode must be 'summarizer' or 'ensemble', got {mode!r}")
+    if mode == "summarizer" and res.summarizer is None:
+        raise ConfigError(f"{res.run_dir}: this run has no summarizer, so it cannot load in summarizer mode")
     if m.meta.get("backbone"):  # experts are LoRA adapters of a pretrained backbone
         from taskmoe.inference.backbone_loader import load_backbone_system
 
-        return load_backbone_system(res, max_experts=max_experts, max_bytes=max_bytes, config=config, device=device)
+        return load_backbone_system(res, max_experts=max_experts, max_bytes=max_bytes, config=config, device=device,
+                                    summarizer=mode != "ensemble")
     mpath = res.run_dir / "taskmoe.json"
     try:
         tok = Tokenizer.load(res.tokenizer)
@@ -127,13 +137,13 @@ def load_system(
     for cat, name in expert_of.items():
         store.register(name, res.experts[router.categories.index(cat)])
     summarizer = intent = None
-    if res.summarizer is not None:
+    if res.summarizer is not None and mode != "ensemble":
         summarizer = _lm(res.summarizer, emb).to(device)
         for name, folder in res.adapters.items():
             load_adapter(summarizer, folder, name=name)
         if (res.summarizer / INTENT_DIR).is_dir():
             intent = IntentClassifier.load(res.summarizer / INTENT_DIR)
-    elif res.adapters:
+    elif res.adapters and res.summarizer is None:
         raise CheckpointError(f"{mpath}: adapters {sorted(res.adapters)} are listed but there is no summarizer")
     if config is None:
         raw: Any = m.meta.get("pipeline", {})
