@@ -47,7 +47,7 @@ from taskmoe.io import atomic_write_json, read_json
 from taskmoe.manifest import MANIFEST_FILE
 from taskmoe.models.config import ExpertLMConfig, LinearAttentionConfig
 from taskmoe.training.config import TrainConfig
-from taskmoe.training.recipes.quickstart_runner import STATE_FILE, _prepare_run, _Stages
+from taskmoe.training.recipes.quickstart_runner import _Stages
 
 __all__ = ["QuickstartConfig", "PRESETS", "QuickstartResult", "run_quickstart", "quickstart"]
 
@@ -198,18 +198,10 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
 
     console = Console(stderr=True, quiet=not progress)
     out = Path(out)
-    state_path = out / STATE_FILE
-    state = _prepare_run(out, cfg, preset, force)
-
-    def save() -> None:
-        atomic_write_json(state_path, state)
-
-    def say(msg: str) -> None:
-        console.print(msg, markup=False, highlight=False)
-
-    save()
     names = ["corpus", "tokenizer", "router", "experts", "summarizer", "calibrate", "samples", "report"]
-    st = _Stages(names, console, state, save)
+    st = _Stages.open(out, cfg, preset, force, names, console)
+    state, say = st.state, st.say
+
     torch.manual_seed(cfg.seed)
     ctx: dict[str, Any] = {}
 
@@ -328,7 +320,7 @@ def run_quickstart(out: Path, cfg: QuickstartConfig, *, preset: str = "custom", 
     st("report", lambda: (out / REPORT_FILE).is_file(), report_stage, always_after_change=True)
     report = ctx.get("report", out / REPORT_FILE)
     state["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    save()
+    st.save()
     return QuickstartResult(out, Path(report), st.rows, list(samples))
 
 

@@ -168,23 +168,13 @@ def run_backbone_quickstart(out: Path, cfg: BackboneQuickstartConfig, *, backbon
     from rich.console import Console
 
     from taskmoe.training.recipes.quickstart import QuickstartResult
-    from taskmoe.training.recipes.quickstart_runner import STATE_FILE, _prepare_run, _Stages
+    from taskmoe.training.recipes.quickstart_runner import _Stages
 
     console = Console(stderr=True, quiet=not progress)
     out = Path(out)
-    state = _prepare_run(out, cfg, preset, force)
-    state_path = out / STATE_FILE
-
-    def save() -> None:
-        atomic_write_json(state_path, state)
-
-    def say(msg: str) -> None:
-        console.print(msg, markup=False, highlight=False)
-
-    state["backbone"] = str(backbone_dir)
-    save()
     names = ["corpus", "backbone", "router", "experts", "summarizer", "evaluate", "samples", "report"]
-    st = _Stages(names, console, state, save)
+    st = _Stages.open(out, cfg, preset, force, names, console, backbone=str(backbone_dir))
+    state, say = st.state, st.say
     torch.manual_seed(cfg.seed)
     ctx: dict[str, Any] = {}
 
@@ -285,5 +275,5 @@ def run_backbone_quickstart(out: Path, cfg: BackboneQuickstartConfig, *, backbon
 
     st("report", lambda: (out / "report.md").is_file(), report_stage, always_after_change=True)
     state["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    save()
+    st.save()
     return QuickstartResult(out, out / "report.md", st.rows, list(samples))

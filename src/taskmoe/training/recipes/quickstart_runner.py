@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from taskmoe.config import Config
 from taskmoe.errors import ConfigError
-from taskmoe.io import read_json
+from taskmoe.io import atomic_write_json, read_json
 
 STATE_FILE = "quickstart.json"
 
@@ -27,6 +27,21 @@ class _Stages:
         self.names, self.console, self.state, self.save = names, console, state, save
         self.rows: list[dict[str, Any]] = []
         self.ran_any = False
+
+    @classmethod
+    def open(cls, out: Path, cfg: Config, preset: str, force: bool, names: list[str], console: Any,
+             **extra: Any) -> "_Stages":
+        """The runner of run folder ``out``: checked by :func:`_prepare_run`, ``extra`` added to its state,
+        the state saved (atomically, to ``quickstart.json``) now and after every stage."""
+        state = _prepare_run(out, cfg, preset, force)
+        state.update(extra)
+        st = cls(names, console, state, lambda: atomic_write_json(out / STATE_FILE, state))
+        st.save()
+        return st
+
+    def say(self, msg: str) -> None:
+        """One plain line on the console (no rich markup)."""
+        self.console.print(msg, markup=False, highlight=False)
 
     def __call__(self, name: str, done: Callable[[], bool], fn: Callable[[], str], *, always_after_change: bool = False,
                  changes: bool = True) -> None:
