@@ -78,15 +78,18 @@ class LMBackend:
 
     @classmethod
     def one_folder(cls, path: str | Path, load_model: Any, *, name: str | None = None,
-                   stop_ids: Sequence[int] | None = None, device: str | torch.device = "cpu") -> Any:
-        """One model folder read by ``load_model(path, device=...)``, with the tokenizer beside it
-        (:meth:`Tokenizer.beside`; a missing one is a :class:`CheckpointError`)."""
+                   stop_ids: Sequence[int] | None = None, device: str | torch.device = "cpu",
+                   tokenizer_of: Any = None) -> Any:
+        """One model folder read by ``load_model(path, device=...)``, with its tokenizer
+        ``tokenizer_of(path, model)`` (default: the one beside it, :meth:`Tokenizer.beside`); a missing
+        or unreadable tokenizer is a :class:`CheckpointError`."""
         path = Path(path)
+        model = load_model(path, device=device)
         try:
-            tok = Tokenizer.beside(path)
+            tok = tokenizer_of(path, model) if tokenizer_of is not None else Tokenizer.beside(path)
         except DataError as e:
             raise CheckpointError(str(e)) from e
-        return cls({name or path.name: load_model(path, device=device)}, tok, stop_ids=stop_ids, source=str(path))
+        return cls({name or path.name: model}, tok, stop_ids=stop_ids, source=str(path))
 
     @classmethod
     def from_backbone(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,

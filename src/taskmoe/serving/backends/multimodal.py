@@ -21,7 +21,6 @@ import torch
 
 from taskmoe.data.media_tasks import media_prompt
 from taskmoe.doe.modality.model import MediaInput, MultimodalLM, load_multimodal, model_tokenizer
-from taskmoe.errors import CheckpointError, DataError
 from taskmoe.inference.media import Broadcast, media_tensor, placeholder_of
 from taskmoe.serving.backend import Route
 from taskmoe.serving.backends.lm import LMBackend
@@ -51,13 +50,8 @@ class MultimodalBackend(LMBackend):
              device: str | torch.device = "cpu") -> "MultimodalBackend":
         """A multimodal folder with its tokenizer: its own or the one beside it, or for a model on an
         upcycled backbone the backbone's (chat requests then use its chat template)."""
-        path = Path(path)
-        model = load_multimodal(path, device=device)
-        try:
-            tok = model_tokenizer(path, model)
-        except DataError as e:
-            raise CheckpointError(str(e)) from e
-        return cls({name or path.name: model}, tok, stop_ids=stop_ids, source=str(path))
+        return cls.one_folder(path, load_multimodal, name=name, stop_ids=stop_ids, device=device,
+                              tokenizer_of=model_tokenizer)
 
     def encode_chat_media(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Messages whose last user turn has one image/audio part -> :class:`MediaIds`."""
