@@ -9,6 +9,7 @@ import torch
 from taskmoe.doe import DOEConfig, build_doe
 from taskmoe.doe.modality import (AudioEncoder, AudioEncoderConfig, ImageEncoder, ImageEncoderConfig, MediaInput,
                                   MultimodalLM, load_multimodal, modality_force, save_multimodal)
+from taskmoe.doe.modality.model import HeadAdapter
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.inference.generate import GenerationConfig, generate
@@ -162,6 +163,40 @@ def test_save_load_round_trip(tmp_path, mm: MultimodalLM) -> None:
 
     with pytest.raises(CheckpointError, match="holds a 'multimodal', expected 'doe'"):
         load_doe(tmp_path / "mm")
+
+
+def test_a_folder_saved_before_summary_from_loads_as_the_mean_summary(tmp_path) -> None:
+    """Encoder configs written before ``summary_from`` existed have no such key: they meant the mean summary."""
+    import json
+
+    mm = MultimodalLM(tiny_base())
+    mm.add_modality("image", ImageEncoder(ImageEncoderConfig(image_size=8, channels=8, summary_from="mean"), D),
+                    head_rank=4)
+    scramble(mm, bias=10.0)
+    ids, img = image_batch(2)
+    with torch.no_grad():
+        ref = mm(ids, media=[img]).logits
+    folder = save_multimodal(mm, tmp_path / "old")
+    cfg_file = folder / "config.json"
+    raw = json.loads(cfg_file.read_text())
+    del raw["config"]["modalities"]["image"]["encoder"]["summary_from"]
+    cfg_file.write_text(json.dumps(raw))
+    back = load_multimodal(folder)
+    assert back.encoders["image"].cfg.summary_from == "mean"
+    with torch.no_grad():
+        assert torch.equal(back(ids, media=[img]).logits, ref)
+
+
+def test_head_adapter_init_scale() -> None:
+    """``B`` ~ N(0, init^2 / r) and ``A`` ~ N(0, 1 / D); ``head_init`` of add_modality reaches it."""
+    torch.manual_seed(0)
+    for init in (0.1, 2.0):
+        h = HeadAdapter(64, 4096, 16, init)
+        assert abs(float(h.B.weight.detach().std()) / (init / 4) - 1) < 0.03 and abs(float(h.A.weight.detach().std()) * 8 - 1) < 0.05
+        assert torch.equal(h.B.bias, torch.zeros(4096))
+    mm = MultimodalLM(tiny_base())
+    mm.add_modality("image", ImageEncoder(ImageEncoderConfig(image_size=8, channels=8), D), head_rank=8, head_init=0.5)
+    assert abs(float(mm.heads["image"].B.weight.detach().std()) / (0.5 / 8 ** 0.5) - 1) < 0.1
 
 
 def test_generate_media_batched_equals_one_at_a_time(mm: MultimodalLM) -> None:

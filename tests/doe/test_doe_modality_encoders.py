@@ -1,26 +1,40 @@
-"""Modality encoders: the summary position, the gain-invariant log-mel, and augmentation that acts in training only."""
+"""Modality encoders: the summary position (flat or mean), the gain-invariant log-mel, and augmentation that acts in training only."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from taskmoe.doe.modality.encoders import (AudioEncoder, AudioEncoderConfig, ImageEncoder, ImageEncoderConfig,
                                            random_affine, random_delay, relative_log_mel, spec_masks)
+from taskmoe.errors import ConfigError
 from taskmoe.ops.spectrogram import log_mel
 
 
-def test_summary_is_the_last_position_and_pools_the_whole_map() -> None:
+def test_summary_is_the_last_position_flat_or_mean() -> None:
     torch.manual_seed(0)
     enc = ImageEncoder(ImageEncoderConfig(image_size=8, channels=8, grid=2), 16).eval()
     x = torch.rand(3, 8, 8)
     out = enc(x)
     assert out.shape == (3, 5, 16) and enc.n_positions == 5
     f = enc.features(x)
-    assert torch.allclose(out[:, -1], enc.proj(f.mean(dim=(2, 3)) + enc.pos[-1]), atol=1e-6)
+    patches = F.adaptive_avg_pool2d(f, 2).flatten(2).transpose(1, 2)  # (3, 4, 8)
+    assert enc.cfg.summary_from == "flat" and enc.flat.in_features == 4 * 8  # the image default
+    assert torch.allclose(out[:, -1], enc.proj(enc.flat(patches.flatten(1)) + enc.pos[-1]), atol=1e-6)
+    assert torch.allclose(out[:, :-1], enc.proj(patches + enc.pos[:-1]), atol=1e-6)
+    mean = ImageEncoder(ImageEncoderConfig(image_size=8, channels=8, grid=2, summary_from="mean"), 16).eval()
+    assert not hasattr(mean, "flat")
+    assert torch.allclose(mean(x)[:, -1], mean.proj(mean.features(x).mean(dim=(2, 3)) + mean.pos[-1]), atol=1e-6)
     plain = ImageEncoder(ImageEncoderConfig(image_size=8, channels=8, grid=2, summary=False), 16)
-    assert plain(x).shape == (3, 4, 16)
+    assert plain(x).shape == (3, 4, 16) and not hasattr(plain, "flat")
     audio = AudioEncoder(AudioEncoderConfig(clip_seconds=0.25, channels=8, n_mels=16, segments=3), 16).eval()
-    assert audio(torch.randn(2, 2000) * 0.1).shape == (2, 4, 16) and audio.n_positions == 4
+    assert audio.cfg.summary_from == "mean" and audio(torch.randn(2, 2000) * 0.1).shape == (2, 4, 16)
+    flat_audio = AudioEncoder(AudioEncoderConfig(clip_seconds=0.25, channels=8, n_mels=16, segments=3,
+                                                 summary_from="flat"), 16).eval()
+    assert flat_audio(torch.randn(2, 2000) * 0.1).shape == (2, 4, 16) and flat_audio.flat.in_features == 3 * 8
+    with pytest.raises(ConfigError, match=r"ImageEncoderConfig.summary_from must be one of \['mean', 'flat'\]"):
+        ImageEncoderConfig(summary_from="max")
 
 
 def test_augmentation_only_in_training_and_identity_at_zero_strength() -> None:

@@ -35,10 +35,15 @@ Design choices:
   starts *accepting* (``b = logit(tau) + 1``, ``w = 0``): the guard already confines it to its
   medium, and training then teaches ``w`` to reject text as well (reported as "gate alone").
 - **Plus a head adapter of their own** (:class:`HeadAdapter`, LoRA-style on the tied output head,
-  ``logits += B(A(h))``), applied only to the rows the modality expert serves. ``B`` starts small
-  and random, not zero as in LoRA: there is no function to preserve on rows that never existed, and
-  a zero ``B`` left the encoder without a gradient through the adapter until ``B`` grew (+1.3
-  points on MNIST at 600 steps). A small text model's frozen tied head cannot make a rare token likely: in a 300-step
+  ``logits += B(A(h))``), applied only to the rows the modality expert serves. ``B`` starts random
+  at full scale (``std = init / sqrt(r)``, ``init`` = 2 by default; ``delta`` then has logit-sized
+  entries), not zero or small as in LoRA: there is no function to preserve on rows that never
+  existed, and the gradient that reaches the hidden states (hence the encoder) is
+  ``(E + B A)^T (p - y)``, which with a small ``B`` is mostly the frozen tied head ``E``'s, whose
+  digit rows barely differ. Measured on MNIST at 300 steps (2000 test images, 2-core box): ``init``
+  0.1 -> 67.2%, 0.5 -> 71.1%, 1 -> 83.8%, 2 -> 87.7%, 4 -> 85.2% (``summary_from='mean'``); at 0.1 a
+  linear probe of the final hidden state beat the generated answer by 20 points, so the readout,
+  not the features, lagged. A small text model's frozen tied head cannot make a rare token likely: in a 300-step
   base the best-aligned final hidden state gives ``"7"`` a log-probability of -7.7, so an answer
   "7" is out of reach for any MLP change alone (training plateaued at 49% on the 8x8 digits).
   Text rows never reach an adapter, so this keeps text logits bit-identical too.
@@ -140,16 +145,21 @@ def spliced(embedding: nn.Module, media: Sequence[MediaInput], vectors: Sequence
         handle.remove()
 
 
-class HeadAdapter(nn.Module):
-    """``delta(h) = B(A(h))`` (D -> r -> V, ``B`` ~ N(0, 0.01 / r), with a zero bias over the vocabulary)."""
+HEAD_INIT = 2.0
+"""Default ``init`` of :class:`HeadAdapter` (``B``'s std times ``sqrt(rank)``; module docstring)."""
 
-    def __init__(self, d_model: int, vocab_size: int, rank: int) -> None:
+
+class HeadAdapter(nn.Module):
+    """``delta(h) = B(A(h))`` (D -> r -> V; ``A`` ~ N(0, 1 / D), ``B`` ~ N(0, init^2 / r), a zero bias over
+    the vocabulary)."""
+
+    def __init__(self, d_model: int, vocab_size: int, rank: int, init: float = HEAD_INIT) -> None:
         super().__init__()
         self.rank = rank
         self.A = nn.Linear(d_model, rank, bias=False)
         self.B = nn.Linear(rank, vocab_size)
         nn.init.normal_(self.A.weight, std=d_model ** -0.5)
-        nn.init.normal_(self.B.weight, std=0.1 * rank ** -0.5)
+        nn.init.normal_(self.B.weight, std=init * rank ** -0.5)
         nn.init.zeros_(self.B.bias)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -245,11 +255,12 @@ class MultimodalLM(nn.Module):
 
     # -- adding a modality ------------------------------------------------------------------
     def add_modality(self, modality: str, encoder: nn.Module, *, expert: str | None = None,
-                     init_from: str | None = None, head_rank: int = 32, kind: str = "lora") -> str:
+                     init_from: str | None = None, head_rank: int = 32, kind: str = "lora",
+                     head_init: float = HEAD_INIT) -> str:
         """Add ``encoder``, a new expert (default name: the modality) and its head adapter (``head_rank``
-        0 = none) to the base model; returns the expert's name. On a from-scratch base the expert is a
-        copy of text expert ``init_from``; on an upcycled backbone it is a backbone expert of ``kind``
-        (``lora`` or ``copy`` of the backbone's MLPs)."""
+        0 = none; ``B``'s init scale ``head_init``) to the base model; returns the expert's name. On a
+        from-scratch base the expert is a copy of text expert ``init_from``; on an upcycled backbone it
+        is a backbone expert of ``kind`` (``lora`` or ``copy`` of the backbone's MLPs)."""
         if modality in self.experts:
             raise ConfigError(f"MultimodalLM: modality {modality!r} already present (expert {self.experts[modality]!r})")
         name = expert or modality
@@ -263,7 +274,7 @@ class MultimodalLM(nn.Module):
         dev = self.base.embedding.weight.device
         self.encoders[modality] = encoder.to(dev)
         if head_rank > 0:
-            self.heads[modality] = HeadAdapter(self.d_model, self.vocab_size, head_rank).to(dev)
+            self.heads[modality] = HeadAdapter(self.d_model, self.vocab_size, head_rank, head_init).to(dev)
         self.experts[modality] = name
         return name
 
@@ -310,7 +321,9 @@ def load_multimodal(folder: str | Path, *, device: str | torch.device = "cpu") -
     base_cfg = DOEConfig.from_dict(comp.config["base"], source=f"{source}.base")
     base = build_doe(base_cfg) if base_cfg.backbone is None else backbone_base(base_cfg, f"{source}.base", device=device)
     try:
-        encoders = {m: build_encoder(m, spec["encoder"], base.d_model) for m, spec in mods.items()}
+        # folders written before ``summary_from`` existed used the mean summary
+        encoders = {m: build_encoder(m, {"summary_from": "mean", **spec["encoder"]}, base.d_model)
+                    for m, spec in mods.items()}
         experts = {m: spec["expert"] for m, spec in mods.items()}
         heads = {m: HeadAdapter(base.d_model, base.vocab_size, int(spec["head_rank"]))
                  for m, spec in mods.items() if int(spec.get("head_rank", 0)) > 0}

@@ -39,7 +39,7 @@ from taskmoe.doe.model import load_doe
 from taskmoe.doe.upcycle import upcycle_config, upcycle_model
 from taskmoe.models.backbones import is_backbone_dir, load_backbone, read_backbone_config
 from taskmoe.doe.modality import MediaInput, MultimodalLM, build_encoder, load_multimodal, save_multimodal
-from taskmoe.doe.modality.model import model_tokenizer
+from taskmoe.doe.modality.model import HEAD_INIT, model_tokenizer
 from taskmoe.doe.modality.model import KIND as MM_KIND
 from taskmoe.errors import ConfigError
 from taskmoe.eval.modality import answer_accuracy, routing_shares
@@ -68,6 +68,8 @@ class ModalityTrainConfig(Config):
     expert_kind: str = doc("lora", "on an upcycled backbone: 'lora' (its MLPs + a LoRA update) or 'copy' (full copies)")
     head_rank: int = doc(-1, "rank of the new expert's head adapter; -1 = 32 on a from-scratch base, 0 (none) on a "
                              "pretrained backbone, whose head already writes digits and words")
+    head_init: float = doc(HEAD_INIT, "init scale of the head adapter's B (std = head_init / sqrt(head_rank)); see "
+                                "taskmoe.doe.modality.model.HeadAdapter")
     channels: int = doc(0, "encoder trunk channels (0 = the encoder's default: 64 image, 96 audio)")
     negatives: int = doc(512, "text prompts of the default corpus used as the new gate's negatives")
     negative_len: int = doc(32, "tokens per text prompt (the DOE recipe's prompt_len)")
@@ -86,6 +88,7 @@ class ModalityTrainConfig(Config):
         check(self.expert_kind in ("lora", "copy") and self.head_rank >= -1 and self.channels >= 0,
               f"ModalityTrainConfig: expert_kind 'lora'/'copy', head_rank >= -1, channels >= 0 needed, got "
               f"{self.expert_kind!r}, {self.head_rank}, {self.channels}")
+        check(self.head_init > 0, f"ModalityTrainConfig.head_init must be > 0, got {self.head_init}")
 
 
 class ModalityObjective(nn.Module):
@@ -181,7 +184,7 @@ def setup(cfg: ModalityTrainConfig) -> Setup:
     head_rank = cfg.head_rank if cfg.head_rank >= 0 else (0 if model.upcycled else 32)
     model.add_modality(cfg.kind, build_encoder(cfg.kind, enc_cfg, model.d_model), kind=cfg.expert_kind,
                        init_from=cfg.init_from or next(n for n in names if n not in model.experts.values()),
-                       head_rank=head_rank)
+                       head_rank=head_rank, head_init=cfg.head_init)
     model.freeze_except(cfg.kind)
     x_tr, y_tr = media_split(cfg, model, "train")
     x_te, y_te = media_split(cfg, model, "test")
@@ -222,8 +225,8 @@ def cleanup(s: Setup, cfg: ModalityTrainConfig, res: TrainResult, seconds: float
 
 # ------------------------------------------------------------------------------------ CLI
 FLAGS: dict[str, FlagPaths] = {k: k for k in ("kind", "base", "out", "data", "max_train", "max_test", "init_from",
-                                              "expert_kind", "head_rank", "channels", "steps", "batch_size", "lr", "seed",
-                                              "progress")}
+                                              "expert_kind", "head_rank", "head_init", "channels", "steps", "batch_size",
+                                              "lr", "seed", "progress")}
 """``train modality`` flag -> the config field it sets."""
 
 
