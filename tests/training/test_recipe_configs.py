@@ -174,10 +174,11 @@ def test_modality_config_file_and_sets_reach_the_run(tmp_path, monkeypatch) -> N
     path = tmp_path / "m.json"
     ModalityTrainConfig(kind="audio", steps=5).save(path)
     with pytest.raises(RuntimeError, match="stop"):
-        modality.train_modality(config=path, lr=1e-2, head_init=0.5, set=["gate_weight=0.5"], progress=False)
+        modality.train_modality(config=path, lr=1e-2, head_init=0.5, set=["gate_weight=0.5", "min_lr_ratio=0"],
+                                 progress=False)
     cfg = seen["cfg"]
     assert (cfg.kind, cfg.steps, cfg.lr, cfg.gate_weight, cfg.progress) == ("audio", 5, 1e-2, 0.5, False)
-    assert cfg.head_init == 0.5
-    with pytest.raises(ConfigError, match="head_init must be > 0"):
+    assert cfg.head_init == 0.5 and cfg.min_lr_ratio == 0.0
+    with pytest.raises(ConfigError, match="head_init > 0 and 0 <= min_lr_ratio <= 1 needed"):
         ModalityTrainConfig(head_init=0.0)
     assert cfg.base == ModalityTrainConfig().base

