@@ -138,3 +138,28 @@ def test_backbone_system_loads_in_int4_and_answers(tmp_path: Path) -> None:
     assert isinstance(model.blocks[0].mixer.k_proj, Int4Linear)
     with pytest.raises(ConfigError, match="weights must be one of"):
         load_system(tmp_path / "run", weights="int3")
+
+
+@pytest.mark.slow
+def test_real_smollm2_projections_are_on_a_4bit_grid_and_int4_answers(tmp_path: Path) -> None:
+    """SmolLM2 ships as GGUF Q4_1: every projection comes back exactly from its 4-bit codes."""
+    from taskmoe.errors import CheckpointError
+    from taskmoe.inference.generate import GenerationConfig, generate
+    from taskmoe.models.backbones import import_backbone, load_backbone
+    from taskmoe.models.backbones.load import default_source
+    from taskmoe.ops.int4 import dequantize_int4, quantize_int4
+
+    try:
+        source = default_source()
+    except CheckpointError as e:
+        pytest.skip(f"real backbone not installed: {e}")
+    out = tmp_path / "smollm2"
+    import_backbone(source, out=out)
+    model, tok = load_backbone(out)
+    for name, p in model.blocks.named_parameters():
+        if p.dim() == 2:
+            assert torch.equal(dequantize_int4(*quantize_int4(p, 32)), p), name
+    q, _ = load_backbone(out, weights="int4")
+    ids = tok.encode_chat([{"role": "user", "content": "What is a software license?"}])
+    answer = generate(q, [ids], GenerationConfig(max_new_tokens=24, temperature=0.0, stop_tokens=[tok.eos_id]))[0]
+    assert "license" in tok.decode(answer).lower()

@@ -194,7 +194,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base[0](x)  # the wrapped layer's own forward (keeps e.g. taskmoe Linear's decode path)
         if self.rows is not None:  # per-row adapters (taskmoe.layers.multi_lora): the base once + segments
-            return y + self.rows.delta(self, x)
+            return self.rows.apply(self, x, y)
         if self.merged is not None:
             if self.row_mask is not None:
                 raise ConfigError("a row mask cannot be used while the adapter is merged; unmerge first")

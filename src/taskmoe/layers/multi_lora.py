@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from taskmoe.errors import ConfigError
 from taskmoe.layers.lora import LoRALinear, adapter_names, lora_layers
-from taskmoe.ops.segmented_lora import batched_lora, plan_batches, plan_segments, segmented_lora, stack_adapters
+from taskmoe.ops.segmented_lora import (batched_lora, gather_rows, plan_batches, plan_segments, segmented_lora,
+                                        stack_adapters)
 
 __all__ = ["RowAdapters", "row_adapters", "use_row_adapters", "set_row_adapters"]
 
@@ -40,12 +41,21 @@ class RowAdapters:
         self.ids = ids
         self._plan = None  # the segmented form's (training)
         self._batch_plan = None  # the batched form's (no gradients)
+        self._gathered: tuple[Tensor, Tensor] | None = None  # the last input and its gathered rows
 
     @property
     def plan(self):
         if self._plan is None:
             self._plan = plan_segments(self.ids, len(self.names))
         return self._plan
+
+    def apply(self, layer: LoRALinear, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` (the base output of ``x``) plus each row's low-rank update of ``layer``."""
+        if layer.merged is not None:
+            raise ConfigError("per-row adapters cannot run on a merged LoRA layer; unmerge first")
+        if not torch.is_grad_enabled():
+            return self._batched(layer, x, y)
+        return y + self.delta(layer, x)
 
     def delta(self, layer: LoRALinear, x: Tensor) -> Tensor:
         """The low-rank updates of ``layer`` for rows ``x`` (B, ..., in) -> (B, ..., out)."""
@@ -71,14 +81,16 @@ class RowAdapters:
             self._batch_plan = plan_batches(self.ids, len(self.names))
         return self._batch_plan
 
-    def _batched(self, layer: LoRALinear, x: Tensor) -> Tensor:
+    def _batched(self, layer: LoRALinear, x: Tensor, y: Tensor | None = None) -> Tensor:
         cache = getattr(layer, "_stack_cache", None)
         if cache is None or cache[0] != (self.names, x.dtype) or any(p._version != v for p, v in cache[1]):
             cache = self._stack(layer, x.dtype)
             layer._stack_cache = cache
         if cache[2] is None:  # the layer carries none of these adapters
-            return x.new_zeros(*x.shape[:-1], layer.out_features)
-        return batched_lora(x, cache[2], cache[3], self.batch_plan)
+            return x.new_zeros(*x.shape[:-1], layer.out_features) if y is None else y
+        if self._gathered is None or self._gathered[0] is not x:  # q/k/v (and gate/up) read the same x: gather once
+            self._gathered = (x, gather_rows(x, self.batch_plan))
+        return batched_lora(x, cache[2], cache[3], self.batch_plan, xs=self._gathered[1], base=y)
 
     def _stack(self, layer: LoRALinear, dtype: torch.dtype) -> tuple:
         """(key, [(param, version)], A_stack, B_stack) of ``layer`` for these names; checked by version each call

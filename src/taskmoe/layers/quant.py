@@ -62,12 +62,11 @@ def _divisible(layer: nn.Linear, group_size: int) -> bool:
     return layer.in_features % group_size == 0
 
 
-def quantize_linears(module: nn.Module, group_size: int = 32, *, skip: tuple[str, ...] = ()) -> list[str]:
+def quantize_linears(module: nn.Module, group_size: int = 32) -> list[str]:
     """Replace every ``nn.Linear`` under ``module`` (and every LoRA layer's base) with an :class:`Int4Linear`.
 
-    ``skip`` lists name prefixes to leave in float (e.g. an untied head). A layer whose weight is
-    shared with another module (a tied head) or whose in_features ``group_size`` does not divide
-    stays float. Returns the names quantized. Raises ConfigError on a merged LoRA layer (its
+    A layer whose weight is shared with another module (a tied head) or whose in_features
+    ``group_size`` does not divide stays float. Returns the names quantized. Raises ConfigError on a merged LoRA layer (its
     weight holds an adapter, so quantizing it would bake that adapter into the base).
     """
     from taskmoe.layers.lora_linear import LoRALinear
@@ -78,7 +77,7 @@ def quantize_linears(module: nn.Module, group_size: int = 32, *, skip: tuple[str
             counts[id(p)] = counts.get(id(p), 0) + 1
     done: list[str] = []
     for name, mod in list(module.named_modules()):
-        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+        if not name:
             continue
         if isinstance(mod, LoRALinear):
             base = mod.unwrap_base()

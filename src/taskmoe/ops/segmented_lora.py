@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["SegmentPlan", "plan_segments", "segmented_lora", "segmented_lora_ref",
-           "BatchPlan", "plan_batches", "batched_lora", "stack_adapters"]
+           "BatchPlan", "plan_batches", "gather_rows", "batched_lora", "stack_adapters"]
 
 LowRank = tuple[Tensor, Tensor, float] | None
 """(A (r, in), B (out, r), scale) of one adapter on one layer, or None where the layer lacks it."""
@@ -104,6 +104,8 @@ class BatchPlan:
     n_adapters: int
     length: int
     n_rows: int
+    padded: bool = False  # some slot is padding (gather holds index N)
+    unassigned: bool = False  # some row has no adapter (scatter holds index K * L)
 
 
 def plan_batches(ids: Tensor, n_adapters: int) -> BatchPlan:
@@ -124,7 +126,8 @@ def plan_batches(ids: Tensor, n_adapters: int) -> BatchPlan:
             gather[k, fill[k]] = i
             scatter[i] = k * max(length, 1) + fill[k]
             fill[k] += 1
-    return BatchPlan(gather.reshape(-1), scatter, n_adapters, max(length, 1), n)
+    return BatchPlan(gather.reshape(-1), scatter, n_adapters, max(length, 1), n, padded=bool((gather == n).any()),
+                     unassigned=bool((ids < 0).any()))
 
 
 def stack_adapters(adapters: Sequence[LowRank], in_features: int, out_features: int,
@@ -142,20 +145,34 @@ def stack_adapters(adapters: Sequence[LowRank], in_features: int, out_features: 
     return a_stack, b_stack
 
 
-def batched_lora(x: Tensor, a_stack: Tensor, b_stack: Tensor, plan: BatchPlan) -> Tensor:
-    """``delta`` (N, ..., out) for rows ``x`` (N, ..., in) in their original order (see the module docstring)."""
+def gather_rows(x: Tensor, plan: BatchPlan) -> Tensor:
+    """``x`` (N, ..., in) laid out as the plan's K * L slots (x itself when no gather is needed)."""
     if x.shape[0] != plan.n_rows:
         raise ValueError(f"batched_lora: the plan is for {plan.n_rows} rows, x has {x.shape[0]}")
-    k, length, inner = plan.n_adapters, plan.length, x.shape[1:-1]
     if plan.gather is None:
-        xs = x
-    else:
-        xs = torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, plan.gather.to(x.device))
+        return x
+    src = torch.cat([x, x.new_zeros(1, *x.shape[1:])]) if plan.padded else x  # a zero row only for padding
+    return src.index_select(0, plan.gather.to(x.device))
+
+
+def batched_lora(x: Tensor, a_stack: Tensor, b_stack: Tensor, plan: BatchPlan, *, xs: Tensor | None = None,
+                 base: Tensor | None = None) -> Tensor:
+    """``delta`` (N, ..., out) for rows ``x`` (N, ..., in) in their original order (see the module docstring);
+    with ``base`` (N, ..., out), ``base + delta`` (one fused ``baddbmm`` when no scatter is needed).
+
+    ``xs``: :func:`gather_rows` of ``x`` when the caller already has it (layers that share an input)."""
+    xs = gather_rows(x, plan) if xs is None else xs
+    k, length, inner = plan.n_adapters, plan.length, x.shape[1:-1]
     h = torch.bmm(xs.reshape(k, -1, x.shape[-1]), a_stack)  # (K, L * T, r)
+    if plan.scatter is None and base is not None:
+        return torch.baddbmm(base.reshape(k, -1, b_stack.shape[-1]), h, b_stack).reshape(base.shape)
     out = torch.bmm(h, b_stack).reshape(k * length, *inner, b_stack.shape[-1])  # (K * L, ..., out)
     if plan.scatter is None:
         return out
-    return torch.cat([out, out.new_zeros(1, *out.shape[1:])]).index_select(0, plan.scatter.to(x.device))
+    if plan.unassigned:  # rows without an adapter read an appended zero row
+        out = torch.cat([out, out.new_zeros(1, *out.shape[1:])])
+    delta = out.index_select(0, plan.scatter.to(x.device))
+    return delta if base is None else base + delta
 
 
 def segmented_lora_ref(x: Tensor, adapters: Sequence[LowRank], ids: Tensor, out_features: int) -> Tensor:
