@@ -17,7 +17,8 @@ Throughput is end-to-end generation (prefill + decode) in new tokens per second.
    adapters loaded from our PEFT files.
 
 4. **4-bit weights** (``weights="int4"``, :mod:`taskmoe.models.quantize`): the same folder with the block
-   projections back on the GGUF file's own Q4_1 grid (group 32) and a bfloat16 head, through the same
+   projections back on the GGUF file's own Q4_1 grid (group 32; a bfloat16 copy of those values for
+   prefill) and a bfloat16 head, through the same
    generate call, vs the same transformers float32 baseline (transformers runs the GGUF file by
    dequantizing it to float32, which is what the first row measures); its greedy tokens vs our float32
    ones; held-out perplexity on default-corpus windows, float32 vs int4; its bandwidth fraction (its
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     quantize_lm(q)
     n_params = sum(p.numel() for p in model.parameters())
     bw = bandwidth_gbs()
+    hf16 = AutoModelForCausalLM.from_pretrained(str(args.backbone), use_safetensors=True, dtype=torch.bfloat16).eval()
     rounds = 1 if args.quick else 2
     for b in (1, 16):
         ps, outs = prompts[:b], {}
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         tps = interleaved({"ours": timed("ours", lambda: ours_tps(model, ps, n)),
                            "hf": timed("hf", lambda: hf_tps(hf, ps, n, tok.pad_id)),
-                           "int4": timed("int4", lambda: ours_tps(q, ps, n))}, rounds)
+                           "int4": timed("int4", lambda: ours_tps(q, ps, n)),
+                           "hf bf16": timed("hf bf16", lambda: hf_tps(hf16, ps, n, tok.pad_id))}, rounds)
         base[b] = tps["ours"]
         rows.append({"comparison": f"base backbone, batch {b}", "ours tok/s": tps["ours"],
                      "baseline": "transformers generate", "baseline tok/s": tps["hf"],
@@ -236,7 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "ratio": f"{tps['int4'] / tps['hf']:.2f}x",
                      "same tokens": f"{agree(outs['int4'], outs['ours'])} vs our float32; "
                                     f"{token_agreement(outs['int4'], outs['ours'])}"})
-        print(rows[-2], rows[-1], sep="\n", flush=True)
+        rows.append({"comparison": f"base backbone in 4 bits (int4 weights, bf16 head), batch {b}",
+                     "ours tok/s": tps["int4"], "baseline": "transformers generate (bfloat16 weights)",
+                     "baseline tok/s": tps["hf bf16"], "ratio": f"{tps['int4'] / tps['hf bf16']:.2f}x",
+                     "same tokens": f"{agree(outs['hf bf16'], outs['ours'])} (transformers bf16 vs our float32)"})
+        print(*rows[-3:], sep="\n", flush=True)
     steps1 = 8 if args.quick else 24
     for label, m in (("float32", model), ("int4", q)):
         ms1 = step_ms(m, prompts[:1], steps1)
@@ -333,10 +340,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(r, flush=True)
     body = (
         f"Backbone `{args.backbone}` ({n_params / 1e6:.0f}M params, float32, and the same folder loaded with "
-        f"weights='int4': block projections on GGUF Q4_1's grid, bfloat16 head); "
+        f"weights='int4': block projections on GGUF Q4_1's grid through the int4 kernel for up to 32 rows and a "
+        f"bfloat16 copy of the same values above (prefill), bfloat16 head); "
         f"{n} new tokens per row, greedy, no stop token; chat-template prompts of different lengths; "
         f"tokens/s = rows x new tokens / wall time of the whole generate call (prefill included), "
-        f"median of {1 if args.quick else 2} rounds run in turn (ours, transformers, ours int4). "
+        f"median of {1 if args.quick else 2} rounds run in turn (ours, transformers, ours int4, transformers "
+        f"bfloat16). "
         f"Adapters: 4 x LoRA r 16 on q,k,v,o,gate,up,down (random B). "
         f"Machine: {load}; ratios within one run are comparable.\n\n{md_table(rows, ['comparison', 'ours tok/s', 'baseline', 'baseline tok/s', 'ratio', 'same tokens'])}\n\n"
         f"Decode steps alone (median ms of one step after prefill, the four measured in turn, "

@@ -163,3 +163,18 @@ def test_real_smollm2_projections_are_on_a_4bit_grid_and_int4_answers(tmp_path: 
     ids = tok.encode_chat([{"role": "user", "content": "What is a software license?"}])
     answer = generate(q, [ids], GenerationConfig(max_new_tokens=24, temperature=0.0, stop_tokens=[tok.eos_id]))[0]
     assert "license" in tok.decode(answer).lower()
+
+
+def test_prefill_copy_serves_long_inputs_and_agrees_with_the_kernel() -> None:
+    lin = nn.Linear(64, 48)
+    dense = Int4Linear.from_linear(lin, 32, dense=True, dense_above=32)
+    plain = Int4Linear.from_linear(lin, 32)
+    assert dense.dense is not None and dense.dense.dtype == torch.bfloat16 and plain.dense is None
+    x = torch.randn(4, 20, 64)  # 80 rows: the bfloat16 copy
+    torch.testing.assert_close(dense(x), plain(x), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dense(x[:1, :3]), plain(x[:1, :3]))  # 3 rows: the same int4 kernel
+    q = tiny()
+    quantize_lm(q, prefill="int4")
+    assert q.blocks[0].mlp.up_proj.dense is None
+    with pytest.raises(ConfigError, match="prefill format"):
+        quantize_lm(tiny(), prefill="fp8")

@@ -10,7 +10,10 @@ float32 on top) and gives the output head the precision ``head`` names:
 - ``"fp32"``: the head untouched.
 
 Batch-1 decoding reads every weight once per token, so it is bound by weight bytes: for
-SmolLM2-135M that is 538 MB per token in float32 and about 90 MB here. Embeddings, norms, the
+SmolLM2-135M that is 538 MB per token in float32 and about 123 MB here (4-bit blocks, bf16 head).
+Prefill is compute-bound instead, so by default each quantized layer also keeps a bfloat16 copy of
+its 4-bit values for inputs of many rows (``prefill="bf16"``; memory: 0.5 + 2 bytes per weight,
+still below float32's 4). Embeddings, norms, the
 residual stream and the KV cache stay float32; each quantized matmul rounds its input to bfloat16.
 The model is for inference only (no float weights, no gradients); :data:`WEIGHT_FORMATS` names
 the accepted formats for ``taskmoe.load(..., weights=...)`` and the ``--weights`` flags.
@@ -42,19 +45,23 @@ class BF16Head(nn.Module):
         return F.linear(hidden.to(torch.bfloat16), self.weight_bf16).to(hidden.dtype)
 
 
-def quantize_lm(model: nn.Module, *, group_size: int = 32, head: str = "bf16") -> list[str]:
+def quantize_lm(model: nn.Module, *, group_size: int = 32, head: str = "bf16", prefill: str = "bf16") -> list[str]:
     """Quantize ``model``'s block projections to int4 in place and set the head's precision; return the names changed.
 
     ``model`` is a :class:`~taskmoe.models.CausalLM` (anything with ``blocks``, ``embedding``, ``lm_head``).
+    ``prefill="bf16"`` (default) keeps a bfloat16 copy of each quantized weight for inputs of many rows
+    (prefill, large batches); ``"int4"`` runs every input through the int4 kernel (the least memory).
     The model is put in eval mode; calling it again is a no-op for layers already quantized.
     """
+    if prefill not in ("bf16", "int4"):
+        raise ConfigError(f"prefill format must be 'bf16' or 'int4', got {prefill!r}")
     if head not in HEAD_FORMATS:
         raise ConfigError(f"head format must be one of {HEAD_FORMATS}, got {head!r}")
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ConfigError(f"quantize_lm needs a CausalLM-like model with blocks, got {type(model).__name__}")
     model.eval()
-    done = [f"blocks.{n}" for n in quantize_linears(blocks, group_size)]
+    done = [f"blocks.{n}" for n in quantize_linears(blocks, group_size, dense=prefill == "bf16")]
     if head != "fp32" and not isinstance(model.lm_head, (BF16Head, Int4Linear)):
         w = model.embedding.weight if model.lm_head is None else model.lm_head.weight
         if head == "bf16":
