@@ -18,7 +18,7 @@ Throughput is end-to-end generation (prefill + decode) in new tokens per second.
 
 4. **4-bit weights** (``weights="int4"``, :mod:`taskmoe.models.quantize`): the same folder with the block
    projections back on the GGUF file's own Q4_1 grid (group 32; a bfloat16 copy of those values for
-   prefill) and a bfloat16 head, through the same
+   prefill) and a per-row int8 head, through the same
    generate call, vs the same transformers float32 baseline (transformers runs the GGUF file by
    dequantizing it to float32, which is what the first row measures); its greedy tokens vs our float32
    ones; held-out perplexity on default-corpus windows, float32 vs int4; its bandwidth fraction (its
@@ -234,12 +234,12 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"comparison": f"base backbone, batch {b}", "ours tok/s": tps["ours"],
                      "baseline": "transformers generate", "baseline tok/s": tps["hf"],
                      "ratio": f"{tps['ours'] / tps['hf']:.2f}x", "same tokens": agree(outs["ours"], outs["hf"])})
-        rows.append({"comparison": f"base backbone in 4 bits (int4 weights, bf16 head), batch {b}",
+        rows.append({"comparison": f"base backbone in 4 bits (int4 weights, int8 head), batch {b}",
                      "ours tok/s": tps["int4"], "baseline": "transformers generate (float32)", "baseline tok/s": tps["hf"],
                      "ratio": f"{tps['int4'] / tps['hf']:.2f}x",
                      "same tokens": f"{agree(outs['int4'], outs['ours'])} vs our float32; "
                                     f"{token_agreement(outs['int4'], outs['ours'])}"})
-        rows.append({"comparison": f"base backbone in 4 bits (int4 weights, bf16 head), batch {b}",
+        rows.append({"comparison": f"base backbone in 4 bits (int4 weights, int8 head), batch {b}",
                      "ours tok/s": tps["int4"], "baseline": "transformers generate (bfloat16 weights)",
                      "baseline tok/s": tps["hf bf16"], "ratio": f"{tps['int4'] / tps['hf bf16']:.2f}x",
                      "same tokens": f"{agree(outs['hf bf16'], outs['ours'])} (transformers bf16 vs our float32)"})
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     body = (
         f"Backbone `{args.backbone}` ({n_params / 1e6:.0f}M params, float32, and the same folder loaded with "
         f"weights='int4': block projections on GGUF Q4_1's grid through the int4 kernel for up to 32 rows and a "
-        f"bfloat16 copy of the same values above (prefill), bfloat16 head); "
+        f"bfloat16 copy of the same values above (prefill), per-row int8 head); "
         f"{n} new tokens per row, greedy, no stop token; chat-template prompts of different lengths; "
         f"tokens/s = rows x new tokens / wall time of the whole generate call (prefill included), "
         f"median of {1 if args.quick else 2} rounds run in turn (ours, transformers, ours int4, transformers "

@@ -16,7 +16,7 @@ from backbone_helpers import backbone_experts_run, hf_config  # noqa: E402
 from taskmoe.errors import ConfigError  # noqa: E402
 from taskmoe.layers.lora import inject, set_adapter  # noqa: E402
 from taskmoe.layers.multi_lora import use_row_adapters  # noqa: E402
-from taskmoe.layers.quant import Int4Linear, quantize_linears  # noqa: E402
+from taskmoe.layers.quant import Int4Linear, Int8Linear, quantize_linears  # noqa: E402
 from taskmoe.models.backbones.config import LlamaConfig  # noqa: E402
 from taskmoe.models.backbones.llama import llama_lm  # noqa: E402
 from taskmoe.models.quantize import BF16Head, quantize_lm  # noqa: E402
@@ -40,7 +40,7 @@ def test_quantized_model_stays_close_and_decodes_like_its_full_forward() -> None
         ref = model(ids).logits
         q = copy.deepcopy(model)
         names = quantize_lm(q)
-        assert "lm_head" in names and isinstance(q.lm_head, BF16Head)
+        assert "lm_head" in names and isinstance(q.lm_head, Int8Linear)
         assert isinstance(q.blocks[0].mixer.q_proj, Int4Linear) and isinstance(q.blocks[1].mlp.down_proj, Int4Linear)
         assert q.embedding.weight.dtype == torch.float32  # the input embedding is untouched
         full = q(ids).logits
@@ -73,12 +73,12 @@ def test_a_model_already_on_the_4bit_grid_loses_only_rounding() -> None:
 
 
 def test_head_formats_and_errors() -> None:
-    for head, kind in (("int4", Int4Linear), ("fp32", type(None))):
+    for head, kind in (("int4", Int4Linear), ("bf16", BF16Head), ("fp32", type(None))):
         q = tiny()
         quantize_lm(q, head=head)
         assert isinstance(q.lm_head, kind)
     with pytest.raises(ConfigError, match="head format"):
-        quantize_lm(tiny(), head="int8")
+        quantize_lm(tiny(), head="int2")
     with pytest.raises(ConfigError, match="CausalLM-like"):
         quantize_lm(nn.Linear(64, 64))
 

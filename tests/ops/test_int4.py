@@ -52,3 +52,15 @@ def test_bad_shapes_are_clear_errors() -> None:
         quantize_int4(torch.randn(4, 48), 32)
     with pytest.raises(ValueError, match="2-D"):
         quantize_int4(torch.randn(4), 32)
+
+
+def test_int8_rows_round_to_half_a_step_and_the_kernel_matches_its_twin() -> None:
+    from taskmoe.ops.int8 import int8_linear, int8_linear_ref, quantize_int8
+
+    w = torch.randn(40, 64)
+    w[3] = 0.0  # an all-zero row gets scale 1 and codes 0
+    q, scale = quantize_int8(w)
+    assert bool(((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()) and scale[3] == 1
+    x = torch.randn(2, 3, 64)
+    fast, ref = int8_linear(x, q, scale.bfloat16()), int8_linear_ref(x, q, scale)
+    assert fast.shape == (2, 3, 40) and (fast - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()

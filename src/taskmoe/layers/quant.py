@@ -1,4 +1,4 @@
-"""4-bit weight-only linear layers for inference: :class:`Int4Linear` and :func:`quantize_linears`.
+"""Weight-only quantized linear layers for inference: :class:`Int4Linear`, :class:`Int8Linear`, :func:`quantize_linears`.
 
 :class:`Int4Linear` holds one ``nn.Linear``'s weight as group-wise int4 codes with a per-group
 scale and minimum (:mod:`taskmoe.ops.int4`, GGUF ``Q4_1``'s grid) and computes ``x W~^T + b``
@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from taskmoe.errors import ConfigError
 from taskmoe.ops.int4 import Int4Weight, dequantize_int4, int4_linear, pack_int4, quantize_int4
+from taskmoe.ops.int8 import int8_linear, quantize_int8
 
-__all__ = ["Int4Linear", "quantize_linears", "LINEAR_TYPES", "DENSE_ABOVE"]
+__all__ = ["Int4Linear", "Int8Linear", "quantize_linears", "LINEAR_TYPES", "DENSE_ABOVE"]
 
 DENSE_ABOVE = 32
 """Rows above which a layer with a bfloat16 copy uses it (measured here: the int4 kernel wins up to ~32 rows
@@ -69,6 +70,23 @@ class Int4Linear(nn.Module):
         dense = f", bf16 above {self.dense_above} rows" if self.dense is not None else ""
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, " \
                f"kernel={'cpu-int4' if self.kernel else 'dequantize'}{dense}"
+
+
+class Int8Linear(nn.Module):
+    """A frozen bias-free linear layer with per-row int8 weights (:mod:`taskmoe.ops.int8`), for a model's head."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        q, scale = quantize_int8(weight)
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_linear(x, self.q, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per row"
 
 
 LINEAR_TYPES = (nn.Linear, Int4Linear)

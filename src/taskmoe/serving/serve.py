@@ -76,7 +76,7 @@ def serve(
     --route-only serves /v1/route (which experts a request goes to, with confidences and the trace)
     and no completion endpoints: the front of a multi-LoRA engine that serves the experts (README).
     --weights int4 (a backbone folder or backbone system) keeps the backbone's projections in 4 bits
-    (GGUF Q4_1's grid, bfloat16 head; the experts stay float32 LoRA): faster decoding on CPU.
+    (GGUF Q4_1's grid, int8 head; the experts stay float32 LoRA): faster decoding on CPU.
     """
     require_serve_extra()
     import torch
