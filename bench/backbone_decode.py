@@ -33,6 +33,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -133,6 +134,14 @@ def interleaved(fns: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def keeping(outs: dict, key: str, fn):
+    """``fn`` returning (tokens/s, tokens) as a zero-argument timer for :func:`interleaved` that keeps the tokens."""
+    def run() -> float:
+        tps, outs[key] = fn()
+        return tps
+    return run
+
+
 def agree(a: list[list[int]], b: list[list[int]]) -> str:
     return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
 
@@ -148,11 +157,13 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> str:
 
 def weight_bytes(model) -> int:
     """Bytes one decode step reads: parameters and buffers (packed int4 codes, scales), each once. The input
-    embedding counts only when it is also the head (tied): a lookup reads one row, not the matrix."""
+    embedding counts only when it is also the head (tied): a lookup reads one row, not the matrix; the
+    bfloat16 prefill copies of int4 layers (``dense``) are read only by inputs of many rows."""
     seen, total = set(), 0
     if model.lm_head is not None:
         seen.add(model.embedding.weight.data_ptr())
-    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "inv_freq" not in n]:
+    skip = ("inv_freq", ".dense")
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith(skip)]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
@@ -219,13 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     rounds = 1 if args.quick else 2
     for b in (1, 16):
         ps, outs = prompts[:b], {}
-
-        def timed(key, fn):
-            def run() -> float:
-                tps, outs[key] = fn()
-                return tps
-            return run
-
+        timed = partial(keeping, outs)
         tps = interleaved({"ours": timed("ours", lambda: ours_tps(model, ps, n)),
                            "hf": timed("hf", lambda: hf_tps(hf, ps, n, tok.pad_id)),
                            "int4": timed("int4", lambda: ours_tps(q, ps, n)),
@@ -272,14 +277,15 @@ def main(argv: list[str] | None = None) -> dict:
                     p.normal_(0, 0.01)
     side = [ADAPTERS[i % 4] for i in range(16)]
     lm = MixedAdapterLM(model)
-    mixed, m_out = ours_tps(lm, prompts, n, side=side)
-    t0 = time.perf_counter()
-    for name in ADAPTERS:
-        with use_adapter(model, name):
-            rows_k = [p for p, s in zip(prompts, side) if s == name]
-            generate(model, rows_k, GenerationConfig(max_new_tokens=n, temperature=0.0))
-    one_at_a_time = 16 * n / (time.perf_counter() - t0)
     import peft
+
+    def one_adapter_at_a_time() -> float:
+        t0 = time.perf_counter()
+        for name in ADAPTERS:
+            with use_adapter(model, name):
+                rows_k = [p for p, s in zip(prompts, side) if s == name]
+                generate(model, rows_k, GenerationConfig(max_new_tokens=n, temperature=0.0))
+        return 16 * n / (time.perf_counter() - t0)
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in ADAPTERS:
@@ -288,7 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
         for name in ADAPTERS[1:]:
             pm.load_adapter(str(Path(tmp) / name), adapter_name=name)
         pm.eval()
-        peft_tps, p_out = hf_tps(pm, prompts, n, tok.pad_id, adapter_names=side)
+        outs: dict = {}
+        kept = partial(keeping, outs)
+        e2e = interleaved({"mixed": kept("mixed", lambda: ours_tps(lm, prompts, n, side=side)),
+                           "one at a time": one_adapter_at_a_time,
+                           "peft": kept("peft", lambda: hf_tps(pm, prompts, n, tok.pad_id, adapter_names=side))}, rounds)
+        mixed, one_at_a_time, peft_tps = e2e["mixed"], e2e["one at a time"], e2e["peft"]
+        m_out, p_out = outs["mixed"], outs["peft"]
         steps = 4 if args.quick else 8
 
         def base_step() -> float:
