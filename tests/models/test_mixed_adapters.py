@@ -119,8 +119,8 @@ def test_training_pass_uses_segments_and_reaches_every_adapter(model) -> None:
     side = ["legal", "code", None, "legal"]
     mixed = MixedAdapterLM(model)(ids, adapters=side).logits  # grad enabled: the segmented form
     with torch.no_grad():
-        ref = MixedAdapterLM(model)(ids, adapters=side).logits  # no grad: the stacked form
-    assert (mixed.detach() - ref).abs().max().item() <= 1e-5
+        ref = MixedAdapterLM(model)(ids, adapters=side).logits  # no grad: the batched form (scale folded into B)
+    assert (mixed.detach() - ref).abs().max().item() <= 5e-5  # float32 round-off of two orderings, 2 layers deep
     mixed.square().mean().backward()
     layer = model.get_submodule("blocks.0.mixer.q_proj")
     assert layer.lora_B["legal"].grad.abs().sum() > 0 and layer.lora_B["code"].grad.abs().sum() > 0

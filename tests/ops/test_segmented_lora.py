@@ -55,18 +55,31 @@ def test_plan_sorts_once_and_skips_sorted_rows() -> None:
         segmented_lora(torch.randn(4, IN), _adapters([2, 2]), p, OUT)
 
 
-@pytest.mark.parametrize("ids", [[2, 0, -1, 1, 0, 2, -1, 1, 1], [-1, -1], [1]])
-def test_stacked_form_equals_per_row_loop(ids) -> None:
-    from taskmoe.ops.segmented_lora import row_scale_mask, stacked_lora
+@pytest.mark.parametrize("ids", [[2, 0, -1, 1, 0, 2, -1, 1, 1], [-1, -1], [1], [0, 0, 1, 1, 2, 2], [2, 2, 0, 0, 1, 1]])
+@pytest.mark.parametrize("absent", [False, True])
+def test_batched_form_equals_per_row_loop(ids, absent) -> None:
+    from taskmoe.ops.segmented_lora import batched_lora, plan_batches, stack_adapters
 
-    ad = [w for w in _adapters([4, 2, 3])]
+    ad = list(_adapters([4, 2, 3]))
+    if absent:
+        ad[1] = None  # a layer without adapter 1: its rows get exact zeros
     ids_t = torch.tensor(ids)
     x = torch.randn(len(ids), 3, IN)
-    a_cat = torch.cat([a for a, _, _ in ad]).detach()
-    b_cat = torch.cat([b for _, b, _ in ad], 1).detach()
-    mask = row_scale_mask(ids_t, [4, 2, 3], [s for _, _, s in ad])
     with torch.no_grad():
-        fast = stacked_lora(x, a_cat, b_cat, mask)
+        a_stack, b_stack = stack_adapters(ad, IN, OUT, x)
+        fast = batched_lora(x, a_stack, b_stack, plan_batches(ids_t, 3))
         ref = segmented_lora_ref(x, ad, ids_t, OUT)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     assert bool((fast[ids_t == -1] == 0).all())
+    if absent:
+        assert bool((fast[ids_t == 1] == 0).all())
+
+
+def test_batched_plan_needs_no_gather_for_sorted_equal_segments() -> None:
+    from taskmoe.ops.segmented_lora import plan_batches
+
+    assert plan_batches(torch.tensor([0, 0, 1, 1, 2, 2]), 3).gather is None
+    assert plan_batches(torch.tensor([0, 1, 1, 2, 2, 2]), 3).gather is not None  # unequal: padded
+    assert plan_batches(torch.tensor([1, 1, 0, 0]), 2).gather is not None  # unsorted
+    with pytest.raises(ValueError, match="adapter ids"):
+        plan_batches(torch.tensor([0, 3]), 3)

@@ -81,9 +81,10 @@ def _summarizer(res: ResolvedManifest, base: Any, tok: Any, expert_names: Any) -
 
 def load_backbone_system(res: ResolvedManifest, *, max_experts: int | None = None, max_bytes: int | None = None,
                          config: PipelineConfig | None = None, device: str = "cpu", summarizer: bool = True,
-                         **_: Any) -> System:
+                         weights: str = "fp32", **_: Any) -> System:
     """Load a backbone system (module docstring) from an already validated manifest; ``summarizer=False``
-    loads it experts-only even when the run has a summarizer (its recipe drafts with that)."""
+    loads it experts-only even when the run has a summarizer (its recipe drafts with that); ``weights="int4"``
+    keeps the shared backbone's projections in 4 bits (the experts stay float32 LoRA on top)."""
     from taskmoe.data.backbone_tokenizer import BackboneTokenizer
     from taskmoe.inference.loader import _expert_names
     from taskmoe.models.backbones import load_backbone
@@ -92,7 +93,7 @@ def load_backbone_system(res: ResolvedManifest, *, max_experts: int | None = Non
 
     m = res.manifest
     mpath = res.run_dir / "taskmoe.json"
-    base, _ = load_backbone(backbone_dir(res), device=device)
+    base, _ = load_backbone(backbone_dir(res), device=device, weights=weights)
     base.requires_grad_(False)
     try:
         tok = BackboneTokenizer.load(res.tokenizer)

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional, TextIO
 import torch
 
 from taskmoe.data.tokenizer import Tokenizer
+from taskmoe.errors import ConfigError
 from taskmoe.doe.model import KIND as DOE_KIND
 from taskmoe.doe.model import load_doe
 from taskmoe.inference.generate import GenerationConfig, generate
@@ -58,6 +59,7 @@ def generate_text(
     image: Optional[Path] = None,
     audio: Optional[Path] = None,
     mode: Optional[str] = None,
+    weights: str = "fp32",
 ) -> Answer | dict[str, Any]:
     """Answer one prompt with a trained system: taskmoe generate RUN "prompt" [--trace].
 
@@ -72,15 +74,18 @@ def generate_text(
     completion with --raw. --image FILE.png / --audio FILE.wav ask a multimodal model (taskmoe
     train modality) about a picture or a recording; its result names the modality expert that
     took the question. --mode summarizer|ensemble answers through the run's summarizer or with the
-    confidence-weighted mixture of the selected experts (default: the run's own mode).
+    confidence-weighted mixture of the selected experts (default: the run's own mode). --weights int4
+    keeps a backbone's projections in 4 bits (a backbone folder or a backbone system; faster on CPU).
     """
     if image is None and audio is None and is_backbone_dir(path):
-        return generate_with_backbone(path, prompt, raw=raw, **_gen(max_new_tokens, temperature, seed))
+        return generate_with_backbone(path, prompt, raw=raw, weights=weights, **_gen(max_new_tokens, temperature, seed))
+    if weights != "fp32" and not (Path(path) / MANIFEST_FILE).is_file():
+        raise ConfigError(f"{path}: --weights {weights} applies to a backbone folder or a backbone system")
     if image is not None or audio is not None or _kind(path) == MM_KIND:
         return answer_with_media(path, prompt, image=image, audio=audio, **_gen(max_new_tokens, temperature, seed))
     if not (Path(path) / MANIFEST_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file():
         return generate_with_model(path, prompt, **_gen(max_new_tokens, temperature, seed))
-    system = load_system(path, max_experts=max_experts, mode=mode)
+    system = load_system(path, max_experts=max_experts, mode=mode, weights=weights)
     return system.generate(prompt, trace=trace, **_gen(max_new_tokens, temperature, seed))
 
 
@@ -110,9 +115,10 @@ def _backbone_config(model: Any, tok: Tokenizer, gen: dict[str, Any]) -> Generat
     return GenerationConfig(**{"max_new_tokens": 64, "temperature": 0.0, **gen}, stop_tokens=stops)
 
 
-def generate_with_backbone(path: Path, prompt: str, *, raw: bool = False, **gen: Any) -> dict[str, Any]:
+def generate_with_backbone(path: Path, prompt: str, *, raw: bool = False, weights: str = "fp32",
+                           **gen: Any) -> dict[str, Any]:
     """Answer one prompt with a backbone folder: its chat template (one user turn), or ``raw`` completion."""
-    model, tok = load_backbone(path)
+    model, tok = load_backbone(path, weights=weights)
     use_chat = not raw and bool(getattr(tok, "chat_template", None))
     ids = tok.encode_chat([{"role": "user", "content": prompt}]) if use_chat else tok.encode_prompt(prompt)
     out = generate(model, [ids], _backbone_config(model, tok, gen))[0]
@@ -144,13 +150,14 @@ def chat(
     seed: Optional[int] = None,
     max_experts: Optional[int] = None,
     mode: Optional[str] = None,
+    weights: str = "fp32",
 ) -> dict[str, Any]:
     """Chat with a trained system on stdin; prints the routing of every turn (/exit or EOF ends).
 
     Each line you type is one user turn; the prompt holds the last --history exchanges in the
     corpus's dialogue format (A: you / B: the system). --trace prints the whole trace per turn.
     PATH may be a backbone folder: turns are chat messages in its own chat template. --mode
-    summarizer|ensemble as for `generate`.
+    summarizer|ensemble and --weights fp32|int4 as for `generate`.
     """
     from rich.console import Console
     from rich.text import Text
@@ -158,8 +165,8 @@ def chat(
     console = Console()
     gen = _gen(max_new_tokens, temperature, seed)
     if is_backbone_dir(path):
-        return _chat_backbone(path, history, gen, console)
-    system = load_system(path, max_experts=max_experts, mode=mode)
+        return _chat_backbone(path, history, gen, console, weights)
+    system = load_system(path, max_experts=max_experts, mode=mode, weights=weights)
     turns: list[tuple[str, str]] = []
     console.print(Text(f"taskmoe chat: {path} ({system.mode}; experts {', '.join(system.store.names)}). "
                        f"Type a message; {EXIT} or EOF ends."), style="dim")
@@ -185,11 +192,11 @@ def _lines(inp: TextIO) -> Iterator[str]:
             yield message
 
 
-def _chat_backbone(path: Path, history: int, gen: dict[str, Any], console: Any) -> dict[str, Any]:
+def _chat_backbone(path: Path, history: int, gen: dict[str, Any], console: Any, weights: str = "fp32") -> dict[str, Any]:
     """``chat`` on a backbone folder: the last ``history`` exchanges as messages in its chat template."""
     from rich.text import Text
 
-    model, tok = load_backbone(path)
+    model, tok = load_backbone(path, weights=weights)
     cfg = _backbone_config(model, tok, gen)
     turns: list[tuple[str, str]] = []
     console.print(Text(f"taskmoe chat: {path} (backbone). Type a message; {EXIT} or EOF ends."), style="dim")

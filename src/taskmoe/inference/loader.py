@@ -89,12 +89,14 @@ def load_system(
     config: PipelineConfig | None = None,
     device: str = "cpu",
     mode: str | None = None,
+    weights: str = "fp32",
 ) -> System:
     """Load the trained system in run folder ``path`` (see the module docstring).
 
     ``mode``: ``"summarizer"`` or ``"ensemble"`` (the confidence-weighted mixture of the selected
     experts, no summarizer loaded); None = the run's own (summarizer when it has one). A run without
-    a summarizer cannot load in summarizer mode (ConfigError).
+    a summarizer cannot load in summarizer mode (ConfigError). ``weights``: ``"fp32"``, or ``"int4"`` for a
+    backbone system (its backbone's projections in 4 bits, :mod:`taskmoe.models.quantize`).
 
     ``max_experts`` / ``max_bytes`` bound the resident experts (LRU); ``crosstalk`` is the
     cross-talk runner to call when the router flags a pair (default: the run's trained
@@ -113,7 +115,10 @@ def load_system(
         from taskmoe.inference.backbone_loader import load_backbone_system
 
         return load_backbone_system(res, max_experts=max_experts, max_bytes=max_bytes, config=config, device=device,
-                                    summarizer=mode != "ensemble")
+                                    summarizer=mode != "ensemble", weights=weights)
+    if weights != "fp32":
+        raise ConfigError(f"{res.run_dir}: weights={weights!r} applies to backbone systems; this run's experts are "
+                          "small models trained from scratch (load it with weights='fp32')")
     mpath = res.run_dir / "taskmoe.json"
     try:
         tok = Tokenizer.load(res.tokenizer)

@@ -161,8 +161,10 @@ class GQAttention(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, rope_theta, rope_scaling), persistent=False)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> KVCache:
-        w = self.k_proj.weight
-        return empty_cache(batch_size, self.n_kv_heads, self.head_dim, device or w.device, dtype or w.dtype)
+        w = getattr(self.k_proj, "weight", None)  # None once quantized (Int4Linear): default to float32
+        device = device or (w.device if w is not None else self.inv_freq.device)
+        dtype = dtype or (w.dtype if w is not None else torch.float32)
+        return empty_cache(batch_size, self.n_kv_heads, self.head_dim, device, dtype)
 
     def forward(self, x: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
         B, T, _ = x.shape

@@ -43,6 +43,7 @@ from torch import nn
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import load_component, save_component
 from taskmoe.layers.lora_linear import AdapterSpec, LoRALinear
+from taskmoe.layers.quant import LINEAR_TYPES
 
 __all__ = [
     "LoRALinear",
@@ -134,7 +135,7 @@ def inject(
             continue
         for t, p in pats:
             if _pattern_matches(p, name):
-                (hits if isinstance(mod, (nn.Linear, LoRALinear)) else other)[t].append(name)
+                (hits if isinstance(mod, (*LINEAR_TYPES, LoRALinear)) else other)[t].append(name)
     missing = [t for t in targets if not hits[t]]
     if missing:
         detail = "; ".join(
@@ -155,7 +156,8 @@ def _wrap(model: nn.Module, name: str) -> LoRALinear:
     mod = model.get_submodule(name)
     if isinstance(mod, LoRALinear):
         return mod
-    owners = sum(1 for m in model.modules() for p in m.parameters(recurse=False) if p is mod.weight)
+    weight = getattr(mod, "weight", None)  # an Int4Linear has none (and shares nothing)
+    owners = sum(1 for m in model.modules() for p in m.parameters(recurse=False) if weight is not None and p is weight)
     layer = LoRALinear(mod)
     layer.weight_shared = owners > 1
     _set_submodule(model, name, layer)
@@ -297,7 +299,7 @@ def load_adapter(model: nn.Module, folder: str | Path, *, name: str | None = Non
         mod = present.get(m)
         if mod is None:
             problems.append(f"module '{m}' not in model")
-        elif not isinstance(mod, (nn.Linear, LoRALinear)):
+        elif not isinstance(mod, (*LINEAR_TYPES, LoRALinear)):
             problems.append(f"module '{m}' is a {type(mod).__name__}, not a linear layer")
         elif (mod.in_features, mod.out_features) != (mc.get("in"), mc.get("out")):
             problems.append(f"module '{m}': adapter is for ({mc.get('in')} -> {mc.get('out')}), "

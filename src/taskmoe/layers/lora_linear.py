@@ -23,6 +23,9 @@ Design choices:
   original (unmerged) weight, so saving a merged model never bakes the adapter in. Switching
   the adapter off or to another one unmerges first. A weight shared with another module (a
   tied head) is never merged, because that would change the other module too.
+- **A 4-bit base** (:class:`~taskmoe.layers.quant.Int4Linear`, inference only) can be wrapped, or
+  swapped in under existing adapters with :meth:`LoRALinear.set_base` (QLoRA-style serving: the
+  adapters stay float32). Such a layer has no float ``weight`` and refuses to merge.
 - **Mixed batches are exact**: ``row_mask`` (bool, (B,)) applies the adapter to those rows only;
   the others get ``base(x) + 0``, which equals the base output bit for bit. ``rows`` (a
   :class:`~taskmoe.layers.multi_lora.RowAdapters`) gives each row its own adapter.
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskmoe.errors import ConfigError
+from taskmoe.layers.quant import LINEAR_TYPES, Int4Linear
 
 __all__ = ["AdapterSpec", "LoRALinear"]
 
@@ -67,18 +71,21 @@ class LoRALinear(nn.Module):
     adapter applied when ``enabled`` is true.
     """
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Linear | Int4Linear) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ConfigError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, LINEAR_TYPES):
+            raise ConfigError(f"LoRALinear wraps nn.Linear or Int4Linear, got {type(base).__name__}")
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self._base = (base,)  # not registered: its Parameters are registered here, under the same names
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        if isinstance(base, Int4Linear):
+            self._set_quantized(base)
+        else:
+            self._base = (base,)  # not registered: its Parameters are registered here, under the same names
+            self.weight = base.weight
+            self.bias = base.bias
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.specs: dict[str, AdapterSpec] = {}
@@ -91,6 +98,33 @@ class LoRALinear(nn.Module):
         self._original: torch.Tensor | None = None
         self.train(base.training)  # a wrapped eval-mode model stays in eval mode (dropout off)
 
+    def _set_quantized(self, base: Int4Linear) -> None:
+        self._base = (base,)
+        self.quantized_base = base  # registered, so its buffers move with the layer
+        for name in ("weight", "bias"):  # the float weight (and the bias, now inside the base) are dropped
+            if name in self.__dict__:
+                delattr(self, name)
+            self.register_parameter(name, None)
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base is a 4-bit :class:`~taskmoe.layers.quant.Int4Linear`."""
+        return self.weight is None
+
+    def unwrap_base(self) -> nn.Module:
+        """The wrapped base layer (an ``nn.Linear``, or an ``Int4Linear`` once quantized)."""
+        return self._base[0]
+
+    def set_base(self, base: Int4Linear) -> None:
+        """Swap in a 4-bit base for this layer's float one (inference; the float weight is dropped)."""
+        if self.merged is not None:
+            raise ConfigError("cannot swap the base of a merged LoRA layer; unmerge first")
+        if (base.in_features, base.out_features) != (self.in_features, self.out_features):
+            raise ConfigError(f"new base is ({base.in_features} -> {base.out_features}), layer is "
+                              f"({self.in_features} -> {self.out_features})")
+        self._set_quantized(base)
+        self._stack_cache = None
+
     # -- adapters ------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0) -> None:
         """Attach adapter ``name``: A ~ Kaiming-uniform (r, in), B = 0 (out, r)."""
@@ -100,12 +134,16 @@ class LoRALinear(nn.Module):
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {dropout}")
         if name in self.specs:
             raise ConfigError(f"adapter '{name}' already exists on this layer")
-        dev, dt = self.weight.device, self.weight.dtype
+        if self.quantized:  # float32 adapters on a 4-bit base
+            dev, dt = self.quantized_base.scales_zeros.device, torch.float32
+        else:
+            dev, dt = self.weight.device, self.weight.dtype
         a = torch.empty(rank, self.in_features, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # same init as nn.Linear's weight
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
         self.specs[name] = AdapterSpec(rank=rank, alpha=float(alpha), dropout=float(dropout))
+        self._stack_cache = None  # per-row adapters' stacked weights (taskmoe.layers.multi_lora) are rebuilt
         if self.active is None:
             self.active = name
 
@@ -133,6 +171,8 @@ class LoRALinear(nn.Module):
             raise ConfigError(f"cannot merge adapter {name!r}: layer has {sorted(self.specs)}")
         if self.merged == name:
             return
+        if self.quantized:
+            raise ConfigError("cannot merge a LoRA adapter into a 4-bit base; load the float backbone to merge")
         if self.weight_shared:
             raise ConfigError("refusing to merge a LoRA adapter into a weight shared with another module (tied weights)")
         if self.merged is not None:
@@ -154,7 +194,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base[0](x)  # the wrapped layer's own forward (keeps e.g. taskmoe Linear's decode path)
         if self.rows is not None:  # per-row adapters (taskmoe.layers.multi_lora): the base once + segments
-            return y + self.rows.delta(self, x)
+            return self.rows.apply(self, x, y)
         if self.merged is not None:
             if self.row_mask is not None:
                 raise ConfigError("a row mask cannot be used while the adapter is merged; unmerge first")

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from taskmoe.errors import ConfigError
 from taskmoe.layers.lora import LoRALinear, adapter_names, lora_layers
-from taskmoe.ops.segmented_lora import plan_segments, row_scale_mask, segmented_lora, stacked_lora
+from taskmoe.ops.segmented_lora import (batched_lora, gather_rows, plan_batches, plan_segments, segmented_lora,
+                                        stack_adapters)
 
 __all__ = ["RowAdapters", "row_adapters", "use_row_adapters", "set_row_adapters"]
 
@@ -36,10 +37,11 @@ class RowAdapters:
     """Adapter ``names[ids[i]]`` for batch row ``i`` (``ids[i] == -1``: base model)."""
 
     def __init__(self, names: Sequence[str], ids: Tensor) -> None:
-        self.names = list(names)
+        self.names = tuple(names)
         self.ids = ids
-        self._plan = None
-        self._masks: dict[tuple, Tensor] = {}  # (ranks, scales) -> row scale mask, shared by alike layers
+        self._plan = None  # the segmented form's (training)
+        self._batch_plan = None  # the batched form's (no gradients)
+        self._gathered: tuple[Tensor, Tensor] | None = None  # the last input and its gathered rows
 
     @property
     def plan(self):
@@ -47,12 +49,20 @@ class RowAdapters:
             self._plan = plan_segments(self.ids, len(self.names))
         return self._plan
 
+    def apply(self, layer: LoRALinear, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` (the base output of ``x``) plus each row's low-rank update of ``layer``."""
+        if layer.merged is not None:
+            raise ConfigError("per-row adapters cannot run on a merged LoRA layer; unmerge first")
+        if not torch.is_grad_enabled():
+            return self._batched(layer, x, y)
+        return y + self.delta(layer, x)
+
     def delta(self, layer: LoRALinear, x: Tensor) -> Tensor:
         """The low-rank updates of ``layer`` for rows ``x`` (B, ..., in) -> (B, ..., out)."""
         if layer.merged is not None:
             raise ConfigError("per-row adapters cannot run on a merged LoRA layer; unmerge first")
         if not torch.is_grad_enabled():
-            return self._stacked(layer, x)
+            return self._batched(layer, x)
         weights = []
         for n in self.names:
             spec = layer.specs.get(n)
@@ -65,25 +75,35 @@ class RowAdapters:
             weights.append((layer.lora_A[n], layer.lora_B[n], spec.scale))
         return segmented_lora(x, weights, self.plan, layer.out_features)
 
-    def _stacked(self, layer: LoRALinear, x: Tensor) -> Tensor:
-        present = [n for n in self.names if n in layer.specs]
-        if not present:
-            return x.new_zeros(*x.shape[:-1], layer.out_features)
-        params = [(layer.lora_A[n], layer.lora_B[n]) for n in present]
-        key = (tuple(present), tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in params))
+    @property
+    def batch_plan(self):
+        if self._batch_plan is None:
+            self._batch_plan = plan_batches(self.ids, len(self.names))
+        return self._batch_plan
+
+    def _batched(self, layer: LoRALinear, x: Tensor, y: Tensor | None = None) -> Tensor:
         cache = getattr(layer, "_stack_cache", None)
-        if cache is None or cache[0] != key:
-            cache = (key, torch.cat([a for a, _ in params]), torch.cat([b for _, b in params], 1))
+        if cache is None or cache[0] != (self.names, x.dtype) or any(p._version != v for p, v in cache[1]):
+            cache = self._stack(layer, x.dtype)
             layer._stack_cache = cache
-        ranks = tuple(layer.specs[n].rank for n in present)
-        scales = tuple(layer.specs[n].scale for n in present)
-        mkey = (tuple(present), ranks, scales)
-        if mkey not in self._masks:
-            index = {n: i for i, n in enumerate(present)}
-            local = torch.tensor([index.get(self.names[k], -1) if k >= 0 else -1 for k in self.ids.tolist()],
-                                 dtype=torch.long, device=self.ids.device)
-            self._masks[mkey] = row_scale_mask(local, ranks, scales, dtype=x.dtype)
-        return stacked_lora(x, cache[1], cache[2], self._masks[mkey])
+        if cache[2] is None:  # the layer carries none of these adapters
+            return x.new_zeros(*x.shape[:-1], layer.out_features) if y is None else y
+        if self._gathered is None or self._gathered[0] is not x:  # q/k/v (and gate/up) read the same x: gather once
+            self._gathered = (x, gather_rows(x, self.batch_plan))
+        return batched_lora(x, cache[2], cache[3], self.batch_plan, xs=self._gathered[1], base=y)
+
+    def _stack(self, layer: LoRALinear, dtype: torch.dtype) -> tuple:
+        """(key, [(param, version)], A_stack, B_stack) of ``layer`` for these names; checked by version each call
+        (a new adapter on the layer clears it: :meth:`LoRALinear.add_adapter`)."""
+        params = [(layer.lora_A[n], layer.lora_B[n], layer.specs[n].scale) if n in layer.specs else None
+                  for n in self.names]
+        versions = [(t, t._version) for p in params if p is not None for t in p[:2]]
+        if not versions:
+            return ((self.names, dtype), versions, None, None)
+        with torch.no_grad():
+            like = versions[0][0].to(dtype)
+            a_stack, b_stack = stack_adapters(params, layer.in_features, layer.out_features, like)
+        return ((self.names, dtype), versions, a_stack, b_stack)
 
 
 def row_adapters(model: nn.Module, per_row: Sequence[str | None], device: torch.device | None = None) -> RowAdapters:
@@ -105,11 +125,14 @@ def set_row_adapters(model: nn.Module, rows: RowAdapters | None) -> None:
 
 
 @contextlib.contextmanager
-def use_row_adapters(model: nn.Module, rows: RowAdapters | Sequence[str | None]) -> Iterator[nn.Module]:
-    """Context manager: run ``model`` with a per-row adapter assignment, then restore the previous one."""
+def use_row_adapters(model: nn.Module, rows: RowAdapters | Sequence[str | None], *,
+                     layers: dict[str, LoRALinear] | None = None) -> Iterator[nn.Module]:
+    """Context manager: run ``model`` with a per-row adapter assignment, then restore the previous one.
+
+    ``layers``: the model's LoRA layers when the caller already has them (saves a module walk per forward)."""
     if not isinstance(rows, RowAdapters):
         rows = row_adapters(model, rows)
-    layers = lora_layers(model)
+    layers = lora_layers(model) if layers is None else layers
     saved = {n: m.rows for n, m in layers.items()}
     set_row_adapters(model, rows)
     try:

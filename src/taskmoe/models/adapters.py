@@ -39,6 +39,7 @@ from torch import nn
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
 from taskmoe.layers.lora import AdapterSpec, LoRALinear, inject, lora_layers, mark_only_adapter_trainable, set_adapter
+from taskmoe.layers.quant import LINEAR_TYPES
 from taskmoe.layers.multi_lora import row_adapters, set_row_adapters
 from taskmoe.models.backbones.convert import hf_to_ours, ours_to_hf
 
@@ -95,7 +96,7 @@ def _layers_of(model: nn.Module, name: str) -> dict[str, LoRALinear]:
 def _target_modules(model: nn.Module, wrapped: list[str]) -> list[str]:
     """Leaf names if they cover exactly the wrapped set, else the full Hugging Face module paths."""
     leaves = sorted({w.rsplit(".", 1)[-1] for w in wrapped})
-    covered = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear)) and n.rsplit(".", 1)[-1]
+    covered = {n for n, m in model.named_modules() if isinstance(m, (*LINEAR_TYPES, LoRALinear)) and n.rsplit(".", 1)[-1]
                in leaves and n != "lm_head"}
     return leaves if covered == set(wrapped) else sorted(ours_to_hf(w) for w in wrapped)
 
@@ -200,7 +201,7 @@ def load_adapter(model: nn.Module, folder: str | Path, *, name: str | None = Non
         a, b = ab["A"], ab["B"]
         r = int(_pattern_value(cfg.get("rank_pattern") or {}, hf_module, cfg.get("r", a.shape[0])))
         alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, hf_module, cfg.get("lora_alpha", 8)))
-        if not isinstance(mod, (nn.Linear, LoRALinear)):
+        if not isinstance(mod, (*LINEAR_TYPES, LoRALinear)):
             problems.append(f"module {hf_module!r} ({ours}) is not a linear layer of this model")
         elif a.shape != (r, mod.in_features) or b.shape != (mod.out_features, r):
             problems.append(f"{hf_module}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a rank-{r} adapter of "

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from taskmoe.errors import ConfigError
-from taskmoe.layers.lora import adapter_names
+from taskmoe.layers.lora import adapter_names, lora_layers
 from taskmoe.layers.multi_lora import RowAdapters, use_row_adapters
 from taskmoe.layers.state import TaggedState
 from taskmoe.models.model import LMOutput
@@ -45,6 +45,8 @@ class MixedAdapterLM(nn.Module):
             raise ConfigError(f"MixedAdapterLM: adapters {missing} are not in the model (it has {known})")
         self.model = model
         self._index = {n: i for i, n in enumerate(self.names)}
+        self._layers = lora_layers(model)  # every layer any of these adapters is on (they all exist already)
+        self._rows: tuple[Tensor, RowAdapters] | None = None  # the last ids tensor and its plan (decode reuses it)
 
     @property
     def vocab_size(self) -> int:
@@ -79,7 +81,9 @@ class MixedAdapterLM(nn.Module):
             ids = self.adapter_ids(adapters, input_ids.device)
         else:
             ids = state.tags
-        with use_row_adapters(self.model, RowAdapters(self.names, ids)):
+        if self._rows is None or self._rows[0] is not ids:
+            self._rows = (ids, RowAdapters(self.names, ids))  # planned once while the state's rows stay the same
+        with use_row_adapters(self.model, self._rows[1], layers=self._layers):
             kw = {} if lengths is None else {"lengths": lengths}
             out = self.model(input_ids, None if state is None else state.inner, logits_to_keep=logits_to_keep, **kw)
         return LMOutput(out.logits, None if state is None else TaggedState(out.state, ids), out.hidden)

@@ -13,15 +13,17 @@ costs two matmuls on its segment, whatever the batch size — a loop over adapte
 Already-sorted rows (the common case when the caller groups by adapter) skip the gather and scatter.
 :func:`segmented_lora_ref` is the plain per-row loop twin.
 
-:func:`stacked_lora` is the second fast form, for decoding, where the K-loop's small ops cost more
-than the adapters' arithmetic: the adapters' A are stacked to ``A_cat`` (R, in), their B to
-``B_cat`` (out, R) (R = sum r_k), and each row keeps only its own adapter's columns::
+:func:`batched_lora` is the second fast form, for decoding a sorted batch (the Punica BGMV idea on dense
+tensors): the plan (:func:`plan_batches`, once per forward) lays the rows out as K segments padded
+to the longest one, L rows each, and each layer does two batched matmuls on adapter-stacked
+weights (``A_stack`` (K, in, r), ``B_stack`` (K, r, out) with the scale folded in and ranks
+zero-padded to the largest)::
 
-    delta = ((x A_cat^T) * M) B_cat^T,   M[i, cols of adapter a_i] = s_{a_i}, 0 elsewhere
+    delta[rows of k] = (x[rows of k] A_k^T) (s_k B_k)^T       for all k in one bmm pair
 
-Three ops per layer whatever K, no gather; the other adapters' columns are multiplied by an exact
-zero, so each row still gets exactly its own adapter's update (the A side does K times the tiny
-``x A^T`` work, which is noise next to the weight reads). The caller builds (and may cache) the stacks.
+so each row does only its own adapter's arithmetic (a K-th of the stacked form's) in two ops.
+Already-sorted rows in equal segments (the scheduler's expert-grouped batches) need no gather or
+scatter at all; otherwise one gather and one scatter, and padding rows read an exact zero row.
 
 Rows are the first axis of ``x``; anything between (time) rides along: ``x`` (N, ..., in).
 Glossary: N rows, K adapters, r_k rank of adapter k, s_k = alpha_k / r_k.
@@ -35,7 +37,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SegmentPlan", "plan_segments", "segmented_lora", "stacked_lora", "row_scale_mask", "segmented_lora_ref"]
+__all__ = ["SegmentPlan", "plan_segments", "segmented_lora", "segmented_lora_ref",
+           "BatchPlan", "plan_batches", "gather_rows", "batched_lora", "stack_adapters"]
 
 LowRank = tuple[Tensor, Tensor, float] | None
 """(A (r, in), B (out, r), scale) of one adapter on one layer, or None where the layer lacks it."""
@@ -87,21 +90,89 @@ def segmented_lora(x: Tensor, adapters: Sequence[LowRank], plan: SegmentPlan, ou
     return delta if plan.inverse is None else delta.index_select(0, plan.inverse)
 
 
-def row_scale_mask(ids: Tensor, ranks: Sequence[int], scales: Sequence[float], dtype=None) -> Tensor:
-    """``M`` (N, R) for :func:`stacked_lora`: row i holds s_{a_i} on adapter a_i's r columns, 0 elsewhere."""
-    ids = ids.reshape(-1).long()
-    col_owner = torch.repeat_interleave(torch.arange(len(ranks), device=ids.device),
-                                        torch.tensor(list(ranks), device=ids.device))  # (R,)
-    col_scale = torch.repeat_interleave(torch.tensor(list(scales), dtype=dtype or torch.float32, device=ids.device),
-                                        torch.tensor(list(ranks), device=ids.device))  # (R,)
-    return (ids.unsqueeze(1) == col_owner).to(col_scale.dtype) * col_scale  # (N, R); rows with id -1 all zero
+@dataclass(frozen=True)
+class BatchPlan:
+    """Rows laid out as K padded segments of L rows for :func:`batched_lora`.
+
+    ``gather`` (K * L,) picks each slot's row of ``x`` (index N = an appended zero row for padding);
+    ``scatter`` (N,) picks each row's slot of the flat result (index K * L = an appended zero row,
+    for rows with no adapter). Both None: x already is K equal sorted segments and every row has one.
+    """
+
+    gather: Tensor | None
+    scatter: Tensor | None
+    n_adapters: int
+    length: int
+    n_rows: int
+    padded: bool = False  # some slot is padding (gather holds index N)
+    unassigned: bool = False  # some row has no adapter (scatter holds index K * L)
 
 
-def stacked_lora(x: Tensor, a_cat: Tensor, b_cat: Tensor, mask: Tensor) -> Tensor:
-    """``delta`` (N, ..., out) = ((x A_cat^T) * M) B_cat^T for x (N, ..., in), mask M (N, R) (module docstring)."""
-    h = x @ a_cat.t()  # (N, ..., R)
-    h = h * mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
-    return h @ b_cat.t()  # (N, ..., out)
+def plan_batches(ids: Tensor, n_adapters: int) -> BatchPlan:
+    """The padded layout of rows with adapter ids ``ids`` (N,) in ``[-1, n_adapters)`` (built once per forward)."""
+    ids = ids.reshape(-1).long().cpu()
+    n = ids.numel()
+    if n and (int(ids.min()) < -1 or int(ids.max()) >= n_adapters):
+        raise ValueError(f"adapter ids must be in [-1, {n_adapters}), got {sorted(set(ids.tolist()))[:8]}")
+    counts = torch.bincount(ids[ids >= 0], minlength=n_adapters).tolist()
+    length = max(counts) if counts else 0
+    if n and n_adapters and all(c == length for c in counts) and bool((ids[1:] >= ids[:-1]).all()) and int(ids[0]) >= 0:
+        return BatchPlan(None, None, n_adapters, length, n)
+    gather = torch.full((n_adapters, max(length, 1)), n, dtype=torch.long)
+    scatter = torch.full((n,), n_adapters * max(length, 1), dtype=torch.long)
+    fill = [0] * n_adapters
+    for i, k in enumerate(ids.tolist()):
+        if k >= 0:
+            gather[k, fill[k]] = i
+            scatter[i] = k * max(length, 1) + fill[k]
+            fill[k] += 1
+    return BatchPlan(gather.reshape(-1), scatter, n_adapters, max(length, 1), n, padded=bool((gather == n).any()),
+                     unassigned=bool((ids < 0).any()))
+
+
+def stack_adapters(adapters: Sequence[LowRank], in_features: int, out_features: int,
+                   like: Tensor) -> tuple[Tensor, Tensor]:
+    """``A_stack`` (K, in, r_max) and ``B_stack`` (K, r_max, out) with each scale folded into B; an absent
+    adapter (None) and the padding past each rank are zeros, so they add exact zeros."""
+    r_max = max([w[0].shape[0] for w in adapters if w is not None] or [1])
+    a_stack = like.new_zeros(len(adapters), in_features, r_max)
+    b_stack = like.new_zeros(len(adapters), r_max, out_features)
+    for k, w in enumerate(adapters):
+        if w is not None:
+            a, b, scale = w
+            a_stack[k, :, : a.shape[0]] = a.t()
+            b_stack[k, : a.shape[0]] = b.t() * scale
+    return a_stack, b_stack
+
+
+def gather_rows(x: Tensor, plan: BatchPlan) -> Tensor:
+    """``x`` (N, ..., in) laid out as the plan's K * L slots (x itself when no gather is needed)."""
+    if x.shape[0] != plan.n_rows:
+        raise ValueError(f"batched_lora: the plan is for {plan.n_rows} rows, x has {x.shape[0]}")
+    if plan.gather is None:
+        return x
+    src = torch.cat([x, x.new_zeros(1, *x.shape[1:])]) if plan.padded else x  # a zero row only for padding
+    return src.index_select(0, plan.gather.to(x.device))
+
+
+def batched_lora(x: Tensor, a_stack: Tensor, b_stack: Tensor, plan: BatchPlan, *, xs: Tensor | None = None,
+                 base: Tensor | None = None) -> Tensor:
+    """``delta`` (N, ..., out) for rows ``x`` (N, ..., in) in their original order (see the module docstring);
+    with ``base`` (N, ..., out), ``base + delta`` (one fused ``baddbmm`` when no scatter is needed).
+
+    ``xs``: :func:`gather_rows` of ``x`` when the caller already has it (layers that share an input)."""
+    xs = gather_rows(x, plan) if xs is None else xs
+    k, length, inner = plan.n_adapters, plan.length, x.shape[1:-1]
+    h = torch.bmm(xs.reshape(k, -1, x.shape[-1]), a_stack)  # (K, L * T, r)
+    if plan.scatter is None and base is not None:
+        return torch.baddbmm(base.reshape(k, -1, b_stack.shape[-1]), h, b_stack).reshape(base.shape)
+    out = torch.bmm(h, b_stack).reshape(k * length, *inner, b_stack.shape[-1])  # (K * L, ..., out)
+    if plan.scatter is None:
+        return out
+    if plan.unassigned:  # rows without an adapter read an appended zero row
+        out = torch.cat([out, out.new_zeros(1, *out.shape[1:])])
+    delta = out.index_select(0, plan.scatter.to(x.device))
+    return delta if base is None else base + delta
 
 
 def segmented_lora_ref(x: Tensor, adapters: Sequence[LowRank], ids: Tensor, out_features: int) -> Tensor:

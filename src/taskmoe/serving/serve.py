@@ -58,6 +58,7 @@ def serve(
     threads: int = 0,
     check_experts: bool = True,
     route_only: bool = False,
+    weights: str = "fp32",
 ) -> dict:
     """Serve a model folder over an OpenAI-compatible HTTP API (needs FastAPI and uvicorn: the serve extra).
 
@@ -74,6 +75,8 @@ def serve(
     with Retry-After from that prediction. --no-check-experts skips reading every expert file at start.
     --route-only serves /v1/route (which experts a request goes to, with confidences and the trace)
     and no completion endpoints: the front of a multi-LoRA engine that serves the experts (README).
+    --weights int4 (a backbone folder or backbone system) keeps the backbone's projections in 4 bits
+    (GGUF Q4_1's grid, int8 head; the experts stay float32 LoRA): faster decoding on CPU.
     """
     require_serve_extra()
     import torch
@@ -91,7 +94,7 @@ def serve(
     )
     if threads:
         torch.set_num_threads(threads)
-    backend = load_backend(path, name=name)
+    backend = load_backend(path, name=name, weights=weights)
     checked = check_backend(backend) if check_experts else []
     app = create_app(backend, limits, api_key=api_key or os.environ.get(API_KEY_ENV) or None, route_only=route_only)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=KEEP_ALIVE_S)

@@ -38,6 +38,7 @@ from taskmoe.models.backbones.config import SUPPORTED, LlamaConfig
 from taskmoe.models.backbones.convert import convert_hf_state_dict
 from taskmoe.models.backbones.llama import llama_lm
 from taskmoe.models.model import CausalLM
+from taskmoe.models.quantize import WEIGHT_FORMATS, apply_weight_format
 
 __all__ = ["DEFAULT_PACKAGE", "is_backbone_dir", "read_backbone_config", "load_backbone", "import_backbone",
            "default_source"]
@@ -84,11 +85,15 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 
 def load_backbone(folder: str | Path, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype | None = None) -> tuple[CausalLM, BackboneTokenizer]:
+                  dtype: torch.dtype | None = None, weights: str = "fp32") -> tuple[CausalLM, BackboneTokenizer]:
     """Our model and the backbone's tokenizer from a backbone folder (see the module docstring).
 
-    ``dtype`` casts the weights (default: as stored). The model is returned in eval mode.
+    ``dtype`` casts the weights (default: as stored). ``weights="int4"`` then keeps the block
+    projections in 4 bits for inference (:func:`~taskmoe.models.quantize.quantize_lm`). The model is
+    returned in eval mode.
     """
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: backbone folder not found (create one with `taskmoe backbone import`)")
@@ -100,7 +105,7 @@ def load_backbone(folder: str | Path, *, device: str | torch.device = "cpu",
     model = llama_lm(cfg, init=False)
     check_state(model.state_dict(), tensors, source)
     model.load_state_dict(tensors)
-    model = model.to(device=device, dtype=dtype)
+    model = apply_weight_format(model.to(device=device, dtype=dtype), weights)
     return model.eval(), BackboneTokenizer.load(folder)
 
 

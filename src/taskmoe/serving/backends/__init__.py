@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from taskmoe.errors import CheckpointError
+from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, read_json
 from taskmoe.manifest import MANIFEST_FILE
 from taskmoe.serving.backend import Backend
@@ -23,15 +23,26 @@ DOE_KIND = "doe"  # taskmoe.doe.model.KIND (not imported: loading a plain LM sho
 MULTIMODAL_KIND = "multimodal"  # taskmoe.doe.modality.model.KIND
 
 
-def load_backend(path: str | Path, *, name: str | None = None) -> Backend:
-    """The backend for a folder: an IMoE run (taskmoe.json), a DOE model, an LM, or a folder of LMs."""
+def load_backend(path: str | Path, *, name: str | None = None, weights: str = "fp32") -> Backend:
+    """The backend for a folder: an IMoE run (taskmoe.json), a DOE model, an LM, or a folder of LMs.
+
+    ``weights="int4"`` (a backbone folder or a backbone system only) keeps the backbone's projections in 4 bits."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such folder")
     if (path / MANIFEST_FILE).is_file():
         from taskmoe.serving.backends.imoe import SystemBackend
 
-        return SystemBackend.load(path, name=name)
+        return SystemBackend.load(path, name=name, weights=weights)
+    from taskmoe.models.backbones import is_backbone_dir
+
+    if is_backbone_dir(path):
+        from taskmoe.serving.backends.lm import LMBackend
+
+        return LMBackend.from_backbone(path, name=name, weights=weights)
+    if weights != "fp32":
+        raise ConfigError(f"{path}: --weights {weights} applies to a backbone folder or a backbone system, "
+                          "not to models trained from scratch")
     if (path / CONFIG_FILE).is_file():
         raw = read_json(path / CONFIG_FILE)
         if isinstance(raw, dict) and raw.get("kind") == DOE_KIND:

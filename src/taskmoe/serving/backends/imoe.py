@@ -59,10 +59,10 @@ class SystemBackend:
         self.name = name
 
     @classmethod
-    def load(cls, path: str | Path, *, name: str | None = None) -> "SystemBackend":
+    def load(cls, path: str | Path, *, name: str | None = None, weights: str = "fp32") -> "SystemBackend":
         from taskmoe.inference.loader import load_system
 
-        return cls(load_system(path), name or Path(path).resolve().name)
+        return cls(load_system(path, weights=weights), name or Path(path).resolve().name)
 
     def model_ids(self) -> list[str]:
         return [self.name]

@@ -93,10 +93,11 @@ class LMBackend:
 
     @classmethod
     def from_backbone(cls, path: str | Path, *, name: str | None = None, stop_ids: Sequence[int] | None = None,
-                      device: str | torch.device = "cpu") -> "LMBackend":
-        """Serve a backbone folder; rows stop at the tokenizer's eos and the config's eos ids."""
+                      device: str | torch.device = "cpu", weights: str = "fp32") -> "LMBackend":
+        """Serve a backbone folder (``weights="int4"``: its projections in 4 bits); rows stop at the
+        tokenizer's eos and the config's eos ids."""
         path = Path(path)
-        model, tokenizer = load_backbone(path, device=device)
+        model, tokenizer = load_backbone(path, device=device, weights=weights)
         if stop_ids is None:
             stop_ids = sorted({tokenizer.eos_id, *model.config.eos_token_id})
         return cls({name or path.name: model}, tokenizer, stop_ids=stop_ids, source=str(path))
