@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--mnist-test", type=int, default=0, help="evaluate on the first N MNIST test images (0 = all 10k)")
+    ap.add_argument("--cnn-seeds", type=int, default=3, help="random starts of the CNN-alone baseline (its spread)")
     ap.add_argument("--channels", type=int, default=0, help="image trunk channels (0 = the encoder's default)")
     ap.add_argument("--backbone", default="", help="a backbone folder: add an image expert to it instead (its own section)")
     ap.add_argument("--backbone-steps", type=int, default=300)
@@ -181,8 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      max_iter=50 if q else 100)
         res["mnist_logreg_s"] = time.time() - t0
         t0 = time.time()
-        res["mnist_cnn"] = cnn_alone(torch.from_numpy(x_tr), y_tr, torch.from_numpy(x_te), y_te, icfg.steps,
-                                     args.batch_size, args.lr, args.channels, 0)
+        res["mnist_cnn_seeds"] = [cnn_alone(torch.from_numpy(x_tr), y_tr, torch.from_numpy(x_te), y_te, icfg.steps,
+                                            args.batch_size, args.lr, args.channels, seed)
+                                  for seed in range(max(1, 1 if q else args.cnn_seeds))]
+        res["mnist_cnn"] = res["mnist_cnn_seeds"][0]
         res["mnist_cnn_s"] = time.time() - t0
 
         # 3. audio expert on FSDD, added to the image model
@@ -236,6 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
         {"task": "MNIST baseline: the same conv trunk + linear head on its 2x2 pooled grid, trained alone (same "
                  "training images, augmentation, steps, batch and lr)",
          "accuracy": res["mnist_cnn"]},
+        {"task": f"  same, over {len(res['mnist_cnn_seeds'])} random starts (seeds 0-{len(res['mnist_cnn_seeds']) - 1}): "
+                 f"mean (min - max)",
+         "accuracy": f"{np.mean(res['mnist_cnn_seeds']):.4f} ({min(res['mnist_cnn_seeds']):.4f} - "
+                     f"{max(res['mnist_cnn_seeds']):.4f})"},
         {"task": "FSDD test (take 0-4, 300): generated answer to 'What digit is spoken? <audio>'",
          "accuracy": digit_a["accuracy"]},
         {"task": "FSDD test: generated transcription 'Transcribe the audio. <audio>' = 'seven' (exact)",
@@ -272,8 +279,12 @@ def main(argv: list[str] | None = None) -> dict:
         + f"Text perplexity on the default corpus's validation windows: {res['ppl_before']:.3f} before, "
           f"{res['ppl_after']:.3f} after adding both experts; logits bit-identical: {res['text_logits_identical']}.\n\n"
         + md_table(rows_cost) + "\n\n"
-        + f"Goals: MNIST >= 98% and >= CNN alone: {digit_i['accuracy']:.2%} vs CNN {res['mnist_cnn']:.2%} "
-          f"({'met' if digit_i['accuracy'] >= max(0.98, res['mnist_cnn']) else 'NOT met'}); FSDD >= 95%: "
+        + f"Goals: MNIST >= 98% and >= CNN alone: {digit_i['accuracy']:.2%} vs CNN {res['mnist_cnn']:.2%} (seed 0) "
+          f"({'met' if digit_i['accuracy'] >= max(0.98, res['mnist_cnn']) else 'NOT met'}; against the CNN's mean over "
+          f"its random starts {np.mean(res['mnist_cnn_seeds']):.2%}: "
+          f"{'met' if digit_i['accuracy'] >= max(0.98, np.mean(res['mnist_cnn_seeds'])) else 'NOT met'}, against its best "
+          f"{max(res['mnist_cnn_seeds']):.2%}: {'met' if digit_i['accuracy'] >= max(res['mnist_cnn_seeds']) else 'NOT met'}); "
+          f"FSDD >= 95%: "
           f"{digit_a['accuracy']:.2%} ({'met' if digit_a['accuracy'] >= 0.95 else 'NOT met'}); "
           f"routing 100% / 0%: {'met' if digit_i['taken_by_expert'] == 1 and digit_a['taken_by_expert'] == 1 and shares['image']['text_taken'] == 0 and shares['audio']['text_taken'] == 0 else 'NOT met'}; "
           f"perplexity equal: {'met' if res['ppl_before'] == res['ppl_after'] else 'NOT met'}."
