@@ -9,7 +9,7 @@ import torch
 
 from taskmoe.data.tokenizer import Tokenizer
 from taskmoe.doe.model import DOEConfig, build_doe, save_doe
-from taskmoe.errors import DataError
+from taskmoe.errors import ConfigError, DataError
 from taskmoe.inference.commands import generate_text
 from taskmoe.inference.generate import GenerationConfig, generate
 from taskmoe.models import LMConfig, save_lm, transformer_lm
@@ -44,3 +44,5 @@ def test_plain_lm_folder_and_missing_tokenizer(tmp_path: Path, tok: Tokenizer) -
     tok.save(tmp_path / "lm" / "tokenizer.json")
     out = generate_text(tmp_path / "lm", "fox", max_new_tokens=4)
     assert isinstance(out["answer"], str) and "experts" not in out
+    with pytest.raises(ConfigError, match="applies to a backbone"):  # 4-bit weights are for backbones only
+        generate_text(tmp_path / "lm", "fox", max_new_tokens=4, weights="int4")

@@ -91,3 +91,10 @@ def test_a_run_with_a_pruned_expert_loads_and_routes_its_category_to_the_others(
     out = system.generate_batch(list(prompts().values()), max_new_tokens=4, trace=True)
     used = {e.name for r in out for e in r.trace.experts}
     assert used and "c1" not in used
+
+
+def test_a_from_scratch_run_refuses_4bit_weights(run) -> None:
+    from taskmoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="applies to backbone systems"):
+        load_system(run, weights="int4")
