@@ -190,19 +190,24 @@ def matmul_floor_ms(model, repeats: int = 10) -> float:
     return min(times[1:]) * 1e3
 
 
-def heldout_nll(model, tok, windows: int = 8, seq_len: int = 256) -> float:
-    """Mean token NLL on the first ``windows`` default-corpus validation windows (all domains)."""
+def heldout_windows(tok, windows: int = 8, seq_len: int = 256) -> list[torch.Tensor]:
+    """The first ``windows`` default-corpus validation windows (all domains), read and tokenized once."""
     from taskmoe.data import load_default_corpus
     from taskmoe.training.recipes.routed_corpus import _windows
 
     corpus = load_default_corpus(40, progress=False)
-    wins = _windows(tok.encode_batch([d.text for d in corpus.validation], allow_special=False), tok, seq_len)
+    return _windows(tok.encode_batch([d.text for d in corpus.validation], allow_special=False), tok, seq_len)[:windows]
+
+
+def heldout_nll(model, wins: list[torch.Tensor]) -> float:
+    """Mean token NLL of ``model`` on ``wins`` (the eval's one primitive, :func:`taskmoe.eval.nll.row_nll`)."""
+    from taskmoe.eval.nll import row_nll
+
     nll = n = 0.0
     with torch.inference_mode():
-        for w in wins[:windows]:
-            logp = torch.log_softmax(model(w[None, :-1]).logits[0].float(), -1)
-            nll -= float(logp.gather(-1, w[1:, None]).sum())
-            n += w.numel() - 1
+        for w in wins:
+            s, c = row_nll(model(w[None, :-1]).logits, w[None, 1:])
+            nll, n = nll + float(s), n + float(c)
     return nll / n
 
 
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
                      f"the weight matmuls alone take {mm_ms:.1f} ms ({floor_ms / mm_ms:.0%} of the bound: the kernels' own "
                      f"ceiling), so everything else in the step costs {ms1 - mm_ms:.1f} ms.")
         print(notes[-1], flush=True)
-    nll32, nll4 = heldout_nll(model, tok, 4 if args.quick else 8), heldout_nll(q, tok, 4 if args.quick else 8)
+    wins = heldout_windows(tok, 4 if args.quick else 8)
+    nll32, nll4 = heldout_nll(model, wins), heldout_nll(q, wins)
     notes.append(f"Held-out perplexity (default corpus, {4 if args.quick else 8} validation windows of 256 tokens): "
                  f"float32 {perplexity_of(nll32):.3f}, int4 {perplexity_of(nll4):.3f} "
                  f"({perplexity_of(nll4) / perplexity_of(nll32) - 1:+.2%}).")

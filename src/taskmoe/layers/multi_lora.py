@@ -55,14 +55,10 @@ class RowAdapters:
             raise ConfigError("per-row adapters cannot run on a merged LoRA layer; unmerge first")
         if not torch.is_grad_enabled():
             return self._batched(layer, x, y)
-        return y + self.delta(layer, x)
+        return y + self._segmented(layer, x)
 
-    def delta(self, layer: LoRALinear, x: Tensor) -> Tensor:
-        """The low-rank updates of ``layer`` for rows ``x`` (B, ..., in) -> (B, ..., out)."""
-        if layer.merged is not None:
-            raise ConfigError("per-row adapters cannot run on a merged LoRA layer; unmerge first")
-        if not torch.is_grad_enabled():
-            return self._batched(layer, x)
+    def _segmented(self, layer: LoRALinear, x: Tensor) -> Tensor:
+        """The low-rank updates (B, ..., out) of rows ``x``, differentiable into each adapter (training)."""
         weights = []
         for n in self.names:
             spec = layer.specs.get(n)
@@ -81,13 +77,14 @@ class RowAdapters:
             self._batch_plan = plan_batches(self.ids, len(self.names))
         return self._batch_plan
 
-    def _batched(self, layer: LoRALinear, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def _batched(self, layer: LoRALinear, x: Tensor, y: Tensor) -> Tensor:
+        """``y`` plus the low-rank updates of rows ``x`` as two bmm on cached adapter stacks (no gradients)."""
         cache = getattr(layer, "_stack_cache", None)
         if cache is None or cache[0] != (self.names, x.dtype) or any(p._version != v for p, v in cache[1]):
             cache = self._stack(layer, x.dtype)
             layer._stack_cache = cache
         if cache[2] is None:  # the layer carries none of these adapters
-            return x.new_zeros(*x.shape[:-1], layer.out_features) if y is None else y
+            return y
         if self._gathered is None or self._gathered[0] is not x:  # q/k/v (and gate/up) read the same x: gather once
             self._gathered = (x, gather_rows(x, self.batch_plan))
         return batched_lora(x, cache[2], cache[3], self.batch_plan, xs=self._gathered[1], base=y)

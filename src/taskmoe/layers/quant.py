@@ -49,13 +49,19 @@ class Int4Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
+    def from_weight(cls, weight: Tensor, bias: Tensor | None = None, group_size: int = 32, *, dense: bool = False,
+                    dense_above: int = DENSE_ABOVE) -> "Int4Linear":
+        """Quantize ``weight`` (out, in) (the bias stays float); ``dense`` also keeps a bfloat16 copy of the
+        quantized weight for inputs of more than ``dense_above`` rows (prefill)."""
+        q, scale, minimum = quantize_int4(weight, group_size)
+        copy = dequantize_int4(q, scale, minimum).to(torch.bfloat16) if dense else None
+        return cls(pack_int4(q, scale, minimum, group_size), bias, copy, dense_above)
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32, *, dense: bool = False,
                     dense_above: int = DENSE_ABOVE) -> "Int4Linear":
-        """Quantize ``linear``'s weight (its bias stays float); ``dense`` also keeps a bfloat16 copy of the
-        quantized weight for inputs of more than ``dense_above`` rows (prefill)."""
-        q, scale, minimum = quantize_int4(linear.weight, group_size)
-        copy = dequantize_int4(q, scale, minimum).to(torch.bfloat16) if dense else None
-        return cls(pack_int4(q, scale, minimum, group_size), linear.bias, copy, dense_above)
+        """:meth:`from_weight` of an ``nn.Linear``."""
+        return cls.from_weight(linear.weight, linear.bias, group_size, dense=dense, dense_above=dense_above)
 
     def int4_weight(self) -> Int4Weight:
         return Int4Weight(self.packed, self.scales_zeros, self.group_size, self.out_features, self.in_features, self.kernel)

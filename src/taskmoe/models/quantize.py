@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from taskmoe.errors import ConfigError
 from taskmoe.layers.quant import Int4Linear, Int8Linear, quantize_linears
 
-__all__ = ["quantize_lm", "WEIGHT_FORMATS", "HEAD_FORMATS", "BF16Head", "apply_weight_format"]
+__all__ = ["quantize_lm", "WEIGHT_FORMATS", "HEAD_FORMATS", "BF16Head", "apply_weight_format", "check_weight_format"]
 
 WEIGHT_FORMATS = ("fp32", "int4")
 HEAD_FORMATS = ("int8", "bf16", "int4", "fp32")
@@ -70,22 +70,21 @@ def quantize_lm(model: nn.Module, *, group_size: int = 32, head: str = "int8", p
         elif head == "bf16":
             model.lm_head = BF16Head(w)
         else:
-            model.lm_head = Int4Linear.from_linear(_as_linear(w), group_size)
+            model.lm_head = Int4Linear.from_weight(w, None, group_size)
         done.append("lm_head")
     model.requires_grad_(False)
     return done
 
 
-def _as_linear(weight: Tensor) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    return lin
+def check_weight_format(weights: str) -> str:
+    """``weights`` itself when it is one of :data:`WEIGHT_FORMATS` (ConfigError otherwise; call it before loading)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    return weights
 
 
 def apply_weight_format(model: nn.Module, weights: str) -> nn.Module:
-    """``weights="fp32"``: ``model`` as is; ``"int4"``: :func:`quantize_lm` with the defaults. ConfigError otherwise."""
-    if weights not in WEIGHT_FORMATS:
-        raise ConfigError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-    if weights == "int4":
+    """``weights="fp32"``: ``model`` as is; ``"int4"``: :func:`quantize_lm` with the defaults."""
+    if check_weight_format(weights) == "int4":
         quantize_lm(model)
     return model

@@ -34,11 +34,11 @@ from taskmoe.data.backbone_tokenizer import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFI
 from taskmoe.data.tokenizer import TOKENIZER_FILE
 from taskmoe.errors import CheckpointError, ConfigError
 from taskmoe.io import CONFIG_FILE, WEIGHTS_FILE, atomic_dir, atomic_write_json, check_state, load_tensors, read_json
-from taskmoe.models.backbones.config import SUPPORTED, LlamaConfig
+from taskmoe.models.backbones.config import LlamaConfig
 from taskmoe.models.backbones.convert import convert_hf_state_dict
 from taskmoe.models.backbones.llama import llama_lm
 from taskmoe.models.model import CausalLM
-from taskmoe.models.quantize import WEIGHT_FORMATS, apply_weight_format
+from taskmoe.models.quantize import apply_weight_format, check_weight_format
 
 __all__ = ["DEFAULT_PACKAGE", "is_backbone_dir", "read_backbone_config", "load_backbone", "import_backbone",
            "default_source"]
@@ -92,8 +92,7 @@ def load_backbone(folder: str | Path, *, device: str | torch.device = "cpu",
     projections in 4 bits for inference (:func:`~taskmoe.models.quantize.quantize_lm`). The model is
     returned in eval mode.
     """
-    if weights not in WEIGHT_FORMATS:
-        raise ConfigError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    check_weight_format(weights)  # before reading the weights
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: backbone folder not found (create one with `taskmoe backbone import`)")
